@@ -1,0 +1,253 @@
+"""The ``invdiff`` command: ``invdiff samplers`` and ``invdiff solve PROBLEM.yaml --sampler NAME``.
+
+Input mistakes (problem file, sampler name or options, output folder, device) print one line
+``invdiff: error: ...`` and exit with code 2 before anything is written; a sampling failure (NaN)
+exits with code 1 and names the step. Outputs are written to a temporary folder and moved into
+place only when complete, so no run leaves a partial or silently overwritten folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from invdiff.exact import ExactPosterior, NotTractable
+from invdiff.metrics import SSIM_CONVENTION, coverage, psnr, sliced_wasserstein, ssim
+from invdiff.plugins import PluginError, SamplerInfo, load_registry
+from invdiff.posterior import SampleResult, SamplingError, sample_posterior
+from invdiff.problems import Problem, ProblemError, build_sampler, load_problem
+
+__all__ = ["main"]
+
+REPORTED_PACKAGES = ("invdiff", "torch", "numpy", "deepinv", "scikit-image", "scikit-learn", "pluggy", "pydantic")
+
+
+class UsageError(ValueError):
+    """A command-line mistake: exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    try:
+        return arguments.handler(arguments)
+    except (UsageError, ProblemError, PluginError, NotTractable) as error:
+        print(f"invdiff: error: {error}", file=sys.stderr)
+        return 2
+    except SamplingError as error:
+        print(f"invdiff: sampling failed: {error}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="invdiff", description="Posterior sampling for inverse problems "
+                                     "with diffusion priors.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    samplers = commands.add_parser("samplers", help="list the registered samplers and plugins that failed to load")
+    samplers.set_defaults(handler=_samplers)
+
+    solve = commands.add_parser("solve", help="sample the posterior of a problem file")
+    solve.add_argument("problem", type=Path, help="a problem YAML file (see problems/)")
+    solve.add_argument("--sampler", required=True, help="a sampler name (see 'invdiff samplers')")
+    solve.add_argument("--num-samples", type=int, help="number of posterior samples (default: the problem's)")
+    solve.add_argument("--seed", type=int, default=0, help="seed of every random draw of the sampler (default 0)")
+    solve.add_argument("--out", type=Path, help="output folder (default: runs/PROBLEM-SAMPLER-seedSEED)")
+    solve.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    solve.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to sample (default cpu)")
+    solve.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                       help="a sampler option, overriding the problem file's (repeatable; VALUE is YAML)")
+    solve.add_argument("--quiet", action="store_true", help="no progress bar")
+    solve.set_defaults(handler=_solve)
+    return parser
+
+
+def _samplers(arguments) -> int:
+    registry = load_registry()
+    rows = [(info.name, info.package or "-", info.version or "-", info.summary)
+            for info in sorted(registry.samplers.values(), key=lambda info: info.name)]
+    if rows:
+        widths = [max(len(row[column]) for row in rows + [("name", "package", "version", "")]) for column in range(3)]
+        print(f"{'name':<{widths[0]}}  {'package':<{widths[1]}}  {'version':<{widths[2]}}  description")
+        for row in rows:
+            print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}")
+    else:
+        print("no samplers registered")
+    for failure in registry.failures:
+        print(f"failed to load plugin '{failure.plugin}' (package {failure.package or '?'}): {failure.error}")
+    return 0
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key.strip():
+            raise UsageError(f"--option expects KEY=VALUE, got '{pair}'")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def _solve(arguments) -> int:
+    registry = load_registry()
+    info = registry.get(arguments.sampler)
+    if arguments.num_samples is not None and arguments.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {arguments.num_samples}")
+    if arguments.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    problem = load_problem(arguments.problem)
+    options = {**problem.config.sampler_options.get(info.name, {}), **_parse_options(arguments.option)}
+    sampler = build_sampler(info.sampler_class, options)
+    num_samples = arguments.num_samples or problem.config.num_samples
+    out = arguments.out or Path("runs") / f"{problem.config.name}-{info.name}-seed{arguments.seed}"
+    if out.exists() and not arguments.overwrite:
+        raise UsageError(f"output folder {out} exists; choose another --out or pass --overwrite")
+
+    problem.to(arguments.device)
+    generator = torch.Generator(device=arguments.device).manual_seed(arguments.seed)
+    result = sample_posterior(sampler, problem.posterior, num_samples, generator=generator,
+                              progress=not arguments.quiet)
+    images = problem.posterior.operator.to_image(result.samples).detach().cpu()
+    mean, std = _weighted_moments(images, result.log_weights)
+    summary = _summary(problem, info, sampler, result, arguments, num_samples, images, mean)
+    _write_outputs(out, problem, result, summary, arguments.overwrite, images, mean, std)
+    metrics = summary.get("metrics", {})
+    shown = ", ".join(f"{key} {value:.3f}" for key, value in metrics.items() if isinstance(value, float))
+    print(f"{info.name}: {num_samples} samples in {result.wall_time:.1f} s ({result.nfe:.0f} network evaluations "
+          f"per sample){'; ' + shown if shown else ''}\nwrote {out}/")
+    return 0
+
+
+def _weighted_moments(images: torch.Tensor, log_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if log_weights is None:
+        weights = torch.full((len(images),), 1.0 / len(images), dtype=torch.float64)
+    else:
+        weights = torch.softmax(log_weights.to(torch.float64).cpu(), 0)
+    images = images.to(torch.float64)
+    shape = (-1,) + (1,) * (images.dim() - 1)
+    mean = (weights.reshape(shape) * images).sum(0)
+    variance = (weights.reshape(shape) * (images - mean) ** 2).sum(0)
+    return mean, variance.sqrt()
+
+
+def _versions(info: SamplerInfo) -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in REPORTED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    versions[f"sampler package {info.package or '?'}"] = info.version or "?"
+    return versions
+
+
+def _summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResult, arguments,
+             num_samples: int, images: torch.Tensor, mean: torch.Tensor) -> dict:
+    operator = problem.posterior.operator
+    summary = {
+        "problem": problem.config.model_dump(mode="json"),
+        "problem_file": str(arguments.problem),
+        "prior": problem.posterior.prior.settings(),
+        "operator": operator.settings(),
+        "sampler": {"name": info.name, "package": info.package, "version": info.version,
+                    "options": sampler.options.model_dump(mode="json")},
+        "num_samples": num_samples,
+        "seed": arguments.seed,
+        "device": arguments.device,
+        "network_evaluations_per_sample": result.nfe,
+        "wall_time_seconds": result.wall_time,
+        "log_evidence": result.log_evidence,
+        "versions": _versions(info),
+        "diagnostics": result.diagnostics,
+        "image_range": [0.0, 1.0],
+    }
+    if problem.truth is not None:
+        truth = problem.truth[0].cpu()
+        sample_psnrs = [psnr(image, truth) for image in images]
+        summary["metrics"] = {
+            "psnr_posterior_mean": psnr(mean, truth),
+            "ssim_posterior_mean": ssim(mean, truth),
+            "psnr_samples_average": float(np.mean(sample_psnrs)),
+            "coverage_90": coverage(images, truth, 0.9),
+            "ssim_convention": SSIM_CONVENTION,
+        }
+    try:
+        exact = ExactPosterior.from_posterior(problem.posterior)
+    except NotTractable:
+        return summary
+    draws = torch.Generator().manual_seed(arguments.seed)
+    reference, second = exact.sample(num_samples, generator=draws), exact.sample(num_samples, generator=draws)
+    summary["exact_posterior"] = {
+        "sliced_wasserstein_to_exact": sliced_wasserstein(result.samples, reference),
+        "sliced_wasserstein_noise_floor": sliced_wasserstein(second, reference),
+        "log_evidence": exact.log_evidence,
+        "note": "distances in the prior's native space, at this number of samples; the floor is exact vs exact",
+    }
+    return summary
+
+
+def _figure(path: Path, problem: Problem, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measurement = problem.posterior.measurement[0].detach().cpu()
+    panels = []
+    if problem.truth is not None:
+        panels.append(("truth", problem.truth[0].cpu(), "gray"))
+    if measurement.dim() == 3:
+        panels.append(("measurement y", measurement, "gray"))
+    panels += [("posterior mean", mean, "gray"), ("posterior std", std, "magma")]
+    panels += [(f"sample {index + 1}", image, "gray") for index, image in enumerate(images[:4])]
+    figure, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
+    for axis, (title, image, colormap) in zip(axes, panels):
+        array = image.to(torch.float64).numpy()
+        array = array[0] if array.shape[0] == 1 else np.clip(np.moveaxis(array, 0, -1), 0, 1)
+        if colormap == "gray":
+            shown = axis.imshow(np.clip(array, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            shown = axis.imshow(array, cmap=colormap, interpolation="nearest")
+            figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
+        axis.set_title(title, fontsize=9)
+        axis.axis("off")
+    figure.suptitle(f"{problem.config.name}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _write_outputs(out: Path, problem: Problem, result: SampleResult, summary: dict, overwrite: bool,
+                   images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Write samples.npz, summary.json and figure.png into a temporary folder, then move it to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        arrays = {"samples": images.numpy(), "posterior_mean": mean.numpy(), "posterior_std": std.numpy(),
+                  "measurement": problem.posterior.measurement.detach().cpu().numpy()}
+        if problem.truth is not None:
+            arrays["truth"] = problem.truth.cpu().numpy()
+        if result.log_weights is not None:
+            arrays["log_weights"] = result.log_weights.detach().cpu().numpy()
+        np.savez_compressed(staging / "samples.npz", **arrays)
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _figure(staging / "figure.png", problem, images, mean, std)
+        if out.exists():
+            if not overwrite:
+                raise UsageError(f"output folder {out} appeared while sampling; not overwritten")
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

@@ -1,0 +1,60 @@
+"""Image metrics (scikit-image) and posterior metrics (sliced Wasserstein, credible-interval coverage).
+
+Conventions (DEEPINV_NOTES.md): images in ``[0, 1]`` with ``data_range=1``; SSIM as in Wang et
+al. 2004, an 11x11 Gaussian window with sigma 1.5 (``gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False``), which matches deepinv/torchmetrics rather than scikit-image's
+default 7x7 uniform window.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from torch import Tensor
+
+__all__ = ["psnr", "ssim", "sliced_wasserstein", "coverage", "SSIM_CONVENTION"]
+
+SSIM_CONVENTION = "scikit-image, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1"
+
+
+def _image(image: Tensor) -> np.ndarray:
+    """``(C, H, W)`` or ``(H, W)`` tensor -> ``(H, W, C)`` float64 array."""
+    array = image.detach().cpu().to(torch.float64).numpy()
+    return np.moveaxis(array, 0, -1) if array.ndim == 3 else array
+
+
+def psnr(estimate: Tensor, truth: Tensor) -> float:
+    """PSNR in dB of one image against the truth, both in ``[0, 1]``."""
+    return float(peak_signal_noise_ratio(_image(truth), _image(estimate), data_range=1.0))
+
+
+def ssim(estimate: Tensor, truth: Tensor) -> float:
+    """SSIM of one image against the truth, both in ``[0, 1]`` (see ``SSIM_CONVENTION``).
+
+    An image smaller than the 11x11 window (the 8x8 digits) uses the largest odd window that fits.
+    """
+    truth_array, estimate_array = _image(truth), _image(estimate)
+    smallest_side = min(truth_array.shape[:2])
+    window = min(11, smallest_side if smallest_side % 2 else smallest_side - 1)
+    channel_axis = -1 if truth_array.ndim == 3 else None
+    return float(structural_similarity(truth_array, estimate_array, data_range=1.0, gaussian_weights=True,
+                                       sigma=1.5, use_sample_covariance=False, win_size=window,
+                                       channel_axis=channel_axis))
+
+
+def sliced_wasserstein(first: Tensor, second: Tensor, *, num_projections: int = 500, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance between two sample sets ``(N, ...)`` (POT, random projections)."""
+    first_array = first.detach().cpu().reshape(first.shape[0], -1).to(torch.float64).numpy()
+    second_array = second.detach().cpu().reshape(second.shape[0], -1).to(torch.float64).numpy()
+    return float(ot.sliced_wasserstein_distance(first_array, second_array, n_projections=num_projections,
+                                                seed=seed))
+
+
+def coverage(samples: Tensor, truth: Tensor, level: float = 0.9) -> float:
+    """Fraction of pixels whose true value lies in the central ``level`` credible interval of the samples."""
+    lower = torch.quantile(samples.to(torch.float64), (1 - level) / 2, dim=0)
+    upper = torch.quantile(samples.to(torch.float64), (1 + level) / 2, dim=0)
+    truth = truth.to(torch.float64).reshape(lower.shape)
+    return float(((truth >= lower) & (truth <= upper)).to(torch.float64).mean())

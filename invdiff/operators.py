@@ -1,0 +1,240 @@
+"""Forward operators ``G`` with their measurement noise ``p_eta``: ``y = G(x) + eta``.
+
+The operators wrap deepinv physics (``A``, ``A_adjoint``); the noise models are written here, with
+a ``torch.Generator`` for every draw and exact, normalised log-likelihoods per batch element
+(deepinv 0.5's Poisson likelihood mixes batch elements, see DEEPINV_NOTES.md).
+
+Samplers work in the prior's native space (for example ``[-1, 1]``) while images, operators and
+noise levels speak ``[0, 1]``: a ``ForwardOperator`` composes the physics with the affine map
+``image = input_scale * x + input_offset`` once, so no sampler converts ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import deepinv
+import torch
+from deepinv.physics.functional import gaussian_blur as gaussian_blur_filter
+from torch import Tensor
+
+__all__ = [
+    "NoiseModel", "GaussianNoise", "PoissonNoise", "ForwardOperator",
+    "gaussian_blur", "motion_blur", "inpainting", "box_mask", "random_mask", "super_resolution", "matrix_operator",
+]
+
+
+def _sum_per_element(values: Tensor) -> Tensor:
+    return values.flatten(1).sum(1)
+
+
+class NoiseModel(ABC):
+    """A measurement-noise density ``p_eta(y | clean)``, with ``clean = A(image)``."""
+
+    @abstractmethod
+    def sample(self, clean: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``y ~ p_eta(. | clean)``."""
+
+    @abstractmethod
+    def log_likelihood(self, y: Tensor, clean: Tensor) -> Tensor:
+        """Normalised ``log p_eta(y | clean)`` per batch element: shape ``(B,)``."""
+
+    @abstractmethod
+    def settings(self) -> dict:
+        """Type and parameters, for summaries."""
+
+
+class GaussianNoise(NoiseModel):
+    """``y = clean + sigma_y * N(0, I)``."""
+
+    def __init__(self, sigma_y: float):
+        if not sigma_y > 0:
+            raise ValueError(f"sigma_y must be > 0, got {sigma_y}")
+        self.sigma_y = float(sigma_y)
+
+    def sample(self, clean, generator=None):
+        noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device=clean.device)
+        return clean + self.sigma_y * noise
+
+    def log_likelihood(self, y, clean):
+        squared = _sum_per_element((y - clean) ** 2)
+        count = clean[0].numel()
+        return -0.5 * squared / self.sigma_y**2 - count * (math.log(self.sigma_y) + 0.5 * math.log(2 * math.pi))
+
+    def settings(self):
+        return {"type": "gaussian", "sigma_y": self.sigma_y}
+
+
+class PoissonNoise(NoiseModel):
+    """``y = gain * Poisson(clean / gain)``: photon counts ``k = y / gain`` with rate ``clean / gain``.
+
+    The log-likelihood is that of the counts, ``sum(k log lam - lam - lgamma(k + 1))``; it needs
+    ``clean > 0`` wherever it is evaluated (rates are clamped at ``1e-12``).
+    """
+
+    def __init__(self, gain: float):
+        if not gain > 0:
+            raise ValueError(f"gain must be > 0, got {gain}")
+        self.gain = float(gain)
+
+    def sample(self, clean, generator=None):
+        if (clean < 0).any():
+            raise ValueError("Poisson noise needs a non-negative clean measurement")
+        return self.gain * torch.poisson(clean / self.gain, generator=generator)
+
+    def log_likelihood(self, y, clean):
+        counts = y / self.gain
+        rate = (clean / self.gain).clamp(min=1e-12)
+        return _sum_per_element(counts * torch.log(rate) - rate - torch.lgamma(counts + 1))
+
+    def settings(self):
+        return {"type": "poisson", "gain": self.gain}
+
+
+class ForwardOperator:
+    """``G(x) = A(input_scale * x + input_offset)`` with a noise model: the likelihood of a problem.
+
+    ``physics`` is a deepinv ``Physics`` (``A``, and ``A_adjoint`` when linear); ``x`` is in the
+    prior's native space. All log-likelihoods have shape ``(B,)``: chains never mix.
+    """
+
+    def __init__(self, physics: deepinv.physics.Physics, noise: NoiseModel, *, name: str,
+                 input_scale: float = 1.0, input_offset: float = 0.0, settings: dict | None = None):
+        self.physics = physics
+        self.noise = noise
+        self.name = name
+        self.input_scale = float(input_scale)
+        self.input_offset = float(input_offset)
+        self._settings = dict(settings or {})
+
+    @property
+    def linear(self) -> bool:
+        return isinstance(self.physics, deepinv.physics.LinearPhysics)
+
+    def settings(self) -> dict:
+        return {"type": self.name, **self._settings, "noise": self.noise.settings(),
+                "input_scale": self.input_scale, "input_offset": self.input_offset}
+
+    def with_input_map(self, input_scale: float, input_offset: float) -> "ForwardOperator":
+        """The same operator, reading its input through ``image = input_scale * x + input_offset``."""
+        return ForwardOperator(self.physics, self.noise, name=self.name, input_scale=input_scale,
+                               input_offset=input_offset, settings=self._settings)
+
+    def to_image(self, x: Tensor) -> Tensor:
+        """Map from the prior's native space to the operator's image space."""
+        return self.input_scale * x + self.input_offset
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The noise-free measurement ``G(x)``."""
+        return self.physics.A(self.to_image(x))
+
+    def adjoint(self, v: Tensor) -> Tensor:
+        """The adjoint of the linear part of ``G``: ``input_scale * A^T v``."""
+        if not self.linear:
+            raise TypeError(f"operator '{self.name}' is not linear: it has no adjoint")
+        return self.input_scale * self.physics.A_adjoint(v)
+
+    def measure(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw a measurement ``y = G(x) + eta``."""
+        return self.noise.sample(self.forward(x), generator)
+
+    def log_likelihood(self, y: Tensor, x: Tensor) -> Tensor:
+        """``log p_eta(y | G(x))`` per batch element of ``x``; ``y`` has batch size 1 or ``B``."""
+        return self.noise.log_likelihood(y, self.forward(x))
+
+    def log_likelihood_grad(self, y: Tensor, x: Tensor) -> Tensor:
+        """``grad_x log p_eta(y | G(x))`` per batch element, by automatic differentiation."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(self.log_likelihood(y, x).sum(), x)
+        return gradient
+
+    def matrix(self, event_shape: tuple[int, ...], dtype: torch.dtype = torch.float64,
+               chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+        """Dense ``(matrix, offset)`` with ``G(x).flatten() = matrix @ x.flatten() + offset``.
+
+        Built by applying ``G`` to the basis vectors, for the exact test-bed posteriors; meant for
+        small events (a few thousand values).
+        """
+        if not self.linear:
+            raise TypeError(f"operator '{self.name}' is not linear: it has no matrix")
+        dimension = math.prod(event_shape)
+        with torch.no_grad():
+            offset = self.forward(torch.zeros((1, *event_shape), dtype=dtype)).flatten()
+            columns = []
+            for start in range(0, dimension, chunk_size):
+                stop = min(start + chunk_size, dimension)
+                basis = torch.zeros((stop - start, dimension), dtype=dtype)
+                basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+                columns.append(self.forward(basis.reshape(-1, *event_shape)).flatten(1) - offset)
+        return torch.cat(columns).T.contiguous(), offset
+
+
+def _image_size(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(image_shape) != 3:
+        raise ValueError(f"image operators need an event shape (C, H, W), got {tuple(image_shape)}")
+    return tuple(int(size) for size in image_shape)
+
+
+def gaussian_blur(image_shape, noise: NoiseModel, *, sigma: float, dtype=torch.float32) -> ForwardOperator:
+    """Circular Gaussian blur with standard deviation ``sigma`` pixels (deepinv ``BlurFFT``)."""
+    kernel = gaussian_blur_filter(sigma=(sigma, sigma)).to(dtype)
+    physics = deepinv.physics.BlurFFT(img_size=_image_size(image_shape), filter=kernel)
+    return ForwardOperator(physics, noise, name="gaussian_blur", settings={"sigma": sigma})
+
+
+def motion_blur(image_shape, noise: NoiseModel, *, kernel_size: int, seed: int, length: float = 0.3,
+                dtype=torch.float32) -> ForwardOperator:
+    """Circular blur with a random motion kernel (deepinv ``MotionBlurGenerator``), fixed by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    kernels = deepinv.physics.generator.MotionBlurGenerator(psf_size=(kernel_size, kernel_size), rng=generator,
+                                                           l=length, dtype=torch.float64)
+    kernel = kernels.step(batch_size=1, seed=seed)["filter"].to(dtype)
+    physics = deepinv.physics.BlurFFT(img_size=_image_size(image_shape), filter=kernel)
+    return ForwardOperator(physics, noise, name="motion_blur",
+                           settings={"kernel_size": kernel_size, "seed": seed, "length": length})
+
+
+def box_mask(image_shape, top: int, left: int, height: int, width: int) -> Tensor:
+    """A mask of ones with a zero box (the missing pixels), shape ``(C, H, W)``."""
+    channels, rows, columns = _image_size(image_shape)
+    if not (0 <= top < top + height <= rows and 0 <= left < left + width <= columns):
+        raise ValueError(f"box (top={top}, left={left}, height={height}, width={width}) "
+                         f"does not fit in an image of {rows}x{columns}")
+    mask = torch.ones(channels, rows, columns)
+    mask[:, top:top + height, left:left + width] = 0.0
+    return mask
+
+
+def random_mask(image_shape, fraction_observed: float, seed: int) -> Tensor:
+    """A mask keeping each pixel (all channels together) with probability ``fraction_observed``."""
+    channels, rows, columns = _image_size(image_shape)
+    if not 0 < fraction_observed <= 1:
+        raise ValueError(f"fraction_observed must be in (0, 1], got {fraction_observed}")
+    generator = torch.Generator().manual_seed(seed)
+    kept = (torch.rand((1, rows, columns), generator=generator) < fraction_observed).float()
+    return kept.expand(channels, rows, columns).clone()
+
+
+def inpainting(image_shape, noise: NoiseModel, *, mask: Tensor, dtype=torch.float32,
+               settings: dict | None = None) -> ForwardOperator:
+    """Masking (deepinv ``Inpainting``): missing pixels read as zero, the shape is kept."""
+    physics = deepinv.physics.Inpainting(img_size=_image_size(image_shape), mask=mask.to(dtype))
+    settings = {"observed_fraction": float(mask.mean()), **(settings or {})}
+    return ForwardOperator(physics, noise, name="inpainting", settings=settings)
+
+
+def super_resolution(image_shape, noise: NoiseModel, *, factor: int, filter: str = "bicubic",
+                     dtype=torch.float32) -> ForwardOperator:
+    """Anti-aliased downsampling by ``factor`` with circular padding (deepinv ``Downsampling``)."""
+    physics = deepinv.physics.Downsampling(img_size=_image_size(image_shape), factor=factor, filter=filter,
+                                           padding="circular").to(dtype)
+    return ForwardOperator(physics, noise, name="super_resolution", settings={"factor": factor, "filter": filter})
+
+
+def matrix_operator(matrix: Tensor, noise: NoiseModel) -> ForwardOperator:
+    """``G(x) = matrix @ x`` on vectors ``(B, d)``: the test beds' operator."""
+    matrix = torch.as_tensor(matrix)
+    physics = deepinv.physics.LinearPhysics(A=lambda x: x @ matrix.to(x).T, A_adjoint=lambda y: y @ matrix.to(y))
+    return ForwardOperator(physics, noise, name="matrix", settings={"shape": list(matrix.shape)})

@@ -1,0 +1,402 @@
+"""Problem files: YAML -> a validated ``Posterior``, with one-line errors that name the field.
+
+A problem names the prior, the operator, the noise, the ground truth (or a measurement file) and
+per-sampler options; images, operators and noise levels speak ``[0, 1]``::
+
+    name: digits-inpaint-box
+    prior: {name: digits_gmm, sde: {type: vp}}
+    operator: {type: inpainting, mask: box, box: [2, 1, 4, 6]}   # top, left, height, width
+    noise: {type: gaussian, sigma_y: 0.05}
+    truth: {source: digits, index: 7}                              # a held-out digit
+    noise_seed: 0
+    num_samples: 16
+    sampler_options:
+      dps: {num_steps: 200, scale: 0.5}
+
+Relative file paths are read relative to the problem file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import Tensor
+
+from invdiff import operators as operator_library
+from invdiff.posterior import Posterior, Sampler
+from invdiff.prior import Prior, digits_gaussian_mixture
+from invdiff.sde import SDE, VESDE, VPSDE, DDPMSchedule
+
+__all__ = ["ProblemError", "ProblemConfig", "Problem", "load_problem", "build_sampler", "format_validation_error"]
+
+
+class ProblemError(ValueError):
+    """A problem file (or a sampler option) is wrong; the message names the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- SDEs -------------------------------------------------------------------------------------------
+
+class VPConfig(_Strict):
+    type: Literal["vp"] = "vp"
+    beta_min: float = Field(0.1, gt=0)
+    beta_max: float = Field(20.0, gt=0)
+    T: float = Field(1.0, gt=0)
+
+    def build(self) -> SDE:
+        return VPSDE(self.beta_min, self.beta_max, self.T)
+
+
+class VEConfig(_Strict):
+    type: Literal["ve"]
+    sigma_min: float = Field(0.01, gt=0)
+    sigma_max: float = Field(50.0, gt=0)
+
+    def build(self) -> SDE:
+        return VESDE(self.sigma_min, self.sigma_max)
+
+
+class DDPMConfig(_Strict):
+    type: Literal["ddpm"]
+    num_timesteps: int = Field(1000, ge=1)
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+    def build(self) -> SDE:
+        return DDPMSchedule(self.num_timesteps, self.beta_start, self.beta_end)
+
+
+SDEConfig = Annotated[Union[VPConfig, VEConfig, DDPMConfig], Field(discriminator="type")]
+
+
+# --- priors -----------------------------------------------------------------------------------------
+
+class DigitsGMMConfig(_Strict):
+    """A Gaussian mixture fitted to the 8x8 training digits: an image-like prior with an exact score."""
+
+    name: Literal["digits_gmm"]
+    components: int = Field(10, ge=1, le=200)
+    covariance: Literal["full", "diag"] = "full"
+    regularisation: float = Field(1e-3, gt=0)
+    sde: SDEConfig = VPConfig()
+
+    def build(self) -> Prior:
+        return digits_gaussian_mixture(self.sde.build(), self.components, self.covariance, self.regularisation)
+
+
+PriorConfig = Annotated[Union[DigitsGMMConfig], Field(discriminator="name")]
+
+
+# --- operators --------------------------------------------------------------------------------------
+
+class InpaintingConfig(_Strict):
+    type: Literal["inpainting"]
+    mask: Literal["box", "random"]
+    box: tuple[int, int, int, int] | None = Field(None, description="top, left, height, width of the missing box")
+    fraction_observed: float | None = Field(None, gt=0, le=1)
+    mask_seed: int = 0
+
+    @model_validator(mode="after")
+    def _mask_parameters(self):
+        if self.mask == "box" and self.box is None:
+            raise ValueError("mask 'box' needs box: [top, left, height, width]")
+        if self.mask == "random" and self.fraction_observed is None:
+            raise ValueError("mask 'random' needs fraction_observed in (0, 1]")
+        return self
+
+    def build(self, shape, noise):
+        if self.mask == "box":
+            mask = operator_library.box_mask(shape, *self.box)
+            return operator_library.inpainting(shape, noise, mask=mask, settings={"mask": "box", "box": list(self.box)})
+        mask = operator_library.random_mask(shape, self.fraction_observed, self.mask_seed)
+        return operator_library.inpainting(shape, noise, mask=mask, settings={"mask": "random",
+                                                                              "mask_seed": self.mask_seed})
+
+
+class GaussianBlurConfig(_Strict):
+    type: Literal["gaussian_blur"]
+    sigma: float = Field(gt=0, description="kernel standard deviation in pixels")
+
+    def build(self, shape, noise):
+        return operator_library.gaussian_blur(shape, noise, sigma=self.sigma)
+
+
+class MotionBlurConfig(_Strict):
+    type: Literal["motion_blur"]
+    kernel_size: int = Field(ge=3)
+    kernel_seed: int = 0
+    length: float = Field(0.3, gt=0)
+
+    def build(self, shape, noise):
+        return operator_library.motion_blur(shape, noise, kernel_size=self.kernel_size, seed=self.kernel_seed,
+                                            length=self.length)
+
+
+class SuperResolutionConfig(_Strict):
+    type: Literal["super_resolution"]
+    factor: Literal[2, 4]
+    filter: Literal["bicubic", "bilinear", "gaussian"] = "bicubic"
+
+    def build(self, shape, noise):
+        if shape[1] % self.factor or shape[2] % self.factor:
+            raise ValueError(f"image size {shape[1]}x{shape[2]} is not divisible by factor {self.factor}")
+        return operator_library.super_resolution(shape, noise, factor=self.factor, filter=self.filter)
+
+
+OperatorConfig = Annotated[Union[InpaintingConfig, GaussianBlurConfig, MotionBlurConfig, SuperResolutionConfig],
+                           Field(discriminator="type")]
+
+
+class GaussianNoiseConfig(_Strict):
+    type: Literal["gaussian"]
+    sigma_y: float = Field(gt=0, description="standard deviation, for images in [0, 1]")
+
+    def build(self):
+        return operator_library.GaussianNoise(self.sigma_y)
+
+
+class PoissonNoiseConfig(_Strict):
+    type: Literal["poisson"]
+    gain: float = Field(gt=0)
+
+    def build(self):
+        return operator_library.PoissonNoise(self.gain)
+
+
+NoiseConfig = Annotated[Union[GaussianNoiseConfig, PoissonNoiseConfig], Field(discriminator="type")]
+
+
+# --- ground truth -----------------------------------------------------------------------------------
+
+class DigitsTruthConfig(_Strict):
+    source: Literal["digits"]
+    index: int = Field(ge=0)
+    split: Literal["test", "train"] = "test"
+
+
+class FileTruthConfig(_Strict):
+    source: Literal["file"]
+    path: str = Field(description="an image file (PNG, JPEG, TIFF) or a .npy array in [0, 1]")
+
+
+TruthConfig = Annotated[Union[DigitsTruthConfig, FileTruthConfig], Field(discriminator="source")]
+
+
+class ProblemConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    prior: PriorConfig
+    operator: OperatorConfig
+    noise: NoiseConfig
+    truth: TruthConfig | None = None
+    measurement: str | None = Field(None, description="a .npy file holding y, shaped like G(x)")
+    noise_seed: int = 0
+    num_samples: int = Field(16, ge=1)
+    sampler_options: dict[str, dict[str, Any]] = {}
+
+    @field_validator("prior", mode="before")
+    @classmethod
+    def _prior_by_name(cls, value):
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _truth_or_measurement(self):
+        if self.truth is None and self.measurement is None:
+            raise ValueError("give a truth (to simulate y) or a measurement file, or both")
+        return self
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+def format_validation_error(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """The first error of a pydantic validation as one line: ``field: what is wrong (got ...)``.
+
+    ``model`` is the validated model; it lets an unknown key list the keys that are allowed.
+    """
+    first = error.errors()[0]
+    parts, owner = _walk(model, first["loc"])
+    if first["type"] == "union_tag_invalid":
+        context = first["ctx"]
+        parts.append(context["discriminator"].strip("'"))
+        message = f"unknown value {context['tag']!r}; allowed: {context['expected_tags']}"
+    elif first["type"] == "extra_forbidden":
+        allowed = f"; allowed: {', '.join(sorted(owner.model_fields))}" if owner is not None else ""
+        message = f"unknown key{allowed}"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        given = first.get("input")
+        if first["type"] != "missing" and not isinstance(given, (dict, list)) and given is not None:
+            message += f" (got {given!r})"
+    field = ".".join(part for part in (prefix, *parts) if part)
+    return f"{field}: {message}" if field else message
+
+
+def _walk(model: type[BaseModel] | None, location: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """Follow a pydantic error location through fields and union tags.
+
+    Returns the field path without the tags (what a user wrote) and the model owning the last key.
+    """
+    current: Any = [model] if model is not None else None
+    owner = None
+    path: list[str] = []
+    for part in location:
+        if isinstance(current, list):  # the models a field may hold; in a union, this part is a tag
+            tagged = next((member for member in current if _tag_of(member) == part), None)
+            if tagged is not None:
+                current = tagged
+                continue
+            current = current[0] if len(current) == 1 else None
+        path.append(str(part))
+        owner = current if isinstance(current, type) else None
+        field = owner.model_fields.get(part) if owner is not None and isinstance(part, str) else None
+        current = _models_in(field.annotation) if field is not None else None
+    return path, owner
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models inside an annotation (a model, an optional one, a union of them)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for argument in getattr(annotation, "__args__", ()) or ():
+        found.extend(_models_in(argument))
+    return found
+
+
+def _tag_of(model: type[BaseModel]) -> str | None:
+    """The discriminator value of a union member (its ``type``, ``name`` or ``source`` literal)."""
+    for field_name in ("type", "name", "source"):
+        field = model.model_fields.get(field_name)
+        if field is not None and getattr(field.annotation, "__args__", None):
+            return str(field.annotation.__args__[0])
+    return None
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    """A loaded problem: its validated config, the posterior, and the truth when known (``[0, 1]``)."""
+
+    config: ProblemConfig
+    path: Path
+    posterior: Posterior
+    truth: Tensor | None
+
+    def to(self, device: torch.device | str) -> "Problem":
+        posterior = self.posterior
+        posterior.prior.to(device)
+        posterior.operator.physics.to(device)
+        posterior.measurement = posterior.measurement.to(device)
+        if self.truth is not None:
+            self.truth = self.truth.to(device)
+        return self
+
+
+def _read_image(path: Path, shape: tuple[int, ...]) -> Tensor:
+    """An image file or .npy array as a ``(1, C, H, W)`` float32 tensor in [0, 1]."""
+    from skimage import color, io, util
+
+    if path.suffix == ".npy":
+        array = np.load(path)
+        array = array.reshape(array.shape[-3:]) if array.ndim == 4 and array.shape[0] == 1 else array
+        if array.ndim == 2:
+            array = array[None]
+    else:
+        array = util.img_as_float(io.imread(path))
+        if array.ndim == 3 and array.shape[-1] == 4:
+            array = color.rgba2rgb(array)
+        if array.ndim == 3 and shape[0] == 1:
+            array = color.rgb2gray(array)
+        array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+    image = torch.as_tensor(np.asarray(array, dtype=np.float32))
+    if tuple(image.shape) != tuple(shape):
+        raise ProblemError(f"truth.path: image {path.name} has shape {tuple(image.shape)}; the prior expects "
+                           f"{tuple(shape)} (channels, height, width)")
+    if image.min() < 0 or image.max() > 1:
+        raise ProblemError(f"truth.path: image values must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
+    return image[None]
+
+
+def load_problem(path: str | Path) -> Problem:
+    """Read, validate and build a problem file; every mistake raises ``ProblemError`` with one line."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ProblemError(f"problem file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ProblemError(f"{path.name}: malformed YAML{where}: {reason}") from None
+    if not isinstance(raw, dict):
+        raise ProblemError(f"{path.name}: a problem file must be a mapping of keys (name, prior, operator, "
+                           f"noise, truth, ...), got {type(raw).__name__}")
+    try:
+        config = ProblemConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ProblemError(f"{path.name}: {format_validation_error(error, model=ProblemConfig)}") from None
+    return build_problem(config, path)
+
+
+def build_problem(config: ProblemConfig, path: Path) -> Problem:
+    """Build prior, operator, truth and measurement from a validated config."""
+    prior = config.prior.build()
+    shape = prior.event_shape
+    try:
+        operator = config.operator.build(shape, config.noise.build())
+    except ValueError as error:
+        raise ProblemError(f"{path.name}: operator: {error}") from None
+    low, high = prior.data_range
+    operator = operator.with_input_map(1.0 / (high - low), -low / (high - low))
+
+    truth = None
+    if isinstance(config.truth, DigitsTruthConfig):
+        if shape != (1, 8, 8):
+            raise ProblemError(f"{path.name}: truth.source: digits are 1x8x8 images; the prior expects {shape}")
+        from invdiff.data import digits
+
+        images = digits(config.truth.split)
+        if config.truth.index >= len(images):
+            raise ProblemError(f"{path.name}: truth.index: the {config.truth.split} split has {len(images)} "
+                               f"images, so index must be < {len(images)} (got {config.truth.index})")
+        truth = images[config.truth.index:config.truth.index + 1].to(torch.float32)
+    elif isinstance(config.truth, FileTruthConfig):
+        truth = _read_image(path.parent / config.truth.path, shape)
+
+    if config.measurement is not None:
+        measurement_path = path.parent / config.measurement
+        if not measurement_path.exists():
+            raise ProblemError(f"{path.name}: measurement: file {measurement_path} does not exist")
+        measurement = torch.as_tensor(np.load(measurement_path), dtype=torch.float32)
+        expected = tuple(operator.physics.A(torch.zeros((1, *shape))).shape)
+        if measurement.dim() == len(expected) - 1:
+            measurement = measurement[None]
+        if tuple(measurement.shape) != expected:
+            raise ProblemError(f"{path.name}: measurement: shape {tuple(measurement.shape)} does not match the "
+                               f"operator's output {expected}")
+        if not torch.isfinite(measurement).all():
+            raise ProblemError(f"{path.name}: measurement: contains NaN or infinite values")
+    else:
+        generator = torch.Generator().manual_seed(config.noise_seed)
+        measurement = operator.noise.sample(operator.physics.A(truth), generator)
+    return Problem(config, path, Posterior(prior, operator, measurement), truth)
+
+
+def build_sampler(sampler_class: type[Sampler], options: dict[str, Any]) -> Sampler:
+    """Instantiate a sampler, turning an option error into a ``ProblemError`` naming the option."""
+    try:
+        return sampler_class(**options)
+    except ValidationError as error:
+        prefix = f"sampler_options.{sampler_class.name}"
+        raise ProblemError(format_validation_error(error, prefix, model=sampler_class.Options)) from None

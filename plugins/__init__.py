@@ -1,0 +1,1 @@
+"""The built-in samplers of invdiff, each one module, registered through entry points like any plugin."""
