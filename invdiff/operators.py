@@ -228,8 +228,14 @@ def inpainting(image_shape, noise: NoiseModel, *, mask: Tensor, dtype=torch.floa
 def super_resolution(image_shape, noise: NoiseModel, *, factor: int, filter: str = "bicubic",
                      dtype=torch.float32) -> ForwardOperator:
     """Anti-aliased downsampling by ``factor`` with circular padding (deepinv ``Downsampling``)."""
-    physics = deepinv.physics.Downsampling(img_size=_image_size(image_shape), factor=factor, filter=filter,
-                                           padding="circular").to(dtype)
+    filters = {"bicubic": deepinv.physics.functional.bicubic_filter,
+               "bilinear": deepinv.physics.functional.bilinear_filter,
+               "gaussian": lambda factor: gaussian_blur_filter(sigma=(factor, factor))}
+    if filter not in filters:
+        raise ValueError(f"filter must be one of {', '.join(filters)}, got '{filter}'")
+    kernel = filters[filter](factor).to(dtype)   # built in dtype: casting the module would drop its complex buffers
+    physics = deepinv.physics.Downsampling(img_size=_image_size(image_shape), factor=factor, filter=kernel,
+                                           padding="circular")
     return ForwardOperator(physics, noise, name="super_resolution", settings={"factor": factor, "filter": filter})
 
 

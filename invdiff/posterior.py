@@ -132,6 +132,9 @@ class Sampler(ABC):
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[SamplerOptions]] = SamplerOptions
+    #: True when the samples converge to the exact posterior as the sample/particle count grows
+    #: (the test suite then requires it to pass the exact-posterior checks; False means a known bias)
+    asymptotically_exact: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         self.options = self.Options(**options)

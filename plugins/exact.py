@@ -17,6 +17,7 @@ class ExactSampler(Sampler):
     """Exact posterior draws in closed form (linear operator, Gaussian noise, Gaussian-mixture prior)."""
 
     name = "exact"
+    asymptotically_exact = True
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:

@@ -1,0 +1,89 @@
+"""Shared test beds with exact answers, and tolerances derived from the sample size."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from invdiff.exact import ExactPosterior
+from invdiff.metrics import sliced_wasserstein
+from invdiff.operators import GaussianNoise, matrix_operator
+from invdiff.posterior import Posterior
+from invdiff.prior import GaussianMixturePrior, GaussianPrior
+from invdiff.sde import VPSDE
+
+#: z-score for every per-coordinate check: with <= 50 coordinates the family-wise false alarm
+#: probability of a correct sampler is below 50 * 5.7e-7 (two-sided normal tail at 5).
+Z_SCORE = 5.0
+
+
+def linear_gaussian(dimension: int = 4, measurements: int = 2, sigma_y: float = 0.5, sde=None, seed: int = 1):
+    """A Gaussian prior with a random covariance, a random matrix, a simulated y: (posterior, exact)."""
+    generator = torch.Generator().manual_seed(seed)
+    factor = 0.5 * torch.randn(dimension, dimension, generator=generator, dtype=torch.float64)
+    covariance = factor @ factor.T + 0.1 * torch.eye(dimension, dtype=torch.float64)
+    mean = torch.randn(dimension, generator=generator, dtype=torch.float64)
+    matrix = torch.randn(measurements, dimension, generator=generator, dtype=torch.float64)
+    prior = GaussianPrior(mean, covariance, sde or VPSDE())
+    operator = matrix_operator(matrix, GaussianNoise(sigma_y))
+    truth = prior.sample_clean(1, generator=generator)
+    posterior = Posterior(prior, operator, operator.measure(truth, generator))
+    return posterior, ExactPosterior.from_posterior(posterior)
+
+
+def gaussian_mixture(dimension: int = 8, measurements: int = 2, sigma_y: float = 1.0, seed: int = 0):
+    """The mixture test bed of MCGdiff (ALGORITHMS.md section 6): 25 unit-covariance components with
+    means (8i, 8j, 8i, 8j, ...), i, j in -2..2, random weights, a random operator and y."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.tensor([(8.0 * i, 8.0 * j) for i in range(-2, 3) for j in range(-2, 3)], dtype=torch.float64)
+    means = grid.repeat(1, dimension // 2)
+    weights = torch.rand(25, generator=generator, dtype=torch.float64) ** 2
+    prior = GaussianMixturePrior(weights, means, torch.ones(25, dimension, dtype=torch.float64), VPSDE())
+    matrix = torch.randn(measurements, dimension, generator=generator, dtype=torch.float64)
+    operator = matrix_operator(matrix, GaussianNoise(sigma_y))
+    truth = prior.sample_clean(1, generator=generator)
+    posterior = Posterior(prior, operator, operator.measure(truth, generator))
+    return posterior, ExactPosterior.from_posterior(posterior)
+
+
+def mean_z_scores(samples: torch.Tensor, exact: ExactPosterior) -> torch.Tensor:
+    """|sample mean - exact mean| in units of the standard error sqrt(var / n), per coordinate."""
+    flat = samples.reshape(samples.shape[0], -1).to(torch.float64)
+    standard_error = torch.sqrt(exact.covariance.diagonal() / flat.shape[0])
+    return (flat.mean(0) - exact.mean.flatten()).abs() / standard_error
+
+
+def covariance_z_scores(samples: torch.Tensor, exact: ExactPosterior) -> torch.Tensor:
+    """|sample covariance - exact covariance| per entry, in units of its standard error
+    sqrt((S_ii S_jj + S_ij^2) / n) (exact for Gaussian samples, a close guide otherwise)."""
+    flat = samples.reshape(samples.shape[0], -1).to(torch.float64)
+    covariance = exact.covariance
+    variances = covariance.diagonal()
+    standard_error = torch.sqrt((variances[:, None] * variances[None, :] + covariance**2) / flat.shape[0])
+    return (torch.cov(flat.T) - covariance).abs() / standard_error
+
+
+def sliced_wasserstein_threshold(exact: ExactPosterior, num_samples: int, *, repeats: int = 12,
+                                 seed: int = 100) -> tuple[float, float]:
+    """The exact-vs-exact sliced Wasserstein distribution at this sample size: (mean, threshold).
+
+    The threshold is mean + 5 standard deviations of the distances between independent exact sets,
+    so a correct sampler exceeds it with negligible probability.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    distances = torch.tensor([
+        sliced_wasserstein(exact.sample(num_samples, generator=generator),
+                           exact.sample(num_samples, generator=generator), seed=seed + repeat)
+        for repeat in range(repeats)])
+    return float(distances.mean()), float(distances.mean() + 5 * distances.std())
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(0)
+
+
+def log_normal(x: float, mean: float, variance: float) -> float:
+    return -0.5 * ((x - mean) ** 2 / variance + math.log(2 * math.pi * variance))

@@ -1,0 +1,98 @@
+import pytest
+import torch
+from sklearn.mixture import GaussianMixture
+
+from conftest import Z_SCORE
+from invdiff.prior import GaussianMixturePrior, GaussianPrior, digits_gaussian_mixture
+from invdiff.sde import VESDE, VPSDE, DDPMSchedule
+
+SDES = [VPSDE(), VESDE(0.01, 20.0), DDPMSchedule()]
+
+
+def random_mixture(diagonal: bool, sde=None, seed: int = 0) -> GaussianMixturePrior:
+    generator = torch.Generator().manual_seed(seed)
+    components, dimension = 3, 4
+    means = 2 * torch.randn(components, dimension, generator=generator, dtype=torch.float64)
+    if diagonal:
+        covariances = 0.2 + torch.rand(components, dimension, generator=generator, dtype=torch.float64)
+    else:
+        factors = torch.randn(components, dimension, dimension, generator=generator, dtype=torch.float64)
+        covariances = factors @ factors.transpose(1, 2) / dimension + 0.1 * torch.eye(dimension, dtype=torch.float64)
+    weights = torch.rand(components, generator=generator, dtype=torch.float64)
+    return GaussianMixturePrior(weights, means, covariances, sde or VPSDE(), event_shape=(1, 2, 2))
+
+
+@pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diag"])
+@pytest.mark.parametrize("sde", SDES, ids=lambda sde: sde.settings()["type"])
+def test_mixture_score_is_the_gradient_of_the_diffused_log_density(diagonal, sde):
+    prior = random_mixture(diagonal, sde)
+    x = torch.randn(5, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    for t in (0.02, 0.3, 0.9):
+        (autograd_score,) = torch.autograd.grad(prior.log_prob(x, t).sum(), x)
+        assert torch.allclose(prior.score(x.detach(), t), autograd_score, atol=1e-10)
+
+
+def test_diagonal_and_full_covariances_agree():
+    diagonal = random_mixture(diagonal=True)
+    full = GaussianMixturePrior(diagonal.log_weights.exp(), diagonal.means, diagonal.covariances, VPSDE(),
+                                event_shape=(1, 2, 2))
+    x = torch.randn(6, 1, 2, 2, dtype=torch.float64)
+    assert torch.allclose(diagonal.log_prob(x, 0.4), full.log_prob(x, 0.4))
+    assert torch.allclose(diagonal.score(x, 0.4), full.score(x, 0.4))
+
+
+@pytest.mark.parametrize("sde", SDES, ids=lambda sde: sde.settings()["type"])
+def test_gaussian_denoiser_is_the_exact_conditional_mean(sde):
+    generator = torch.Generator().manual_seed(3)
+    factor = torch.randn(3, 3, generator=generator, dtype=torch.float64)
+    covariance, mean = factor @ factor.T + 0.2 * torch.eye(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    prior = GaussianPrior(mean, covariance, sde)
+    x, t = torch.randn(4, 3, dtype=torch.float64), 0.5
+    lambda_t, sigma_t = prior.sde.lambda_t(t), prior.sde.sigma_t(t)
+    diffused = lambda_t**2 * covariance + sigma_t**2 * torch.eye(3, dtype=torch.float64)
+    expected = mean + (x - lambda_t * mean) @ torch.linalg.solve(diffused, lambda_t * covariance)
+    assert torch.allclose(prior.denoise(x, t), expected)
+    assert prior.evaluations == 4
+
+
+@pytest.mark.parametrize("sde", SDES, ids=lambda sde: sde.settings()["type"])
+def test_unconditional_sampling_matches_the_prior_moments(sde):
+    prior = random_mixture(diagonal=False, sde=sde)
+    samples = prior.sample(4000, num_steps=200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    flat = samples.reshape(len(samples), -1)
+    weights = prior.log_weights.exp()
+    mean = (weights[:, None] * prior.means).sum(0)
+    second_moment = (weights[:, None, None] * (prior.covariances + prior.means[:, :, None] * prior.means[:, None])).sum(0)
+    variance = second_moment.diagonal() - mean**2
+    assert ((flat.mean(0) - mean).abs() / (variance / len(flat)).sqrt()).max() < Z_SCORE
+
+
+def test_exact_clean_draws_match_the_mixture():
+    prior = random_mixture(diagonal=False)
+    draws = prior.sample_clean(20000, generator=torch.Generator().manual_seed(1)).reshape(20000, -1)
+    weights = prior.log_weights.exp()
+    mean = (weights[:, None] * prior.means).sum(0)
+    assert torch.allclose(draws.mean(0), mean, atol=0.06)
+
+
+def test_from_sklearn_keeps_the_fitted_density():
+    data = torch.randn(300, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).numpy()
+    for covariance_type in ("full", "diag", "tied", "spherical"):
+        mixture = GaussianMixture(2, covariance_type=covariance_type, random_state=0).fit(data)
+        prior = GaussianMixturePrior.from_sklearn(mixture, VPSDE())
+        ours = prior.log_prob(torch.as_tensor(data[:10]), 0.0).numpy()
+        assert ours == pytest.approx(mixture.score_samples(data[:10]), rel=1e-8)
+
+
+def test_digits_prior_is_an_image_prior_in_minus_one_one():
+    prior = digits_gaussian_mixture(VPSDE())
+    assert prior.event_shape == (1, 8, 8) and prior.data_range == (-1.0, 1.0)
+    assert prior.settings()["components"] == 10
+    draws = prior.sample_clean(64, generator=torch.Generator().manual_seed(0))
+    assert -1.5 < float(draws.mean()) < 0.0
+
+
+def test_score_rejects_the_wrong_shape():
+    prior = random_mixture(diagonal=True)
+    with pytest.raises(ValueError, match=r"expects inputs of shape \(B, 1, 2, 2\)"):
+        prior.score(torch.zeros(2, 4), 0.5)
