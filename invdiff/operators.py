@@ -100,8 +100,11 @@ class ForwardOperator:
     """
 
     def __init__(self, physics: deepinv.physics.Physics, noise: NoiseModel, *, name: str,
-                 input_scale: float = 1.0, input_offset: float = 0.0, settings: dict | None = None):
+                 input_scale: float = 1.0, input_offset: float = 0.0, settings: dict | None = None,
+                 dtype: torch.dtype | None = None):
         self.physics = physics
+        #: the dtype the physics computes in (None: any)
+        self.dtype = dtype
         self.noise = noise
         self.name = name
         self.input_scale = float(input_scale)
@@ -119,7 +122,7 @@ class ForwardOperator:
     def with_input_map(self, input_scale: float, input_offset: float) -> "ForwardOperator":
         """The same operator, reading its input through ``image = input_scale * x + input_offset``."""
         return ForwardOperator(self.physics, self.noise, name=self.name, input_scale=input_scale,
-                               input_offset=input_offset, settings=self._settings)
+                               input_offset=input_offset, settings=self._settings, dtype=self.dtype)
 
     def to_image(self, x: Tensor) -> Tensor:
         """Map from the prior's native space to the operator's image space."""
@@ -150,16 +153,16 @@ class ForwardOperator:
             (gradient,) = torch.autograd.grad(self.log_likelihood(y, x).sum(), x)
         return gradient
 
-    def matrix(self, event_shape: tuple[int, ...], dtype: torch.dtype = torch.float64,
-               chunk_size: int = 256) -> tuple[Tensor, Tensor]:
-        """Dense ``(matrix, offset)`` with ``G(x).flatten() = matrix @ x.flatten() + offset``.
+    def matrix(self, event_shape: tuple[int, ...], chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+        """Dense float64 ``(matrix, offset)`` with ``G(x).flatten() = matrix @ x.flatten() + offset``.
 
-        Built by applying ``G`` to the basis vectors, for the exact test-bed posteriors; meant for
-        small events (a few thousand values).
+        Built by applying ``G`` (in its own dtype) to the basis vectors, for the exact test-bed
+        posteriors; meant for small events (a few thousand values).
         """
         if not self.linear:
             raise TypeError(f"operator '{self.name}' is not linear: it has no matrix")
         dimension = math.prod(event_shape)
+        dtype = self.dtype or torch.float64
         with torch.no_grad():
             offset = self.forward(torch.zeros((1, *event_shape), dtype=dtype)).flatten()
             columns = []
@@ -168,7 +171,7 @@ class ForwardOperator:
                 basis = torch.zeros((stop - start, dimension), dtype=dtype)
                 basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
                 columns.append(self.forward(basis.reshape(-1, *event_shape)).flatten(1) - offset)
-        return torch.cat(columns).T.contiguous(), offset
+        return torch.cat(columns).T.contiguous().to(torch.float64), offset.to(torch.float64)
 
 
 def _image_size(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -181,7 +184,7 @@ def gaussian_blur(image_shape, noise: NoiseModel, *, sigma: float, dtype=torch.f
     """Circular Gaussian blur with standard deviation ``sigma`` pixels (deepinv ``BlurFFT``)."""
     kernel = gaussian_blur_filter(sigma=(sigma, sigma)).to(dtype)
     physics = deepinv.physics.BlurFFT(img_size=_image_size(image_shape), filter=kernel)
-    return ForwardOperator(physics, noise, name="gaussian_blur", settings={"sigma": sigma})
+    return ForwardOperator(physics, noise, name="gaussian_blur", settings={"sigma": sigma}, dtype=dtype)
 
 
 def motion_blur(image_shape, noise: NoiseModel, *, kernel_size: int, seed: int, length: float = 0.3,
@@ -193,7 +196,7 @@ def motion_blur(image_shape, noise: NoiseModel, *, kernel_size: int, seed: int, 
     kernel = kernels.step(batch_size=1, seed=seed)["filter"].to(dtype)
     physics = deepinv.physics.BlurFFT(img_size=_image_size(image_shape), filter=kernel)
     return ForwardOperator(physics, noise, name="motion_blur",
-                           settings={"kernel_size": kernel_size, "seed": seed, "length": length})
+                           settings={"kernel_size": kernel_size, "seed": seed, "length": length}, dtype=dtype)
 
 
 def box_mask(image_shape, top: int, left: int, height: int, width: int) -> Tensor:
@@ -222,7 +225,7 @@ def inpainting(image_shape, noise: NoiseModel, *, mask: Tensor, dtype=torch.floa
     """Masking (deepinv ``Inpainting``): missing pixels read as zero, the shape is kept."""
     physics = deepinv.physics.Inpainting(img_size=_image_size(image_shape), mask=mask.to(dtype))
     settings = {"observed_fraction": float(mask.mean()), **(settings or {})}
-    return ForwardOperator(physics, noise, name="inpainting", settings=settings)
+    return ForwardOperator(physics, noise, name="inpainting", settings=settings, dtype=dtype)
 
 
 def super_resolution(image_shape, noise: NoiseModel, *, factor: int, filter: str = "bicubic",
@@ -236,7 +239,8 @@ def super_resolution(image_shape, noise: NoiseModel, *, factor: int, filter: str
     kernel = filters[filter](factor).to(dtype)   # built in dtype: casting the module would drop its complex buffers
     physics = deepinv.physics.Downsampling(img_size=_image_size(image_shape), factor=factor, filter=kernel,
                                            padding="circular")
-    return ForwardOperator(physics, noise, name="super_resolution", settings={"factor": factor, "filter": filter})
+    return ForwardOperator(physics, noise, name="super_resolution", settings={"factor": factor, "filter": filter},
+                           dtype=dtype)
 
 
 def matrix_operator(matrix: Tensor, noise: NoiseModel) -> ForwardOperator:

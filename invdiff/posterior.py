@@ -91,7 +91,7 @@ class StepMonitor:
         self.diagnostics: list[dict[str, float]] = []
         self.callback = callback
         self.bar = None
-        if progress:
+        if progress and num_steps > 0:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=num_steps, desc=sampler_name, unit="step", leave=False)

@@ -1,0 +1,174 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from invdiff.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+INPAINT = ROOT / "problems" / "inpaint.yaml"
+FAST = ["--num-samples", "4", "-o", "num_steps=20", "--quiet"]
+
+
+def write_problem(tmp_path, text):
+    path = tmp_path / "problem.yaml"
+    path.write_text(text)
+    return path
+
+
+VALID = """
+name: test-problem
+prior: digits_gmm
+operator: {type: inpainting, mask: random, fraction_observed: 0.5}
+noise: {type: gaussian, sigma_y: 0.05}
+truth: {source: digits, index: 3}
+"""
+
+
+def test_solve_writes_samples_summary_and_figure(tmp_path):
+    """The real command, as a user runs it."""
+    out = tmp_path / "run"
+    completed = subprocess.run([sys.executable, "-m", "invdiff", "solve", str(INPAINT), "--sampler", "dps",
+                                "--seed", "3", "--out", str(out), *FAST], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr
+    assert sorted(path.name for path in out.iterdir()) == ["figure.png", "samples.npz", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sampler"]["name"] == "dps" and summary["sampler"]["options"]["num_steps"] == 20
+    assert summary["seed"] == 3 and summary["num_samples"] == 4
+    assert summary["network_evaluations_per_sample"] == 20
+    assert {"torch", "deepinv", "numpy", "invdiff"} <= set(summary["versions"])
+    assert 5 < summary["metrics"]["psnr_posterior_mean"] < 60
+    assert summary["exact_posterior"]["log_evidence"] == pytest.approx(53.31, abs=0.05)
+    assert len(summary["diagnostics"]) == 20
+    arrays = np.load(out / "samples.npz")
+    assert arrays["samples"].shape == (4, 1, 8, 8) and arrays["truth"].shape == (1, 1, 8, 8)
+
+
+def test_same_seed_same_samples(tmp_path):
+    for name in ("a", "b"):
+        assert main(["solve", str(INPAINT), "--sampler", "dps", "--out", str(tmp_path / name), *FAST]) == 0
+    first, second = (np.load(tmp_path / name / "samples.npz")["samples"] for name in ("a", "b"))
+    assert np.array_equal(first, second)
+
+
+def test_samplers_lists_name_package_version(capsys):
+    assert main(["samplers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["name", "package", "version"]
+    assert any(line.split()[:2] == ["dps", "invdiff"] for line in lines)
+
+
+def error_of(arguments, capsys):
+    code = main(arguments)
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert error.startswith("invdiff: error: ") and "\n" not in error, error
+    return error
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: [unclosed", "malformed YAML at line 1"),
+    ("- just\n- a list\n", "must be a mapping"),
+    (VALID + "colour: blue\n", "colour: unknown key; allowed: description, measurement, name"),
+    (VALID.replace("sigma_y: 0.05", "sigma_y: -0.1"), "noise.sigma_y: Input should be greater than 0 (got -0.1)"),
+    (VALID.replace("type: inpainting", "type: blurry"), "operator.type: unknown value 'blurry'; allowed: 'inpainting'"),
+    (VALID.replace("prior: digits_gmm", "prior: faces"), "prior.name: unknown value 'faces'; allowed: 'digits_gmm'"),
+    (VALID.replace("index: 3", "index: 300"), "truth.index: the test split has 300 images, so index must be < 300"),
+    (VALID.replace("truth: {source: digits, index: 3}", ""), "give a truth"),
+    (VALID + "sampler_options: {dps: {scale: 0}}", "sampler_options.dps.scale: Input should be greater than 0"),
+    (VALID + "sampler_options: {dps: {steps: 10}}", "sampler_options.dps.steps: unknown key; allowed: num_steps, "
+                                                    "scale, step_rule"),
+])
+def test_bad_problem_files_get_one_line_errors_and_write_nothing(tmp_path, capsys, text, expected):
+    out = tmp_path / "run"
+    error = error_of(["solve", str(write_problem(tmp_path, text)), "--sampler", "dps", "--out", str(out)], capsys)
+    assert expected in error
+    assert not out.exists()
+
+
+def test_unknown_sampler(tmp_path, capsys):
+    error = error_of(["solve", str(INPAINT), "--sampler", "magic", "--out", str(tmp_path / "run")], capsys)
+    assert "unknown sampler 'magic'; available: " in error and "dps" in error
+
+
+def test_wrong_image_shape(tmp_path, capsys):
+    np.save(tmp_path / "image.npy", np.zeros((1, 10, 10)))
+    problem = write_problem(tmp_path, VALID.replace("{source: digits, index: 3}", "{source: file, path: image.npy}"))
+    error = error_of(["solve", str(problem), "--sampler", "dps", "--out", str(tmp_path / "run")], capsys)
+    assert "truth.path: image image.npy has shape (1, 10, 10); the prior expects (1, 8, 8)" in error
+
+
+def test_nan_in_the_measurement(tmp_path, capsys):
+    measurement = np.zeros((1, 8, 8))
+    measurement[0, 2, 2] = np.nan
+    np.save(tmp_path / "y.npy", measurement)
+    problem = write_problem(tmp_path, VALID.replace("truth: {source: digits, index: 3}", "measurement: y.npy"))
+    error = error_of(["solve", str(problem), "--sampler", "dps", "--out", str(tmp_path / "run")], capsys)
+    assert "measurement: contains NaN" in error
+
+
+def test_measurement_file_and_user_image(tmp_path):
+    """A measurement given as a file, and a truth given as the user's own PNG."""
+    from skimage import io
+
+    io.imsave(tmp_path / "digit.png", (np.eye(8) * 255).astype(np.uint8), check_contrast=False)
+    np.save(tmp_path / "y.npy", np.full((1, 8, 8), 0.2))
+    text = VALID.replace("{source: digits, index: 3}", "{source: file, path: digit.png}") + "measurement: y.npy\n"
+    out = tmp_path / "run"
+    assert main(["solve", str(write_problem(tmp_path, text)), "--sampler", "dps", "--out", str(out), *FAST]) == 0
+    arrays = np.load(out / "samples.npz")
+    assert np.allclose(arrays["measurement"], 0.2) and np.allclose(arrays["truth"][0, 0], np.eye(8))
+
+
+def test_existing_output_is_never_silently_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    error = error_of(["solve", str(INPAINT), "--sampler", "dps", "--out", str(out), *FAST], capsys)
+    assert "exists; choose another --out or pass --overwrite" in error
+    assert (out / "keep.txt").read_text() == "precious"
+    assert main(["solve", str(INPAINT), "--sampler", "dps", "--out", str(out), "--overwrite", *FAST]) == 0
+    assert not (out / "keep.txt").exists() and (out / "summary.json").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]   # no staging folder left behind
+
+
+def test_bad_option_syntax_and_device(tmp_path, capsys):
+    assert "--option expects KEY=VALUE" in error_of(["solve", str(INPAINT), "--sampler", "dps", "-o", "scale",
+                                                     "--out", str(tmp_path / "a")], capsys)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in error_of(["solve", str(INPAINT), "--sampler", "dps", "--device", "cuda",
+                                             "--out", str(tmp_path / "b")], capsys)
+
+
+def test_exact_sampler_refuses_an_untractable_problem(tmp_path, capsys):
+    text = VALID.replace("{type: gaussian, sigma_y: 0.05}", "{type: poisson, gain: 0.05}")
+    error = error_of(["solve", str(write_problem(tmp_path, text)), "--sampler", "exact", "--out",
+                      str(tmp_path / "run")], capsys)
+    assert "needs Gaussian noise" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_sampling_failure_exits_one_and_names_the_step(tmp_path, capsys):
+    text = VALID + "sampler_options: {dps: {scale: 1.0e+30, num_steps: 20}}"
+    code = main(["solve", str(write_problem(tmp_path, text)), "--sampler", "dps", "--out", str(tmp_path / "run"),
+                 "--quiet"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("invdiff: sampling failed: dps: ") and re.search(r"at step \d+/20 \(t=", error)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("problem", sorted(path.name for path in (ROOT / "problems").glob("*.yaml")))
+@pytest.mark.parametrize("sampler", ["dps", "exact"])
+def test_every_shipped_problem_runs_with_every_built_in_sampler(tmp_path, problem, sampler):
+    out = tmp_path / "run"
+    assert main(["solve", str(ROOT / "problems" / problem), "--sampler", sampler, "--out", str(out),
+                 "--num-samples", "4", "--quiet"] + (["-o", "num_steps=10"] if sampler == "dps" else [])) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exact_posterior"]["sliced_wasserstein_to_exact"] > 0
