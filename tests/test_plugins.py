@@ -2,7 +2,6 @@ import os
 import subprocess
 import sys
 import types
-import venv
 from pathlib import Path
 
 import pytest
@@ -58,8 +57,8 @@ def test_unknown_sampler_lists_the_available_ones():
         load_registry().get("nope")
 
 
-def run_invdiff(*arguments, python=sys.executable, **environment):
-    return subprocess.run([python, "-m", "invdiff", *arguments], capture_output=True, text=True, cwd=ROOT,
+def run_invdiff(*arguments, **environment):
+    return subprocess.run([sys.executable, "-m", "invdiff", *arguments], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, **environment}, timeout=300)
 
 
@@ -72,15 +71,15 @@ def test_autoload_can_be_switched_off_and_plugins_named_explicitly():
 
 
 def test_a_third_party_plugin_installed_with_pip_is_discovered(tmp_path):
-    """pip-installs tests/fake_plugin into a fresh virtual environment that sees this one's packages."""
-    environment = tmp_path / "venv"
-    venv.create(environment, system_site_packages=True)   # pip and setuptools come from this environment
-    python = environment / "bin" / "python"
-    install = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                              "--quiet", str(ROOT / "tests" / "fake_plugin")], capture_output=True, text=True)
+    """pip-installs tests/fake_plugin into a separate folder put on the path: this environment stays as it is."""
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                              "--no-index", "--quiet", "--target", str(site), str(ROOT / "tests" / "fake_plugin")],
+                             capture_output=True, text=True)
     assert install.returncode == 0, install.stderr
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
 
-    listing = run_invdiff("samplers", python=python)
+    listing = run_invdiff("samplers", PYTHONPATH=path)
     assert listing.returncode == 0, listing.stderr
     rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:] if line.split()}
     assert rows["prior_draws"][1:3] == ["invdiff-fake-plugin", "0.3.1"]
@@ -90,6 +89,6 @@ def test_a_third_party_plugin_installed_with_pip_is_discovered(tmp_path):
 
     out = tmp_path / "run"
     solve = run_invdiff("solve", "problems/inpaint.yaml", "--sampler", "prior_draws", "--num-samples", "4",
-                        "--out", str(out), "--quiet", python=python)
+                        "--out", str(out), "--quiet", PYTHONPATH=path)
     assert solve.returncode == 0, solve.stderr
     assert (out / "summary.json").exists()
