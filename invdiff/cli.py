@@ -118,8 +118,11 @@ def _solve(arguments) -> int:
     generator = torch.Generator(device=arguments.device).manual_seed(arguments.seed)
     result = sample_posterior(sampler, problem.posterior, num_samples, generator=generator,
                               progress=not arguments.quiet)
-    images = problem.posterior.operator.to_image(result.samples).detach().cpu()
-    mean, std = _weighted_moments(images, result.log_weights)
+    images = _images(problem, result.samples)
+    if result.particles is not None:   # moments from the weighted particles, not from the resampled draws
+        mean, std = _weighted_moments(_images(problem, result.particles), result.log_weights)
+    else:
+        mean, std = _weighted_moments(images, None)
     summary = _summary(problem, info, sampler, result, arguments, num_samples, images, mean)
     _write_outputs(out, problem, result, summary, arguments.overwrite, images, mean, std)
     metrics = summary.get("metrics", {})
@@ -127,6 +130,11 @@ def _solve(arguments) -> int:
     print(f"{info.name}: {num_samples} samples in {result.wall_time:.1f} s ({result.nfe:.0f} network evaluations "
           f"per sample){'; ' + shown if shown else ''}\nwrote {out}/")
     return 0
+
+
+def _images(problem: Problem, x: torch.Tensor) -> torch.Tensor:
+    """Prior-space tensors as [0, 1] images on the CPU."""
+    return problem.posterior.operator.to_image(x).detach().cpu()
 
 
 def _weighted_moments(images: torch.Tensor, log_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +246,8 @@ def _write_outputs(out: Path, problem: Problem, result: SampleResult, summary: d
                   "measurement": problem.posterior.measurement.detach().cpu().numpy()}
         if problem.truth is not None:
             arrays["truth"] = problem.truth.cpu().numpy()
-        if result.log_weights is not None:
+        if result.particles is not None:
+            arrays["particles"] = _images(problem, result.particles).numpy()
             arrays["log_weights"] = result.log_weights.detach().cpu().numpy()
         np.savez_compressed(staging / "samples.npz", **arrays)
         (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

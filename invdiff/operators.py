@@ -44,6 +44,10 @@ class NoiseModel(ABC):
     def settings(self) -> dict:
         """Type and parameters, for summaries."""
 
+    def inflated(self, extra_variance: float) -> "NoiseModel":
+        """This noise with ``extra_variance`` added, for twisting functions; by default unchanged."""
+        return self
+
 
 class GaussianNoise(NoiseModel):
     """``y = clean + sigma_y * N(0, I)``."""
@@ -64,6 +68,9 @@ class GaussianNoise(NoiseModel):
 
     def settings(self):
         return {"type": "gaussian", "sigma_y": self.sigma_y}
+
+    def inflated(self, extra_variance):
+        return GaussianNoise(math.sqrt(self.sigma_y**2 + extra_variance))
 
 
 class PoissonNoise(NoiseModel):

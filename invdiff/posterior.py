@@ -63,11 +63,14 @@ class SamplerOptions(BaseModel):
 class SampleResult:
     """What a sampler returns; ``sample_posterior`` fills in the cost and the diagnostics.
 
-    ``samples`` are in the prior's native space, ``(N, *event_shape)``. Weighted samplers give
-    ``log_weights`` (``(N,)``, normalised or not) and may give ``log_evidence`` (``log p(y)``).
+    ``samples`` are equally weighted draws in the prior's native space, ``(N, *event_shape)``.
+    Particle samplers also give their weighted ``particles`` ``(K, *event_shape)`` with normalised
+    ``log_weights`` ``(K,)`` (the samples are resampled from them) and ``log_evidence``, an
+    estimate of ``log p(y)``.
     """
 
     samples: Tensor
+    particles: Tensor | None = None
     log_weights: Tensor | None = None
     log_evidence: float | None = None
     network_evaluations: int = 0
@@ -77,8 +80,14 @@ class SampleResult:
 
     @property
     def nfe(self) -> float:
-        """Network evaluations per sample."""
-        return self.network_evaluations / max(len(self.samples), 1)
+        """Network evaluations per sample (per particle for particle samplers)."""
+        count = len(self.particles) if self.particles is not None else len(self.samples)
+        return self.network_evaluations / max(count, 1)
+
+    @property
+    def ess_history(self) -> list[float]:
+        """The effective sample size after each step, for particle samplers (else empty)."""
+        return [record["ess"] for record in self.diagnostics if "ess" in record]
 
 
 class StepMonitor:
@@ -165,7 +174,8 @@ def sample_posterior(sampler: Sampler, posterior: Posterior, num_samples: int, *
     finally:
         monitor.close()
     wall_time = time.perf_counter() - start
-    if not torch.isfinite(result.samples).all():
+    if not torch.isfinite(result.samples).all() or (result.particles is not None
+                                                    and not torch.isfinite(result.particles).all()):
         raise SamplingError(f"{monitor.sampler_name}: the final samples contain NaN or infinite values")
     return replace(result, network_evaluations=posterior.prior.evaluations - evaluations_before,
                    wall_time=wall_time, diagnostics=monitor.diagnostics)

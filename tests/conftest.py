@@ -48,21 +48,42 @@ def gaussian_mixture(dimension: int = 8, measurements: int = 2, sigma_y: float =
     return posterior, ExactPosterior.from_posterior(posterior)
 
 
-def mean_z_scores(samples: torch.Tensor, exact: ExactPosterior) -> torch.Tensor:
-    """|sample mean - exact mean| in units of the standard error sqrt(var / n), per coordinate."""
+def _weighted(samples: torch.Tensor, log_weights: torch.Tensor | None):
+    """Flattened samples, normalised weights and the effective count (ESS for weighted particles)."""
     flat = samples.reshape(samples.shape[0], -1).to(torch.float64)
-    standard_error = torch.sqrt(exact.covariance.diagonal() / flat.shape[0])
-    return (flat.mean(0) - exact.mean.flatten()).abs() / standard_error
+    if log_weights is None:
+        return flat, torch.full((len(flat),), 1.0 / len(flat), dtype=torch.float64), len(flat)
+    weights = torch.softmax(log_weights.to(torch.float64), 0)
+    return flat, weights, float(1.0 / (weights**2).sum())
 
 
-def covariance_z_scores(samples: torch.Tensor, exact: ExactPosterior) -> torch.Tensor:
+def mean_z_scores(samples: torch.Tensor, exact: ExactPosterior, log_weights: torch.Tensor | None = None):
+    """|sample mean - exact mean| in units of the standard error sqrt(var / n), per coordinate.
+
+    For weighted particles the mean is weighted and n is the effective sample size.
+    """
+    flat, weights, count = _weighted(samples, log_weights)
+    standard_error = torch.sqrt(exact.covariance.diagonal() / count)
+    return ((weights[:, None] * flat).sum(0) - exact.mean.flatten()).abs() / standard_error
+
+
+def covariance_z_scores(samples: torch.Tensor, exact: ExactPosterior, log_weights: torch.Tensor | None = None):
     """|sample covariance - exact covariance| per entry, in units of its standard error
     sqrt((S_ii S_jj + S_ij^2) / n) (exact for Gaussian samples, a close guide otherwise)."""
-    flat = samples.reshape(samples.shape[0], -1).to(torch.float64)
+    flat, weights, count = _weighted(samples, log_weights)
+    centred = flat - (weights[:, None] * flat).sum(0)
+    estimate = (weights[:, None] * centred).T @ centred * count / max(count - 1, 1)
     covariance = exact.covariance
     variances = covariance.diagonal()
-    standard_error = torch.sqrt((variances[:, None] * variances[None, :] + covariance**2) / flat.shape[0])
-    return (torch.cov(flat.T) - covariance).abs() / standard_error
+    standard_error = torch.sqrt((variances[:, None] * variances[None, :] + covariance**2) / count)
+    return (estimate - covariance).abs() / standard_error
+
+
+def effective_count(result) -> int:
+    """How many independent draws a result is worth: its samples, or its particles' ESS."""
+    if result.log_weights is None:
+        return len(result.samples)
+    return int(_weighted(result.particles, result.log_weights)[2])
 
 
 def sliced_wasserstein_threshold(exact: ExactPosterior, num_samples: int, *, repeats: int = 12,

@@ -1,0 +1,234 @@
+"""Sequential Monte Carlo parts shared by every particle sampler (Doucet and Johansen, "A tutorial on
+particle filtering and smoothing", 2009; the update/weight/resample split of blackjax's SMC).
+
+All weights are kept in log space and normalised, so the running evidence estimate is
+
+    log Z_hat = sum_t log sum_k W_{t-1}^k w_t^k,
+
+with ``W`` the normalised weights before the step (uniform right after a resampling) and ``w_t`` the
+incremental weights. Resampling is adaptive: it happens when ``ESS < threshold * K``. Every scheme
+takes ``(log_weights, num_draws, generator)`` and returns ancestor indices.
+
+The diffusion-specific part is the twisting variance ``r_t^2`` of ALGORITHMS.md section 5 (twisted
+SMC): the spread of ``x0`` given ``x_t`` added to the measurement noise variance.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from invdiff.operators import GaussianNoise
+from invdiff.posterior import SampleResult, SamplerOptions, SamplingError
+from invdiff.sde import SDE
+
+__all__ = ["effective_sample_size", "RESAMPLING_SCHEMES", "ParticleWeights", "SMCOptions", "twisting_variance",
+           "LinearGaussianSVD", "MeasurementTwist", "chunked", "weighted_result"]
+
+
+def effective_sample_size(log_weights: Tensor) -> Tensor:
+    """``(sum w)^2 / sum w^2`` of unnormalised log-weights, between 1 and K."""
+    return torch.exp(2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0))
+
+
+def _weights(log_weights: Tensor) -> Tensor:
+    return torch.softmax(log_weights.to(torch.float64), 0)
+
+
+def _inverse_cdf(weights: Tensor, uniforms: Tensor) -> Tensor:
+    cumulative = torch.cumsum(weights, 0)
+    cumulative[-1] = 1.0
+    return torch.searchsorted(cumulative, uniforms.to(cumulative.dtype)).clamp(max=len(weights) - 1)
+
+
+def multinomial(log_weights: Tensor, num_draws: int, generator: torch.Generator) -> Tensor:
+    """Independent draws from the weights."""
+    return torch.multinomial(_weights(log_weights), num_draws, replacement=True, generator=generator)
+
+
+def stratified(log_weights: Tensor, num_draws: int, generator: torch.Generator) -> Tensor:
+    """One uniform in each of ``num_draws`` equal strata of [0, 1)."""
+    offsets = torch.rand(num_draws, generator=generator, dtype=torch.float64, device=log_weights.device)
+    uniforms = (torch.arange(num_draws, dtype=torch.float64, device=log_weights.device) + offsets) / num_draws
+    return _inverse_cdf(_weights(log_weights), uniforms)
+
+
+def systematic(log_weights: Tensor, num_draws: int, generator: torch.Generator) -> Tensor:
+    """One uniform shifted across ``num_draws`` equal strata (the lowest-variance default)."""
+    offset = torch.rand(1, generator=generator, dtype=torch.float64, device=log_weights.device)
+    uniforms = (torch.arange(num_draws, dtype=torch.float64, device=log_weights.device) + offset) / num_draws
+    return _inverse_cdf(_weights(log_weights), uniforms)
+
+
+def residual(log_weights: Tensor, num_draws: int, generator: torch.Generator) -> Tensor:
+    """``floor(num_draws W_k)`` copies of each particle, the remainder drawn multinomially."""
+    weights = _weights(log_weights)
+    copies = torch.floor(num_draws * weights).long()
+    indices = torch.repeat_interleave(torch.arange(len(weights), device=weights.device), copies)
+    remaining = num_draws - int(copies.sum())
+    if remaining > 0:
+        remainder = num_draws * weights - copies
+        extra = torch.multinomial(remainder / remainder.sum(), remaining, replacement=True, generator=generator)
+        indices = torch.cat([indices, extra])
+    return indices
+
+
+RESAMPLING_SCHEMES: dict[str, Callable[[Tensor, int, torch.Generator], Tensor]] = {
+    "systematic": systematic, "multinomial": multinomial, "stratified": stratified, "residual": residual}
+
+
+class ParticleWeights:
+    """Normalised log-weights of K particles, the running ``log Z_hat`` and adaptive resampling."""
+
+    def __init__(self, num_particles: int, *, scheme: str = "systematic", threshold: float = 0.5,
+                 generator: torch.Generator, device: torch.device | str = "cpu"):
+        if scheme not in RESAMPLING_SCHEMES:
+            raise ValueError(f"unknown resampling scheme '{scheme}'; allowed: {', '.join(RESAMPLING_SCHEMES)}")
+        self.num_particles = num_particles
+        self.resample_indices = RESAMPLING_SCHEMES[scheme]
+        self.threshold = threshold
+        self.generator = generator
+        self.log_weights = torch.full((num_particles,), -math.log(num_particles), dtype=torch.float64, device=device)
+        self.log_evidence = 0.0
+
+    @property
+    def ess(self) -> float:
+        return float(effective_sample_size(self.log_weights))
+
+    def reweight(self, log_increments: Tensor, where: str) -> None:
+        """Multiply the weights by ``exp(log_increments)``; ``where`` names the step in errors."""
+        log_increments = log_increments.detach().to(torch.float64)
+        if torch.isnan(log_increments).any():
+            count = int(torch.isnan(log_increments).sum())
+            raise SamplingError(f"NaN in {count} of {self.num_particles} incremental weights at {where}")
+        combined = self.log_weights + log_increments
+        total = torch.logsumexp(combined, 0)
+        if not torch.isfinite(total):
+            raise SamplingError(f"weight degeneracy at {where}: every particle has weight "
+                                f"{'zero' if total < 0 else 'infinity'}")
+        self.log_evidence += float(total)
+        self.log_weights = combined - total
+
+    def resample_if_needed(self, *tensors: Tensor) -> tuple[tuple[Tensor, ...], bool]:
+        """Resample ``tensors`` (particles on the first axis) when ESS < threshold * K."""
+        if self.ess >= self.threshold * self.num_particles:
+            return tensors, False
+        ancestors = self.resample_indices(self.log_weights, self.num_particles, self.generator)
+        self.log_weights = torch.full_like(self.log_weights, -math.log(self.num_particles))
+        return tuple(tensor[ancestors] for tensor in tensors), True
+
+    def diagnostics(self, resampled: bool) -> dict[str, float]:
+        finite = self.log_weights[torch.isfinite(self.log_weights)]
+        return {"ess": self.ess, "resampled": float(resampled),
+                "log_weight_spread": float(finite.max() - finite.min()) if len(finite) else float("inf")}
+
+
+class SMCOptions(SamplerOptions):
+    """Options every diffusion SMC sampler shares."""
+
+    num_steps: int = Field(100, ge=1, description="reverse steps on the SDE's time grid")
+    num_particles: int | None = Field(None, ge=1, description="particles K (default: the number of samples)")
+    resampling: Literal["systematic", "multinomial", "stratified", "residual"] = "systematic"
+    resampling_threshold: float = Field(0.5, ge=0, le=1, description="resample when ESS < threshold * K")
+    twisting: Literal["tweedie", "capped", "none"] = Field(
+        "tweedie", description="r_t^2 added to the noise variance: sigma_t^2 / lambda_t^2, that capped at "
+        "twisting_cap (the TDS reference code), or 0")
+    twisting_cap: float = Field(0.12, gt=0, description="tau^2 of the capped rule, in the prior's units")
+    batch_size: int | None = Field(None, ge=1, description="most particles per network call (memory budget)")
+
+
+def twisting_variance(sde: SDE, t: float | Tensor, options: SMCOptions) -> float:
+    """``r_t^2``, the variance of ``x0`` given ``x_t`` in the prior's units, by the options' rule."""
+    if options.twisting == "none":
+        return 0.0
+    spread = float(sde.sigma_t(t) ** 2 / sde.lambda_t(t) ** 2)
+    if options.twisting == "capped":
+        return spread * options.twisting_cap / (spread + options.twisting_cap)
+    return spread
+
+
+class LinearGaussianSVD:
+    """``y = A x + offset + N(0, sigma_y^2 I)`` with the singular value decomposition ``A = U diag(S) V^T``.
+
+    Built once from the operator's dense matrix (``ForwardOperator.matrix``), so only for events of
+    at most ``MAX_DIMENSION`` values. In the rotated coordinates ``V^T x`` and ``U^T y`` every
+    Gaussian computation of the twisted samplers is diagonal.
+    """
+
+    MAX_DIMENSION = 4096
+
+    def __init__(self, matrix: Tensor, offset: Tensor, sigma_y: float):
+        left, singular_values, right_transposed = torch.linalg.svd(matrix, full_matrices=True)
+        self.left, self.right = left, right_transposed.T            # U (m, m), V (d, d)
+        self.singular_values = torch.zeros(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        self.singular_values[:len(singular_values)] = singular_values  # S padded to m (rows beyond d: 0)
+        self.offset, self.sigma_y = offset, sigma_y
+
+    @classmethod
+    def from_posterior(cls, posterior) -> "LinearGaussianSVD | None":
+        """The decomposition, or None for a non-linear operator, non-Gaussian noise or a large event."""
+        operator, prior = posterior.operator, posterior.prior
+        if not (operator.linear and isinstance(operator.noise, GaussianNoise)
+                and math.prod(prior.event_shape) <= cls.MAX_DIMENSION):
+            return None
+        matrix, offset = operator.matrix(prior.event_shape)
+        device = posterior.measurement.device
+        return cls(matrix.to(device), offset.to(device), operator.noise.sigma_y)
+
+    def rotated_residual(self, measurement: Tensor, clean: Tensor) -> Tensor:
+        """``U^T (y - clean)`` for a batch of noise-free measurements ``clean``: shape ``(B, m)``."""
+        residual = (measurement - clean).flatten(1).to(self.left.dtype)
+        return residual @ self.left
+
+    def log_likelihood(self, measurement: Tensor, clean: Tensor, spread: float) -> Tensor:
+        """``log N(y; clean, sigma_y^2 I + spread A A^T)`` per batch element."""
+        variances = self.sigma_y**2 + spread * self.singular_values**2
+        rotated = self.rotated_residual(measurement, clean)
+        return -0.5 * ((rotated**2 / variances).sum(1) + torch.log(2 * math.pi * variances).sum())
+
+
+class MeasurementTwist:
+    """The twisting functions ``log p~_t(y | x)`` evaluated at a denoised estimate (ALGORITHMS.md section 5).
+
+    Linear operator with Gaussian noise (and a small enough event): ``N(y; G(x0_hat),
+    sigma_y^2 I + r_t^2 A A^T)``, the predictive density of ``y`` if ``x0`` given ``x_t`` had
+    covariance ``r_t^2 I``. Otherwise the scalar form ``sigma_y^2 + s^2 r_t^2`` (``s`` the operator's
+    input scale; right for masks), and for non-Gaussian noise the plain likelihood at ``x0_hat``.
+    """
+
+    def __init__(self, posterior, options: SMCOptions):
+        self.posterior = posterior
+        self.options = options
+        self.svd = LinearGaussianSVD.from_posterior(posterior)
+
+    def log_likelihood(self, denoised: Tensor, t: float | Tensor) -> Tensor:
+        spread = twisting_variance(self.posterior.prior.sde, t, self.options)
+        operator, measurement = self.posterior.operator, self.posterior.measurement
+        clean = operator.forward(denoised)
+        if self.svd is not None:
+            return self.svd.log_likelihood(measurement, clean, spread)
+        return operator.noise.inflated(operator.input_scale**2 * spread).log_likelihood(measurement, clean)
+
+
+def chunked(function: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, batch_size: int | None) -> tuple[Tensor, ...]:
+    """``function`` applied to chunks of at most ``batch_size`` particles, outputs concatenated."""
+    if batch_size is None or batch_size >= len(x):
+        return function(x)
+    pieces = [function(part) for part in torch.split(x, batch_size)]
+    return tuple(torch.cat(outputs) for outputs in zip(*pieces))
+
+
+def weighted_result(particles: Tensor, weights: ParticleWeights, num_samples: int) -> SampleResult:
+    """The final result: weighted particles, ``num_samples`` draws resampled from them, ``log Z_hat``.
+
+    The draws are shuffled: systematic and stratified schemes return ancestors in order, and the
+    first few samples must be as good a pick as any.
+    """
+    ancestors = weights.resample_indices(weights.log_weights, num_samples, weights.generator)
+    ancestors = ancestors[torch.randperm(num_samples, generator=weights.generator, device=ancestors.device)]
+    return SampleResult(samples=particles[ancestors], particles=particles, log_weights=weights.log_weights,
+                        log_evidence=weights.log_evidence)

@@ -1,0 +1,87 @@
+"""Twisted diffusion sampler (TDS): Wu, Trippe, Naesseth, Blei, Cunningham, "Practical and
+asymptotically exact conditional sampling in diffusion models", NeurIPS 2023 (arXiv:2306.17775).
+
+SMC over the reverse diffusion path (ALGORITHMS.md section 5), for any SDE of ``invdiff.sde``:
+
+* twisting ``p~_t(y | x_t) = N(y; G(x0_hat(t, x_t)), sigma_y^2 I + r_t^2 A A^T)`` with
+  ``r_t^2 = sigma_t^2 / lambda_t^2`` by default (``invdiff.smc.MeasurementTwist``);
+* proposal ``N(m + delta^2 grad log p~_t(y | x_t), delta^2)`` around the prior's reverse kernel
+  ``N(m, delta^2)``, the gradient taken through the network;
+* weights ``w_T = p~_T(y | x_T)``, ``w = p(x_s | x_t) p~_s(y | x_s) / [p~_t(y | x_t) q(x_s | x_t)]``,
+  and at the last step, where the kernel is the deterministic ``x_0 = x0_hat(t_1, x_1)``,
+  ``w_0 = p(y | x_0) / p~_{t_1}(y | x_1)``.
+
+The weights telescope, so the weighted particles target the posterior of the discretised model as
+the number of particles grows, and their running mean estimates ``p(y)``. Cost: one network
+evaluation with backpropagation per particle per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import invdiff
+from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor
+from invdiff.sde import gaussian_log_density
+from invdiff.smc import MeasurementTwist, ParticleWeights, SMCOptions, chunked, weighted_result
+
+
+class TwistedSMC(Sampler):
+    """Twisted SMC (Wu et al., NeurIPS 2023): particles with Tweedie twisting, asymptotically exact."""
+
+    name = "twisted_smc"
+    Options = SMCOptions
+    asymptotically_exact = True
+
+    @staticmethod
+    def _twist(posterior: Posterior, twist: MeasurementTwist, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Denoised estimate, ``log p~_t(y | x)`` and its gradient, for a batch of particles."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            denoised = posterior.prior.denoise(x, t)
+            log_twist = twist.log_likelihood(denoised, t)
+            (gradient,) = torch.autograd.grad(log_twist.sum(), x)
+        return denoised.detach(), log_twist.detach(), gradient
+
+    def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
+               monitor: StepMonitor) -> SampleResult:
+        prior, measurement = posterior.prior, posterior.measurement
+        dtype, device = measurement.dtype, measurement.device
+        num_particles = self.options.num_particles or num_samples
+        grid = prior.sde.time_grid(self.options.num_steps)
+        weights = ParticleWeights(num_particles, scheme=self.options.resampling,
+                                  threshold=self.options.resampling_threshold, generator=generator, device=device)
+
+        measurement_twist = MeasurementTwist(posterior, self.options)
+
+        def twist(x, t):
+            return chunked(lambda part: self._twist(posterior, measurement_twist, part, t), x, self.options.batch_size)
+
+        x = prior.sde.terminal_sample((num_particles, *prior.event_shape), generator=generator, dtype=dtype,
+                                      device=device)
+        denoised, log_twist, gradient = twist(x, grid[0])
+        weights.reweight(log_twist, where=f"the initial weights (t={float(grid[0]):.4g})")
+        for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+            where = f"step {index + 1}/{self.options.num_steps} (t={float(s):.4g})"
+            mean, variance = prior.sde.reverse_kernel(x, denoised, t, s)
+            if index == len(grid) - 2:   # the last kernel is the deterministic x_0 = x0_hat(t_1, x_1)
+                x = mean
+                log_increment = posterior.log_likelihood(x) - log_twist
+            else:
+                proposal_mean = mean + variance * gradient
+                noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=device)
+                x = proposal_mean + variance.sqrt() * noise
+                denoised, new_log_twist, gradient = twist(x, s)
+                log_increment = (gaussian_log_density(x, mean, variance) + new_log_twist - log_twist
+                                 - gaussian_log_density(x, proposal_mean, variance))
+                log_twist = new_log_twist
+            weights.reweight(log_increment, where)
+            (x, denoised, log_twist, gradient), resampled = weights.resample_if_needed(x, denoised, log_twist, gradient)
+            monitor.step(index, s, x, **weights.diagnostics(resampled))
+        return weighted_result(x, weights, num_samples)
+
+
+@invdiff.hookimpl
+def register_samplers(register):
+    register(TwistedSMC)
