@@ -25,7 +25,7 @@ import yaml
 from invdiff.exact import ExactPosterior, NotTractable
 from invdiff.metrics import SSIM_CONVENTION, coverage, psnr, sliced_wasserstein, ssim
 from invdiff.plugins import PluginError, SamplerInfo, load_registry
-from invdiff.posterior import SampleResult, SamplingError, sample_posterior
+from invdiff.posterior import SampleResult, SamplingError, UnsupportedProblem, sample_posterior
 from invdiff.problems import Problem, ProblemError, build_sampler, load_problem
 
 __all__ = ["main"]
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     try:
         return arguments.handler(arguments)
-    except (UsageError, ProblemError, PluginError, NotTractable) as error:
+    except (UsageError, ProblemError, PluginError, UnsupportedProblem) as error:
         print(f"invdiff: error: {error}", file=sys.stderr)
         return 2
     except SamplingError as error:
@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     solve.add_argument("--out", type=Path, help="output folder (default: runs/PROBLEM-SAMPLER-seedSEED)")
     solve.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     solve.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to sample (default cpu)")
+    solve.add_argument("--num-particles", type=int, help="particles K of a particle sampler (option num_particles)")
+    solve.add_argument("--resampling", choices=["systematic", "multinomial", "stratified", "residual"],
+                       help="resampling scheme of a particle sampler (option resampling)")
+    solve.add_argument("--resampling-threshold", type=float, metavar="KAPPA",
+                       help="resample when ESS < KAPPA * K (option resampling_threshold)")
     solve.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                        help="a sampler option, overriding the problem file's (repeatable; VALUE is YAML)")
     solve.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -99,6 +104,18 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def _particle_options(arguments, info: SamplerInfo) -> dict[str, Any]:
+    """The particle flags that were given, checked against the sampler's options."""
+    flags = {"num_particles": arguments.num_particles, "resampling": arguments.resampling,
+             "resampling_threshold": arguments.resampling_threshold}
+    given = {option: value for option, value in flags.items() if value is not None}
+    for option in given:
+        if option not in info.sampler_class.Options.model_fields:
+            raise UsageError(f"--{option.replace('_', '-')}: sampler '{info.name}' has no option {option}; "
+                             f"its options: {', '.join(info.sampler_class.Options.model_fields) or 'none'}")
+    return given
+
+
 def _solve(arguments) -> int:
     registry = load_registry()
     info = registry.get(arguments.sampler)
@@ -107,7 +124,8 @@ def _solve(arguments) -> int:
     if arguments.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     problem = load_problem(arguments.problem)
-    options = {**problem.config.sampler_options.get(info.name, {}), **_parse_options(arguments.option)}
+    options = {**problem.config.sampler_options.get(info.name, {}), **_parse_options(arguments.option),
+               **_particle_options(arguments, info)}
     sampler = build_sampler(info.sampler_class, options)
     num_samples = arguments.num_samples or problem.config.num_samples
     out = arguments.out or Path("runs") / f"{problem.config.name}-{info.name}-seed{arguments.seed}"

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from invdiff.operators import GaussianNoise
-from invdiff.posterior import Posterior
+from invdiff.posterior import Posterior, UnsupportedProblem
 from invdiff.prior import GaussianMixturePrior
 
 __all__ = ["ExactPosterior", "NotTractable"]
 
 
-class NotTractable(ValueError):
+class NotTractable(UnsupportedProblem):
     """The posterior has no closed form here; the message says which ingredient is missing."""
 
 

@@ -44,12 +44,19 @@ def ssim(estimate: Tensor, truth: Tensor) -> float:
                                        channel_axis=channel_axis))
 
 
-def sliced_wasserstein(first: Tensor, second: Tensor, *, num_projections: int = 500, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance between two sample sets ``(N, ...)`` (POT, random projections)."""
+def sliced_wasserstein(first: Tensor, second: Tensor, *, first_log_weights: Tensor | None = None,
+                       num_projections: int = 500, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance between two sample sets ``(N, ...)`` (POT, random projections).
+
+    ``first_log_weights`` weighs the first set (weighted particles); both are uniform otherwise.
+    """
     first_array = first.detach().cpu().reshape(first.shape[0], -1).to(torch.float64).numpy()
     second_array = second.detach().cpu().reshape(second.shape[0], -1).to(torch.float64).numpy()
-    return float(ot.sliced_wasserstein_distance(first_array, second_array, n_projections=num_projections,
-                                                seed=seed))
+    first_weights = None
+    if first_log_weights is not None:
+        first_weights = torch.softmax(first_log_weights.detach().cpu().to(torch.float64), 0).numpy()
+    return float(ot.sliced_wasserstein_distance(first_array, second_array, a=first_weights,
+                                                n_projections=num_projections, seed=seed))
 
 
 def coverage(samples: Tensor, truth: Tensor, level: float = 0.9) -> float:

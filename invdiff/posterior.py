@@ -23,11 +23,15 @@ from invdiff.operators import ForwardOperator
 from invdiff.prior import Prior
 
 __all__ = ["Posterior", "Sampler", "SamplerOptions", "SampleResult", "StepMonitor", "SamplingError",
-           "sample_posterior"]
+           "UnsupportedProblem", "sample_posterior"]
 
 
 class SamplingError(RuntimeError):
     """Sampling produced something unusable (NaN, infinity); the message names the step."""
+
+
+class UnsupportedProblem(ValueError):
+    """A sampler cannot handle this posterior (its SDE, operator or noise); the message says why."""
 
 
 @dataclass

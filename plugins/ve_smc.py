@@ -1,0 +1,155 @@
+"""SMC diffusion sampler with frozen-score twisted proposals (seed 000, "SMC Diffusion Sampler", written
+there for the VE SDE; the same proposal family as MCGdiff, Cardoso et al., ICLR 2024, and FPS, Dou
+and Song, ICLR 2024).
+
+The reverse kernel ``N(m, v)`` (for VE, ``m = x_t + (sigma_t^2 - sigma_s^2) s_bar``) uses the
+network score ``s_bar = s(x_t, t)``. Freezing that score, Tweedie's estimate at the next time is
+affine in ``x``: ``x0_hat(s, x) ~ (x + sigma_s^2 s_bar) / lambda_s`` (``lambda_s = 1`` for VE, the
+seed's case), so the twisted proposal
+
+    q(x | x_t) ∝ N(x; m, v) p~_s(y | (x + sigma_s^2 s_bar) / lambda_s)
+
+needs no backpropagation through the network. For a linear operator with Gaussian noise it is
+Gaussian in closed form, computed in the rotated coordinates of the operator's SVD
+(``invdiff.smc.LinearGaussianSVD``); otherwise it is the gradient step
+``N(m + v grad_x log p~_s(y | (x_t + sigma_s^2 s_bar) / lambda_s), v)``. The weights use the exact proposal
+density and the twisting at the true Tweedie estimate of the new state, whose network call is the
+one that drives the next step:
+
+    w = N(x_s; m, v) p~_s(y | x0_hat(s, x_s)) / [p~_t(y | x_t) q(x_s | x_t)],
+
+with the deterministic last step ``x_0 = x0_hat(t_1, x_1)`` weighted by ``p(y | x_0) / p~_{t_1}``.
+The product telescopes, so the particles target the posterior as their number grows. Cost: one
+network evaluation per particle per step, no backpropagation through the network.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+import invdiff
+from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem
+from invdiff.sde import gaussian_log_density
+from invdiff.smc import (LinearGaussianSVD, MeasurementTwist, ParticleWeights, SMCOptions, chunked,
+                         twisting_variance, weighted_result)
+
+
+class VESMCOptions(SMCOptions):
+    proposal: Literal["auto", "closed_form", "gradient"] = Field(
+        "auto", description="closed_form (linear operator, Gaussian noise, events up to 4096 values), "
+        "gradient, or auto: closed_form where it applies")
+
+
+class VESMC(Sampler):
+    """SMC diffusion sampler (seed 000, VE): frozen-score twisted proposals, no backprop through the network."""
+
+    name = "ve_smc"
+    Options = VESMCOptions
+    asymptotically_exact = True
+
+    def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
+               monitor: StepMonitor) -> SampleResult:
+        prior, operator, measurement = posterior.prior, posterior.operator, posterior.measurement
+        sde = prior.sde
+        dtype, device = measurement.dtype, measurement.device
+        num_particles = self.options.num_particles or num_samples
+        twist = MeasurementTwist(posterior, self.options)
+        svd = twist.svd
+        if self.options.proposal == "closed_form" and svd is None:
+            raise UnsupportedProblem("ve_smc proposal closed_form needs a linear operator with Gaussian noise and "
+                                     f"at most {LinearGaussianSVD.MAX_DIMENSION} values per image")
+        closed_form = svd is not None and self.options.proposal != "gradient"
+        grid = sde.time_grid(self.options.num_steps)
+        weights = ParticleWeights(num_particles, scheme=self.options.resampling,
+                                  threshold=self.options.resampling_threshold, generator=generator, device=device)
+
+        def evaluate(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            """The score at ``x`` and the twisting at its Tweedie estimate."""
+            def one_chunk(part):
+                score = prior.score(part, t)
+                denoised = (part + sde.sigma_t(t).to(dtype) ** 2 * score) / sde.lambda_t(t).to(dtype)
+                return score, twist.log_likelihood(denoised, t)
+            return chunked(one_chunk, x, self.options.batch_size)
+
+        with torch.no_grad():
+            x = sde.terminal_sample((num_particles, *prior.event_shape), generator=generator, dtype=dtype,
+                                    device=device)
+            score, log_twist = evaluate(x, grid[0])
+            weights.reweight(log_twist, where=f"the initial weights (t={float(grid[0]):.4g})")
+            for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+                where = f"step {index + 1}/{self.options.num_steps} (t={float(s):.4g})"
+                denoised = (x + sde.sigma_t(t).to(dtype) ** 2 * score) / sde.lambda_t(t).to(dtype)
+                mean, variance = sde.reverse_kernel(x, denoised, t, s)
+                if index == len(grid) - 2:   # the last kernel is the deterministic x_0 = x0_hat(t_1, x_1)
+                    x = mean
+                    log_increment = posterior.log_likelihood(x) - log_twist
+                else:
+                    frozen_shift = sde.sigma_t(s).to(dtype) ** 2 * score
+                    lambda_s = float(sde.lambda_t(s))
+                    if closed_form:
+                        spread = twisting_variance(sde, s, self.options)
+                        x, log_proposal = self._closed_form_step(svd, posterior, mean, variance, frozen_shift,
+                                                                 lambda_s, spread, generator)
+                    else:
+                        x, log_proposal = self._gradient_step(twist, x, mean, variance, frozen_shift, lambda_s, s,
+                                                              generator)
+                    score, new_log_twist = evaluate(x, s)
+                    log_increment = gaussian_log_density(x, mean, variance) + new_log_twist - log_twist - log_proposal
+                    log_twist = new_log_twist
+                weights.reweight(log_increment, where)
+                resampled = False
+                if index < len(grid) - 2:   # the last weights stay with the particles they weigh
+                    (x, score, log_twist), resampled = weights.resample_if_needed(x, score, log_twist)
+                monitor.step(index, s, x, **weights.diagnostics(resampled))
+        return weighted_result(x, weights, num_samples)
+
+    @staticmethod
+    def _closed_form_step(svd: LinearGaussianSVD, posterior: Posterior, mean: Tensor, variance: Tensor,
+                          frozen_shift: Tensor, lambda_s: float, spread: float,
+                          generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Draw from ``N(x; mean, v) N(y; A (x + shift) / lambda_s + b, sigma_y^2 I + spread A A^T)``
+        normalised, and return the draw with its log-density; all is diagonal in the coordinates
+        ``V^T x`` and ``U^T y``."""
+        shape, dtype = mean.shape, mean.dtype
+        rotated_mean = mean.flatten(1).to(svd.right.dtype) @ svd.right                  # V^T m, (B, d)
+        shifted = posterior.operator.forward(frozen_shift / lambda_s)                    # A shift / lambda_s + b
+        rotated_target = svd.rotated_residual(posterior.measurement, shifted)
+        rank = min(len(svd.singular_values), rotated_mean.shape[1])
+        singular = svd.singular_values[:rank] / lambda_s
+        noise_variances = svd.sigma_y**2 + spread * svd.singular_values[:rank] ** 2
+        precision = torch.full_like(rotated_mean[0], 1.0 / float(variance))
+        precision[:rank] += singular**2 / noise_variances
+        information = rotated_mean / float(variance)
+        information[:, :rank] += singular * rotated_target[:, :rank] / noise_variances
+        proposal_mean = information / precision
+        noise = torch.randn(rotated_mean.shape, generator=generator, dtype=rotated_mean.dtype,
+                            device=rotated_mean.device)
+        rotated_draw = proposal_mean + noise / precision.sqrt()
+        log_density = (-0.5 * (noise**2).sum(1) + 0.5 * torch.log(precision).sum()
+                       - 0.5 * rotated_mean.shape[1] * math.log(2 * math.pi))
+        draw = (rotated_draw @ svd.right.T).to(dtype).reshape(shape)
+        return draw, log_density.to(dtype)
+
+    @staticmethod
+    def _gradient_step(twist: MeasurementTwist, x: Tensor, mean: Tensor, variance: Tensor, frozen_shift: Tensor,
+                       lambda_s: float, s: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Draw from ``N(mean + v grad_x log p~_s(y | (x + shift) / lambda_s) at x_t, v)``; return it with
+        its log-density."""
+        with torch.enable_grad():
+            point = x.detach().requires_grad_(True)
+            log_twist = twist.log_likelihood((point + frozen_shift) / lambda_s, s)
+            (gradient,) = torch.autograd.grad(log_twist.sum(), point)
+        proposal_mean = mean + variance * gradient
+        draw = proposal_mean + variance.sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                                             device=x.device)
+        return draw, gaussian_log_density(draw, proposal_mean, variance)
+
+
+@invdiff.hookimpl
+def register_samplers(register):
+    register(VESMC)
