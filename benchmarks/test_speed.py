@@ -30,7 +30,7 @@ def test_prior_evaluations_only(benchmark, posterior):
     benchmark(evaluations)
 
 
-@pytest.mark.parametrize("name", ["dps"])
+@pytest.mark.parametrize("name", ["dps", "twisted_smc", "ve_smc"])
 def test_sampler_total(benchmark, posterior, name):
     sampler = load_registry().get(name).sampler_class(num_steps=NUM_STEPS)
     benchmark(lambda: sample_posterior(sampler, posterior, NUM_SAMPLES, generator=torch.Generator().manual_seed(0)))

@@ -195,6 +195,7 @@ def _summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResult,
         "wall_time_seconds": result.wall_time,
         "log_evidence": result.log_evidence,
         "versions": _versions(info),
+        "ess_trace": result.ess_history or None,
         "diagnostics": result.diagnostics,
         "image_range": [0.0, 1.0],
     }

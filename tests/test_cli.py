@@ -164,11 +164,31 @@ def test_sampling_failure_exits_one_and_names_the_step(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+FAST_OPTIONS = {"dps": ["-o", "num_steps=10"], "exact": [],
+                "twisted_smc": ["-o", "num_steps=10", "--num-particles", "8"],
+                "ve_smc": ["-o", "num_steps=10", "--num-particles", "8"]}
+
+
 @pytest.mark.parametrize("problem", sorted(path.name for path in (ROOT / "problems").glob("*.yaml")))
-@pytest.mark.parametrize("sampler", ["dps", "exact"])
+@pytest.mark.parametrize("sampler", sorted(FAST_OPTIONS))
 def test_every_shipped_problem_runs_with_every_built_in_sampler(tmp_path, problem, sampler):
     out = tmp_path / "run"
     assert main(["solve", str(ROOT / "problems" / problem), "--sampler", sampler, "--out", str(out),
-                 "--num-samples", "4", "--quiet"] + (["-o", "num_steps=10"] if sampler == "dps" else [])) == 0
+                 "--num-samples", "4", "--quiet"] + FAST_OPTIONS[sampler]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exact_posterior"]["sliced_wasserstein_to_exact"] > 0
+    if sampler.endswith("smc"):
+        arrays = np.load(out / "samples.npz")
+        assert arrays["particles"].shape == (8, 1, 8, 8) and arrays["log_weights"].shape == (8,)
+        assert summary["log_evidence"] is not None and len(summary["ess_trace"]) == 10
+
+
+def test_particle_flags_reach_the_sampler_and_are_refused_where_meaningless(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["solve", str(INPAINT), "--sampler", "twisted_smc", "--num-particles", "12", "--resampling",
+                 "residual", "--resampling-threshold", "0.3", "-o", "num_steps=5", "--out", str(out), "--quiet"]) == 0
+    options = json.loads((out / "summary.json").read_text())["sampler"]["options"]
+    assert (options["num_particles"], options["resampling"], options["resampling_threshold"]) == (12, "residual", 0.3)
+    error = error_of(["solve", str(INPAINT), "--sampler", "dps", "--num-particles", "12", "--out",
+                      str(tmp_path / "other")], capsys)
+    assert "--num-particles: sampler 'dps' has no option num_particles" in error
