@@ -58,10 +58,11 @@ class ExactPosterior:
             raise NotTractable(f"the exact posterior needs a linear operator; '{operator.name}' is not")
         if not isinstance(operator.noise, GaussianNoise):
             raise NotTractable(f"the exact posterior needs Gaussian noise, not {operator.noise.settings()['type']}")
-        matrix, offset = operator.matrix(prior.event_shape)
+        matrix, offset = operator.matrix(prior.event_shape, device=posterior.measurement.device)
         measurement = posterior.measurement.detach().to("cpu", torch.float64).flatten()
         return cls.from_linear_gaussian(prior.log_weights.cpu(), prior.means.cpu(), prior.covariances.cpu(),
-                                        matrix, offset, measurement, operator.noise.sigma_y, prior.event_shape)
+                                        matrix.cpu(), offset.cpu(), measurement, operator.noise.sigma_y,
+                                        prior.event_shape)
 
     @classmethod
     def from_linear_gaussian(cls, log_weights: Tensor, means: Tensor, covariances: Tensor, matrix: Tensor,

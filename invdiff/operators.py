@@ -160,22 +160,23 @@ class ForwardOperator:
             (gradient,) = torch.autograd.grad(self.log_likelihood(y, x).sum(), x)
         return gradient
 
-    def matrix(self, event_shape: tuple[int, ...], chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+    def matrix(self, event_shape: tuple[int, ...], chunk_size: int = 256,
+               device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """Dense float64 ``(matrix, offset)`` with ``G(x).flatten() = matrix @ x.flatten() + offset``.
 
-        Built by applying ``G`` (in its own dtype) to the basis vectors, for the exact test-bed
-        posteriors; meant for small events (a few thousand values).
+        Built by applying ``G`` (in its own dtype, on the physics' ``device``) to the basis vectors,
+        for exact posteriors and SVD-based proposals; meant for small events (a few thousand values).
         """
         if not self.linear:
             raise TypeError(f"operator '{self.name}' is not linear: it has no matrix")
         dimension = math.prod(event_shape)
         dtype = self.dtype or torch.float64
         with torch.no_grad():
-            offset = self.forward(torch.zeros((1, *event_shape), dtype=dtype)).flatten()
+            offset = self.forward(torch.zeros((1, *event_shape), dtype=dtype, device=device)).flatten()
             columns = []
             for start in range(0, dimension, chunk_size):
                 stop = min(start + chunk_size, dimension)
-                basis = torch.zeros((stop - start, dimension), dtype=dtype)
+                basis = torch.zeros((stop - start, dimension), dtype=dtype, device=device)
                 basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
                 columns.append(self.forward(basis.reshape(-1, *event_shape)).flatten(1) - offset)
         return torch.cat(columns).T.contiguous().to(torch.float64), offset.to(torch.float64)

@@ -175,9 +175,8 @@ class LinearGaussianSVD:
         if not (operator.linear and isinstance(operator.noise, GaussianNoise)
                 and math.prod(prior.event_shape) <= cls.MAX_DIMENSION):
             return None
-        matrix, offset = operator.matrix(prior.event_shape)
-        device = posterior.measurement.device
-        return cls(matrix.to(device), offset.to(device), operator.noise.sigma_y)
+        matrix, offset = operator.matrix(prior.event_shape, device=posterior.measurement.device)
+        return cls(matrix, offset, operator.noise.sigma_y)
 
     def rotated_residual(self, measurement: Tensor, clean: Tensor) -> Tensor:
         """``U^T (y - clean)`` for a batch of noise-free measurements ``clean``: shape ``(B, m)``."""
