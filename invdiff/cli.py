@@ -1,4 +1,4 @@
-"""The ``invdiff`` command: ``invdiff samplers`` and ``invdiff solve PROBLEM.yaml --sampler NAME``.
+"""The ``invdiff`` command: ``samplers``, ``solve PROBLEM.yaml --sampler NAME``, ``train CONFIG.yaml --out RUN``.
 
 Input mistakes (problem file, sampler name or options, output folder, device) print one line
 ``invdiff: error: ...`` and exit with code 2 before anything is written; a sampling failure (NaN)
@@ -22,11 +22,13 @@ import numpy as np
 import torch
 import yaml
 
+from invdiff.checkpoints import CheckpointError
 from invdiff.exact import ExactPosterior, NotTractable
 from invdiff.metrics import SSIM_CONVENTION, coverage, psnr, sliced_wasserstein, ssim
 from invdiff.plugins import PluginError, SamplerInfo, load_registry
 from invdiff.posterior import SampleResult, SamplingError, UnsupportedProblem, sample_posterior
 from invdiff.problems import Problem, ProblemError, build_sampler, load_problem
+from invdiff.training import TrainingError, load_training_config, train
 
 __all__ = ["main"]
 
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     try:
         return arguments.handler(arguments)
-    except (UsageError, ProblemError, PluginError, UnsupportedProblem) as error:
+    except (UsageError, ProblemError, PluginError, UnsupportedProblem, TrainingError, CheckpointError) as error:
         print(f"invdiff: error: {error}", file=sys.stderr)
         return 2
     except SamplingError as error:
@@ -61,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     solve = commands.add_parser("solve", help="sample the posterior of a problem file")
     solve.add_argument("problem", type=Path, help="a problem YAML file (see problems/)")
     solve.add_argument("--sampler", required=True, help="a sampler name (see 'invdiff samplers')")
+    solve.add_argument("--case", help="which case of a problem file with several (default: its first)")
     solve.add_argument("--num-samples", type=int, help="number of posterior samples (default: the problem's)")
     solve.add_argument("--seed", type=int, default=0, help="seed of every random draw of the sampler (default 0)")
     solve.add_argument("--out", type=Path, help="output folder (default: runs/PROBLEM-SAMPLER-seedSEED)")
@@ -75,7 +78,35 @@ def _parser() -> argparse.ArgumentParser:
                        help="a sampler option, overriding the problem file's (repeatable; VALUE is YAML)")
     solve.add_argument("--quiet", action="store_true", help="no progress bar")
     solve.set_defaults(handler=_solve)
+
+    training = commands.add_parser("train", help="train a UNet prior by denoising score matching (resumable)")
+    training.add_argument("config", type=Path, help="a training YAML file (see invdiff/priors/*.yaml)")
+    training.add_argument("--out", type=Path, required=True, help="run folder: state.pt, log.jsonl, NAME.safetensors")
+    training.add_argument("--resume", action="store_true", help="continue the run in --out")
+    training.add_argument("--steps", type=int, help="train to this many steps (overrides the config's)")
+    training.add_argument("--max-minutes", type=float, help="stop at the first checkpoint after this much time")
+    training.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default cpu)")
+    training.add_argument("--quiet", action="store_true", help="no progress bar")
+    training.set_defaults(handler=_train)
     return parser
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+
+
+def _train(arguments) -> int:
+    config = load_training_config(arguments.config)
+    if arguments.steps is not None:
+        if arguments.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {arguments.steps}")
+        config = config.model_copy(update={"steps": arguments.steps})
+    _check_device(arguments.device)
+    record = train(config, arguments.out, resume=arguments.resume, max_minutes=arguments.max_minutes,
+                   device=arguments.device, progress=not arguments.quiet)
+    print(json.dumps(record))
+    return 0
 
 
 def _samplers(arguments) -> int:
@@ -121,9 +152,8 @@ def _solve(arguments) -> int:
     info = registry.get(arguments.sampler)
     if arguments.num_samples is not None and arguments.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {arguments.num_samples}")
-    if arguments.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    problem = load_problem(arguments.problem)
+    _check_device(arguments.device)
+    problem = load_problem(arguments.problem, arguments.case)
     options = {**problem.config.sampler_options.get(info.name, {}), **_parse_options(arguments.option),
                **_particle_options(arguments, info)}
     sampler = build_sampler(info.sampler_class, options)

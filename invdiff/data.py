@@ -1,6 +1,9 @@
-"""Data that ships inside packages: the 8x8 digits of scikit-learn, with a fixed held-out split.
+"""Data that ships inside packages, with fixed held-out splits; images in ``[0, 1]``, float64.
 
-Images are returned in ``[0, 1]``, shape ``(N, 1, 8, 8)``, float64.
+* ``digits``: the 8x8 digits of scikit-learn's ``load_digits``, shape ``(N, 1, 8, 8)``.
+* ``natural_images``: grayscale photographs from ``skimage.data``; two are held out (never
+  trained on) and used for the imaging problems. ``random_patches`` crops training patches from
+  them at several scales.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DIGITS_SPLIT", "digits"]
+__all__ = ["DIGITS_SPLIT", "digits", "NATURAL_SPLIT", "natural_images", "heldout_crop", "random_patches"]
 
 #: how the digits are split: a permutation drawn with this seed; the first ``test_size`` are held out
 DIGITS_SPLIT = {"seed": 0, "test_size": 300}
@@ -26,3 +29,73 @@ def digits(split: str) -> Tensor:
     test_size = DIGITS_SPLIT["test_size"]
     chosen = order[:test_size] if split == "test" else order[test_size:]
     return torch.from_numpy(images[chosen]).to(torch.float64)[:, None]
+
+
+#: the photographs of ``skimage.data`` used as natural images (``chelsea`` is the same photo as ``cat``);
+#: synthetic pictures (checkerboard, logo, phantom, colour wheel) and binary ones (horse) are left out
+NATURAL_SPLIT = {
+    "train": ["astronaut", "brick", "cat", "cell", "clock", "coins", "grass", "gravel", "hubble_deep_field",
+              "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket", "text"],
+    "test": ["camera", "coffee"],
+}
+
+
+def natural_images(split: str) -> dict[str, np.ndarray]:
+    """The ``train`` or ``test`` photographs of ``NATURAL_SPLIT`` as grayscale arrays in ``[0, 1]``."""
+    import skimage.data
+    from skimage.color import rgb2gray, rgba2rgb
+    from skimage.util import img_as_float
+
+    if split not in NATURAL_SPLIT:
+        raise ValueError(f"split must be 'train' or 'test', got '{split}'")
+    images = {}
+    for name in NATURAL_SPLIT[split]:
+        image = img_as_float(getattr(skimage.data, name)())
+        if image.ndim == 3:
+            image = rgb2gray(rgba2rgb(image) if image.shape[-1] == 4 else image)
+        images[name] = image.astype(np.float64)
+    return images
+
+
+def heldout_crop(name: str, top: int, left: int, size: int, scale: int = 1) -> Tensor:
+    """A ``size x size`` crop of a held-out photograph downscaled by ``scale``: shape ``(1, 1, size, size)``."""
+    from skimage.transform import rescale
+
+    if name not in NATURAL_SPLIT["test"]:
+        raise ValueError(f"'{name}' is not a held-out natural image; allowed: {', '.join(NATURAL_SPLIT['test'])}")
+    image = natural_images("test")[name]
+    if scale != 1:
+        image = rescale(image, 1 / scale, anti_aliasing=True)
+    if not (0 <= top and 0 <= left and top + size <= image.shape[0] and left + size <= image.shape[1]):
+        raise ValueError(f"crop {size}x{size} at ({top}, {left}) does not fit '{name}' of size {image.shape} "
+                         f"(at scale 1/{scale})")
+    return torch.from_numpy(np.ascontiguousarray(image[top:top + size, left:left + size]))[None, None]
+
+
+class random_patches:
+    """An endless source of random training patches ``(batch, 1, size, size)`` in ``[0, 1]``.
+
+    Each photograph is kept at the downscaling factors ``scales`` (anti-aliased); a patch picks a
+    picture (uniformly), a position, a horizontal flip and a rotation by a multiple of 90 degrees.
+    """
+
+    def __init__(self, images: dict[str, np.ndarray], size: int, scales: tuple[int, ...] = (1, 2, 4)):
+        from skimage.transform import rescale
+
+        self.size = size
+        self.pictures = [image if scale == 1 else rescale(image, 1 / scale, anti_aliasing=True)
+                         for image in images.values() for scale in scales]
+        self.pictures = [torch.from_numpy(picture) for picture in self.pictures if min(picture.shape) >= size]
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        choices = torch.randint(len(self.pictures), (batch_size,), generator=generator).tolist()
+        patches = []
+        for choice in choices:
+            picture = self.pictures[choice]
+            top = int(torch.randint(picture.shape[0] - self.size + 1, (1,), generator=generator))
+            left = int(torch.randint(picture.shape[1] - self.size + 1, (1,), generator=generator))
+            patch = picture[top:top + self.size, left:left + self.size]
+            if torch.rand((), generator=generator) < 0.5:
+                patch = patch.flip(1)
+            patches.append(torch.rot90(patch, int(torch.randint(4, (1,), generator=generator))))
+        return torch.stack(patches)[:, None]

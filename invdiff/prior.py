@@ -16,7 +16,10 @@ from torch import Tensor
 
 from invdiff.sde import SDE
 
-__all__ = ["Prior", "GaussianMixturePrior", "GaussianPrior"]
+__all__ = ["Prior", "NetworkPrior", "PARAMETRISATIONS", "GaussianMixturePrior", "GaussianPrior"]
+
+#: what a network may predict from ``(x_t, t)``: the noise, the clean image, or the score
+PARAMETRISATIONS = ("epsilon", "x0", "score")
 
 
 class Prior(ABC):
@@ -70,6 +73,76 @@ class Prior(ABC):
             noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=device)
             x = mean + variance.sqrt() * noise
         return x
+
+
+class NetworkPrior(Prior):
+    """A score network: ``network(x_t, t)`` predicts the noise, the clean image or the score.
+
+    ``network`` takes the state in the prior's native space, shape ``(B, *event_shape)``, and the
+    continuous times ``t`` of shape ``(B,)`` (float64); adapters for checkpoints that want integer
+    timesteps or noise levels live in ``invdiff.checkpoints``. The parametrisation is mapped onto
+    the score once, here (ALGORITHMS.md section 2):
+
+    * ``epsilon``: ``s = -eps_hat / sigma_t``;
+    * ``x0``: ``s = (lambda_t x0_hat - x) / sigma_t^2``;
+    * ``score``: used as it is.
+
+    Batches larger than ``batch_size`` go through the network in chunks. The network keeps its
+    own dtype; inputs are cast to it and outputs cast back.
+    """
+
+    def __init__(self, network: torch.nn.Module, sde: SDE, event_shape: tuple[int, ...], parametrisation: str,
+                 data_range: tuple[float, float] = (-1.0, 1.0), name: str = "network",
+                 metadata: dict | None = None, batch_size: int | None = None):
+        if parametrisation not in PARAMETRISATIONS:
+            raise ValueError(f"parametrisation must be one of {', '.join(PARAMETRISATIONS)}, got '{parametrisation}'")
+        super().__init__(sde, event_shape, data_range)
+        self.network = network.eval().requires_grad_(False)
+        self.parametrisation = parametrisation
+        self.name = name
+        self.metadata = dict(metadata or {})
+        self.batch_size = batch_size
+
+    @property
+    def network_dtype(self) -> torch.dtype:
+        return next(self.network.parameters()).dtype
+
+    def to(self, device):
+        self.network.to(device)
+        return self
+
+    def resized(self, event_shape: tuple[int, ...]) -> "NetworkPrior":
+        """The same network on images of another size (for fully convolutional networks; shares the weights)."""
+        event_shape = tuple(event_shape)
+        if len(event_shape) != len(self.event_shape) or event_shape[0] != self.event_shape[0]:
+            raise ValueError(f"the prior takes images with {self.event_shape[0]} channel(s), shape "
+                             f"(channels, height, width); got {event_shape}")
+        factor = getattr(getattr(self.network, "unet", None), "downsampling_factor", 1)
+        if any(size % factor for size in event_shape[1:]):
+            raise ValueError(f"the prior's network needs height and width divisible by {factor}, got {event_shape}")
+        return NetworkPrior(self.network, self.sde, event_shape, self.parametrisation, self.data_range, self.name,
+                            self.metadata, self.batch_size)
+
+    def settings(self):
+        return {"kind": self.name, "parametrisation": self.parametrisation, **self.metadata,
+                "sde": self.sde.settings()}
+
+    def _score(self, x, t):
+        times = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
+        chunk = self.batch_size or x.shape[0]
+        outputs = [self._score_chunk(x[start:start + chunk], times[start:start + chunk])
+                   for start in range(0, x.shape[0], chunk)]
+        return torch.cat(outputs)
+
+    def _score_chunk(self, x: Tensor, times: Tensor) -> Tensor:
+        output = self.network(x.to(self.network_dtype), times).to(x.dtype)
+        lambda_t = self.sde.lambda_t(times).to(x).view(-1, *[1] * (x.dim() - 1))
+        sigma_t = self.sde.sigma_t(times).to(x).view(-1, *[1] * (x.dim() - 1))
+        if self.parametrisation == "epsilon":
+            return -output / sigma_t
+        if self.parametrisation == "x0":
+            return (lambda_t * output - x) / sigma_t**2
+        return output
 
 
 class GaussianMixturePrior(Prior):

@@ -30,10 +30,11 @@ from torch import Tensor
 
 from invdiff import operators as operator_library
 from invdiff.posterior import Posterior, Sampler
-from invdiff.prior import Prior, digits_gaussian_mixture
+from invdiff.prior import NetworkPrior, Prior, digits_gaussian_mixture
 from invdiff.sde import SDE, VESDE, VPSDE, DDPMSchedule
 
-__all__ = ["ProblemError", "ProblemConfig", "Problem", "load_problem", "build_sampler", "format_validation_error"]
+__all__ = ["ProblemError", "ProblemConfig", "Problem", "load_problem", "problem_cases", "build_sampler",
+           "format_validation_error"]
 
 
 class ProblemError(ValueError):
@@ -93,7 +94,33 @@ class DigitsGMMConfig(_Strict):
         return digits_gaussian_mixture(self.sde.build(), self.components, self.covariance, self.regularisation)
 
 
-PriorConfig = Annotated[Union[DigitsGMMConfig], Field(discriminator="name")]
+class ShippedPriorConfig(_Strict):
+    """A UNet prior trained by the project and shipped in ``invdiff/priors`` (see ``invdiff train``)."""
+
+    name: Literal["digits", "natural"]
+    batch_size: int = Field(256, ge=1, description="images per network call")
+
+    def build(self) -> Prior:
+        from invdiff.checkpoints import load_prior
+
+        return load_prior(self.name, batch_size=self.batch_size)
+
+
+class CheckpointPriorConfig(_Strict):
+    """A UNet prior from an invdiff checkpoint file (``invdiff train`` writes them)."""
+
+    name: Literal["checkpoint"]
+    path: str = Field(description="a .safetensors file written by invdiff train")
+    batch_size: int = Field(256, ge=1)
+
+    def build(self, base: Path = Path(".")) -> Prior:
+        from invdiff.checkpoints import load_prior
+
+        return load_prior(base / self.path, batch_size=self.batch_size)
+
+
+PriorConfig = Annotated[Union[DigitsGMMConfig, ShippedPriorConfig, CheckpointPriorConfig],
+                        Field(discriminator="name")]
 
 
 # --- operators --------------------------------------------------------------------------------------
@@ -188,7 +215,18 @@ class FileTruthConfig(_Strict):
     path: str = Field(description="an image file (PNG, JPEG, TIFF) or a .npy array in [0, 1]")
 
 
-TruthConfig = Annotated[Union[DigitsTruthConfig, FileTruthConfig], Field(discriminator="source")]
+class NaturalTruthConfig(_Strict):
+    """A square crop of a held-out photograph (never trained on), downscaled by ``scale`` first."""
+
+    source: Literal["natural"]
+    image: Literal["camera", "coffee"]
+    top: int = Field(ge=0)
+    left: int = Field(ge=0)
+    size: int = Field(32, ge=4)
+    scale: int = Field(1, ge=1)
+
+
+TruthConfig = Annotated[Union[DigitsTruthConfig, NaturalTruthConfig, FileTruthConfig], Field(discriminator="source")]
 
 
 class ProblemConfig(_Strict):
@@ -302,10 +340,12 @@ class Problem:
         return self
 
 
-def _read_image(path: Path, shape: tuple[int, ...]) -> Tensor:
+def _read_image(path: Path, channels: int) -> Tensor:
     """An image file or .npy array as a ``(1, C, H, W)`` float32 tensor in [0, 1]."""
     from skimage import color, io, util
 
+    if not path.exists():
+        raise ProblemError(f"truth.path: file {path} does not exist")
     if path.suffix == ".npy":
         array = np.load(path)
         array = array.reshape(array.shape[-3:]) if array.ndim == 4 and array.shape[0] == 1 else array
@@ -315,20 +355,25 @@ def _read_image(path: Path, shape: tuple[int, ...]) -> Tensor:
         array = util.img_as_float(io.imread(path))
         if array.ndim == 3 and array.shape[-1] == 4:
             array = color.rgba2rgb(array)
-        if array.ndim == 3 and shape[0] == 1:
+        if array.ndim == 3 and channels == 1:
             array = color.rgb2gray(array)
         array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     image = torch.as_tensor(np.asarray(array, dtype=np.float32))
-    if tuple(image.shape) != tuple(shape):
+    if image.dim() != 3 or image.shape[0] != channels:
         raise ProblemError(f"truth.path: image {path.name} has shape {tuple(image.shape)}; the prior expects "
-                           f"{tuple(shape)} (channels, height, width)")
+                           f"{channels} channel(s): (channels, height, width)")
     if image.min() < 0 or image.max() > 1:
         raise ProblemError(f"truth.path: image values must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
     return image[None]
 
 
-def load_problem(path: str | Path) -> Problem:
-    """Read, validate and build a problem file; every mistake raises ``ProblemError`` with one line."""
+def load_problem(path: str | Path, case: str | None = None) -> Problem:
+    """Read, validate and build a problem file; every mistake raises ``ProblemError`` with one line.
+
+    A file may hold several ``cases``: a mapping from case name to the keys that differ from the
+    file's top level (``prior``, ``operator``, ``truth``, ...). ``case`` picks one (default: the
+    first); the problem's name becomes ``NAME-CASE``.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -342,6 +387,7 @@ def load_problem(path: str | Path) -> Problem:
     if not isinstance(raw, dict):
         raise ProblemError(f"{path.name}: a problem file must be a mapping of keys (name, prior, operator, "
                            f"noise, truth, ...), got {type(raw).__name__}")
+    raw = _select_case(raw, case, path)
     try:
         config = ProblemConfig.model_validate(raw)
     except ValidationError as error:
@@ -349,9 +395,41 @@ def load_problem(path: str | Path) -> Problem:
     return build_problem(config, path)
 
 
+def problem_cases(path: str | Path) -> list[str]:
+    """The case names of a problem file (empty when it has none)."""
+    raw = yaml.safe_load(Path(path).read_text())
+    cases = raw.get("cases") if isinstance(raw, dict) else None
+    return list(cases) if isinstance(cases, dict) else []
+
+
+def _select_case(raw: dict, case: str | None, path: Path) -> dict:
+    """The top-level keys of ``raw`` updated by those of the chosen case."""
+    raw = dict(raw)
+    cases = raw.pop("cases", None)
+    if cases is None:
+        if case is not None:
+            raise ProblemError(f"{path.name}: --case {case}: this problem file has no cases")
+        return raw
+    if not isinstance(cases, dict) or not cases or not all(isinstance(value, dict) for value in cases.values()):
+        raise ProblemError(f"{path.name}: cases: expected a mapping from case name to the keys it changes")
+    chosen = next(iter(cases)) if case is None else case
+    if chosen not in cases:
+        raise ProblemError(f"{path.name}: unknown case '{chosen}'; allowed: {', '.join(cases)}")
+    if "cases" in cases[chosen] or "name" in cases[chosen]:
+        raise ProblemError(f"{path.name}: cases.{chosen}: a case may not set 'name' or 'cases'")
+    return {**raw, **cases[chosen], "name": f"{raw.get('name', path.stem)}-{chosen}"}
+
+
 def build_problem(config: ProblemConfig, path: Path) -> Problem:
     """Build prior, operator, truth and measurement from a validated config."""
-    prior = config.prior.build()
+    try:
+        prior = config.prior.build(path.parent) if isinstance(config.prior, CheckpointPriorConfig) else \
+            config.prior.build()
+    except ValueError as error:  # a checkpoint that is missing, corrupt or mismatched
+        raise ProblemError(f"{path.name}: prior: {error}") from None
+    truth = _build_truth(config, path, prior.event_shape)
+    if truth is not None and tuple(truth.shape[1:]) != prior.event_shape:
+        prior = _fit_prior_to_image(prior, tuple(truth.shape[1:]), path)
     shape = prior.event_shape
     try:
         operator = config.operator.build(shape, config.noise.build())
@@ -359,20 +437,6 @@ def build_problem(config: ProblemConfig, path: Path) -> Problem:
         raise ProblemError(f"{path.name}: operator: {error}") from None
     low, high = prior.data_range
     operator = operator.with_input_map(1.0 / (high - low), -low / (high - low))
-
-    truth = None
-    if isinstance(config.truth, DigitsTruthConfig):
-        if shape != (1, 8, 8):
-            raise ProblemError(f"{path.name}: truth.source: digits are 1x8x8 images; the prior expects {shape}")
-        from invdiff.data import digits
-
-        images = digits(config.truth.split)
-        if config.truth.index >= len(images):
-            raise ProblemError(f"{path.name}: truth.index: the {config.truth.split} split has {len(images)} "
-                               f"images, so index must be < {len(images)} (got {config.truth.index})")
-        truth = images[config.truth.index:config.truth.index + 1].to(torch.float32)
-    elif isinstance(config.truth, FileTruthConfig):
-        truth = _read_image(path.parent / config.truth.path, shape)
 
     if config.measurement is not None:
         measurement_path = path.parent / config.measurement
@@ -391,6 +455,40 @@ def build_problem(config: ProblemConfig, path: Path) -> Problem:
         generator = torch.Generator().manual_seed(config.noise_seed)
         measurement = operator.noise.sample(operator.physics.A(truth), generator)
     return Problem(config, path, Posterior(prior, operator, measurement), truth)
+
+
+def _build_truth(config: ProblemConfig, path: Path, shape: tuple[int, ...]) -> Tensor | None:
+    """The ground-truth image ``(1, C, H, W)`` in [0, 1], float32, or None."""
+    if isinstance(config.truth, DigitsTruthConfig):
+        from invdiff.data import digits
+
+        images = digits(config.truth.split)
+        if config.truth.index >= len(images):
+            raise ProblemError(f"{path.name}: truth.index: the {config.truth.split} split has {len(images)} "
+                               f"images, so index must be < {len(images)} (got {config.truth.index})")
+        return images[config.truth.index:config.truth.index + 1].to(torch.float32)
+    if isinstance(config.truth, NaturalTruthConfig):
+        from invdiff.data import heldout_crop
+
+        truth = config.truth
+        try:
+            return heldout_crop(truth.image, truth.top, truth.left, truth.size, truth.scale).to(torch.float32)
+        except ValueError as error:
+            raise ProblemError(f"{path.name}: truth: {error}") from None
+    if isinstance(config.truth, FileTruthConfig):
+        return _read_image(path.parent / config.truth.path, shape[0])
+    return None
+
+
+def _fit_prior_to_image(prior: Prior, image_shape: tuple[int, ...], path: Path) -> Prior:
+    """The prior on images of ``image_shape``: a fully convolutional network prior adapts, others refuse."""
+    if isinstance(prior, NetworkPrior) and prior.metadata.get("fully_convolutional"):
+        try:
+            return prior.resized(image_shape)
+        except ValueError as error:
+            raise ProblemError(f"{path.name}: truth: {error}") from None
+    raise ProblemError(f"{path.name}: truth: the image has shape {image_shape} (channels, height, width); the "
+                       f"prior '{prior.settings()['kind']}' expects {prior.event_shape}")
 
 
 def build_sampler(sampler_class: type[Sampler], options: dict[str, Any]) -> Sampler:

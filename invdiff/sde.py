@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["SDE", "VPSDE", "VESDE", "DDPMSchedule", "gaussian_log_density"]
+__all__ = ["SDE", "VPSDE", "VESDE", "DDPMSchedule", "gaussian_log_density", "sde_from_settings"]
 
 
 def _as_tensor(t: float | Tensor) -> Tensor:
@@ -180,3 +180,16 @@ class DDPMSchedule(SDE):
     def settings(self):
         return {"type": "ddpm", "num_timesteps": self.num_timesteps,
                 "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+
+def sde_from_settings(settings: dict) -> SDE:
+    """Rebuild an SDE from its ``settings()`` dictionary (as stored in summaries and checkpoints)."""
+    kinds = {"vp": VPSDE, "ve": VESDE, "ddpm": DDPMSchedule}
+    settings = dict(settings)
+    kind = settings.pop("type", None)
+    if kind not in kinds:
+        raise ValueError(f"unknown SDE type '{kind}'; allowed: {', '.join(kinds)}")
+    try:
+        return kinds[kind](**settings)
+    except TypeError as error:
+        raise ValueError(f"bad settings for the {kind} SDE: {error}") from None

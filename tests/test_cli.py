@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from invdiff.cli import main
+from invdiff.problems import load_problem, problem_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 INPAINT = ROOT / "problems" / "inpaint.yaml"
@@ -32,8 +33,9 @@ truth: {source: digits, index: 3}
 def test_solve_writes_samples_summary_and_figure(tmp_path):
     """The real command, as a user runs it."""
     out = tmp_path / "run"
-    completed = subprocess.run([sys.executable, "-m", "invdiff", "solve", str(INPAINT), "--sampler", "dps",
-                                "--seed", "3", "--out", str(out), *FAST], capture_output=True, text=True, cwd=ROOT)
+    completed = subprocess.run([sys.executable, "-m", "invdiff", "solve", str(INPAINT), "--case", "digits-gmm-box",
+                                "--sampler", "dps", "--seed", "3", "--out", str(out), *FAST], capture_output=True,
+                               text=True, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr
     assert sorted(path.name for path in out.iterdir()) == ["figure.png", "samples.npz", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
@@ -99,7 +101,20 @@ def test_wrong_image_shape(tmp_path, capsys):
     np.save(tmp_path / "image.npy", np.zeros((1, 10, 10)))
     problem = write_problem(tmp_path, VALID.replace("{source: digits, index: 3}", "{source: file, path: image.npy}"))
     error = error_of(["solve", str(problem), "--sampler", "dps", "--out", str(tmp_path / "run")], capsys)
-    assert "truth.path: image image.npy has shape (1, 10, 10); the prior expects (1, 8, 8)" in error
+    assert "truth: the image has shape (1, 10, 10) (channels, height, width); the prior 'digits_gmm' expects " \
+        "(1, 8, 8)" in error
+
+
+def test_a_fully_convolutional_prior_takes_the_image_size_of_the_truth(tmp_path, capsys):
+    np.save(tmp_path / "image.npy", np.full((1, 12, 16), 0.5))
+    text = VALID.replace("prior: digits_gmm", "prior: natural").replace("{source: digits, index: 3}",
+                                                                        "{source: file, path: image.npy}")
+    problem = load_problem(write_problem(tmp_path, text))
+    assert problem.posterior.prior.event_shape == (1, 12, 16)
+    np.save(tmp_path / "image.npy", np.full((1, 10, 10), 0.5))
+    error = error_of(["solve", str(tmp_path / "problem.yaml"), "--sampler", "dps", "--out", str(tmp_path / "r")],
+                     capsys)
+    assert "truth: the prior's network needs height and width divisible by 4, got (1, 10, 10)" in error
 
 
 def test_nan_in_the_measurement(tmp_path, capsys):
@@ -169,18 +184,43 @@ FAST_OPTIONS = {"dps": ["-o", "num_steps=10"], "exact": [],
                 "ve_smc": ["-o", "num_steps=10", "--num-particles", "8"]}
 
 
-@pytest.mark.parametrize("problem", sorted(path.name for path in (ROOT / "problems").glob("*.yaml")))
+PROBLEM_CASES = [(path.name, case) for path in sorted((ROOT / "problems").glob("*.yaml"))
+                 for case in problem_cases(path)]
+
+
+def test_problem_files_hold_digits_natural_and_exact_cases():
+    for problem in ("inpaint.yaml", "deblur.yaml", "superres.yaml"):
+        cases = problem_cases(ROOT / "problems" / problem)
+        assert cases[0].startswith("digits-") and sum(case.startswith("natural-") for case in cases) == 2
+        assert any(case.startswith("digits-gmm-") for case in cases)
+
+
+@pytest.mark.parametrize("problem, case", PROBLEM_CASES)
 @pytest.mark.parametrize("sampler", sorted(FAST_OPTIONS))
-def test_every_shipped_problem_runs_with_every_built_in_sampler(tmp_path, problem, sampler):
+def test_every_shipped_problem_runs_with_every_built_in_sampler(tmp_path, capsys, problem, case, sampler):
     out = tmp_path / "run"
-    assert main(["solve", str(ROOT / "problems" / problem), "--sampler", sampler, "--out", str(out),
-                 "--num-samples", "4", "--quiet"] + FAST_OPTIONS[sampler]) == 0
+    command = ["solve", str(ROOT / "problems" / problem), "--case", case, "--sampler", sampler, "--out", str(out),
+               "--num-samples", "4", "--quiet"] + FAST_OPTIONS[sampler]
+    exact_prior = case.startswith("digits-gmm-")
+    if sampler == "exact" and not exact_prior:
+        assert "needs a Gaussian or Gaussian-mixture prior" in error_of(command, capsys)
+        return
+    assert main(command) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["exact_posterior"]["sliced_wasserstein_to_exact"] > 0
+    assert summary["problem"]["name"] == f"{problem.removesuffix('.yaml')}-{case}"
+    assert ("exact_posterior" in summary) == exact_prior
+    shape = np.load(out / "samples.npz")["samples"].shape
+    assert shape == ((4, 1, 32, 32) if case.startswith("natural-") else (4, 1, 8, 8))
     if sampler.endswith("smc"):
         arrays = np.load(out / "samples.npz")
-        assert arrays["particles"].shape == (8, 1, 8, 8) and arrays["log_weights"].shape == (8,)
+        assert arrays["particles"].shape[0] == 8 and arrays["log_weights"].shape == (8,)
         assert summary["log_evidence"] is not None and len(summary["ess_trace"]) == 10
+
+
+def test_unknown_case_lists_the_cases(tmp_path, capsys):
+    error = error_of(["solve", str(INPAINT), "--case", "faces", "--sampler", "dps", "--out", str(tmp_path / "r")],
+                     capsys)
+    assert "inpaint.yaml: unknown case 'faces'; allowed: digits-box, digits-random, natural-box" in error
 
 
 def test_particle_flags_reach_the_sampler_and_are_refused_where_meaningless(tmp_path, capsys):

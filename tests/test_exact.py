@@ -44,7 +44,7 @@ def test_bayes_rule_holds_pointwise(bed):
         posterior, exact = gaussian_mixture(dimension=8, measurements=2)
         points = posterior.prior.sample_clean(5, generator=torch.Generator().manual_seed(3))
     else:
-        problem = load_problem("problems/inpaint.yaml")
+        problem = load_problem("problems/inpaint.yaml", "digits-gmm-box")
         posterior, exact = problem.posterior, ExactPosterior.from_posterior(problem.posterior)
         points = exact.sample(5, generator=torch.Generator().manual_seed(3))
     log_likelihood = posterior.operator.log_likelihood(posterior.measurement.to(torch.float64),
