@@ -20,7 +20,7 @@ from invdiff.operators import ForwardOperator
 __all__ = ["pseudo_inverse", "tv_reconstruction", "best_tv_reconstruction", "TV_REGULARISATION_GRID"]
 
 #: the values of lambda tried by ``best_tv_reconstruction`` (images in [0, 1])
-TV_REGULARISATION_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+TV_REGULARISATION_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def pseudo_inverse(operator: ForwardOperator, measurement: Tensor) -> Tensor:

@@ -80,7 +80,7 @@ class NetworkPrior(Prior):
 
     ``network`` takes the state in the prior's native space, shape ``(B, *event_shape)``, and the
     continuous times ``t`` of shape ``(B,)`` (float64); adapters for checkpoints that want integer
-    timesteps or noise levels live in ``invdiff.checkpoints``. The parametrisation is mapped onto
+    timesteps or noise levels live in ``invdiff.loaders``. The parametrisation is mapped onto
     the score once, here (ALGORITHMS.md section 2):
 
     * ``epsilon``: ``s = -eps_hat / sigma_t``;
@@ -105,7 +105,9 @@ class NetworkPrior(Prior):
 
     @property
     def network_dtype(self) -> torch.dtype:
-        return next(self.network.parameters()).dtype
+        """The dtype of the network's first parameter (float32 for a network without parameters)."""
+        parameter = next(self.network.parameters(), None)
+        return parameter.dtype if parameter is not None else torch.float32
 
     def to(self, device):
         self.network.to(device)

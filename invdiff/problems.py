@@ -119,8 +119,102 @@ class CheckpointPriorConfig(_Strict):
         return load_prior(base / self.path, batch_size=self.batch_size)
 
 
-PriorConfig = Annotated[Union[DigitsGMMConfig, ShippedPriorConfig, CheckpointPriorConfig],
+class GuidedDiffusionPriorConfig(_Strict):
+    """A guided-diffusion / DPS UNet ``.pt`` file (see ``invdiff.loaders.load_guided_diffusion``)."""
+
+    name: Literal["guided_diffusion"]
+    path: str
+    image_size: int = Field(ge=8)
+    num_timesteps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+    def build(self, base: Path = Path(".")) -> Prior:
+        from invdiff.loaders import load_guided_diffusion
+
+        return load_guided_diffusion(base / self.path, image_size=self.image_size, num_timesteps=self.num_timesteps,
+                                     batch_size=self.batch_size)
+
+
+class DiffusersPriorConfig(_Strict):
+    """A diffusers ``UNet2DModel`` folder (see ``invdiff.loaders.load_diffusers_unet``)."""
+
+    name: Literal["diffusers"]
+    path: str
+    batch_size: int = Field(16, ge=1)
+
+    def build(self, base: Path = Path(".")) -> Prior:
+        from invdiff.loaders import load_diffusers_unet
+
+        return load_diffusers_unet(base / self.path, batch_size=self.batch_size)
+
+
+class NCSNppPriorConfig(_Strict):
+    """EDM ``SongUNet`` weights in deepinv's ``NCSNpp`` (see ``invdiff.loaders.load_ncsnpp``)."""
+
+    name: Literal["ncsnpp"]
+    path: str
+    image_size: int = Field(ge=8)
+    in_channels: int = Field(3, ge=1)
+    model_type: Literal["ncsn", "ddpm"] = "ncsn"
+    model_channels: int = Field(128, ge=1)
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_blocks: int = Field(4, ge=1)
+    attn_resolutions: tuple[int, ...] = (16,)
+    sigma_min: float = Field(0.002, gt=0)
+    sigma_max: float = Field(80.0, gt=0)
+    batch_size: int = Field(16, ge=1)
+
+    def build(self, base: Path = Path(".")) -> Prior:
+        from invdiff.loaders import load_ncsnpp
+
+        arguments = self.model_dump(exclude={"name", "path"})
+        return load_ncsnpp(base / self.path, **arguments)
+
+
+class DenoiserPriorConfig(_Strict):
+    """A deepinv denoiser ``D(x, sigma)`` as a prior through Tweedie's formula (any image size).
+
+    ``model`` is a class of ``deepinv.models`` (e.g. ``DRUNet``, ``DnCNN``, ``TVDenoiser``);
+    ``weights`` a local weights file passed as its ``pretrained`` argument; ``arguments`` any other
+    constructor arguments.
+    """
+
+    name: Literal["deepinv_denoiser"]
+    model: str
+    weights: str | None = None
+    arguments: dict[str, Any] = {}
+    channels: int = Field(1, ge=1)
+    sde: SDEConfig = VPConfig()
+    batch_size: int = Field(16, ge=1)
+
+    def build(self, base: Path = Path(".")) -> Prior:
+        import deepinv.models
+
+        from invdiff.loaders import denoiser_prior
+
+        model_class = getattr(deepinv.models, self.model, None)
+        if not isinstance(model_class, type) or not issubclass(model_class, torch.nn.Module):
+            raise ValueError(f"model: deepinv.models has no denoiser '{self.model}'")
+        arguments = dict(self.arguments)
+        if self.weights is not None:
+            arguments["pretrained"] = str(base / self.weights)
+        elif "pretrained" in model_class.__init__.__code__.co_varnames:
+            arguments.setdefault("pretrained", None)  # never download
+        try:
+            denoiser = model_class(**arguments).eval()
+        except Exception as error:  # a wrong argument or unreadable weights file, reported in one line
+            raise ValueError(f"deepinv.models.{self.model}({', '.join(arguments)}): {error}") from None
+        metadata = {"format": "deepinv_denoiser", "denoiser": self.model, "weights": self.weights,
+                    "fully_convolutional": True}
+        return denoiser_prior(denoiser, self.sde.build(), (self.channels, 32, 32), name=f"deepinv {self.model}",
+                              metadata=metadata, batch_size=self.batch_size)
+
+
+PriorConfig = Annotated[Union[DigitsGMMConfig, ShippedPriorConfig, CheckpointPriorConfig, GuidedDiffusionPriorConfig,
+                              DiffusersPriorConfig, NCSNppPriorConfig, DenoiserPriorConfig],
                         Field(discriminator="name")]
+_PRIORS_FROM_FILES = (CheckpointPriorConfig, GuidedDiffusionPriorConfig, DiffusersPriorConfig, NCSNppPriorConfig,
+                      DenoiserPriorConfig)
 
 
 # --- operators --------------------------------------------------------------------------------------
@@ -423,7 +517,7 @@ def _select_case(raw: dict, case: str | None, path: Path) -> dict:
 def build_problem(config: ProblemConfig, path: Path) -> Problem:
     """Build prior, operator, truth and measurement from a validated config."""
     try:
-        prior = config.prior.build(path.parent) if isinstance(config.prior, CheckpointPriorConfig) else \
+        prior = config.prior.build(path.parent) if isinstance(config.prior, _PRIORS_FROM_FILES) else \
             config.prior.build()
     except ValueError as error:  # a checkpoint that is missing, corrupt or mismatched
         raise ProblemError(f"{path.name}: prior: {error}") from None

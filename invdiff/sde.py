@@ -163,7 +163,8 @@ class DDPMSchedule(SDE):
         position = self.timestep(t).clamp(0, self.num_timesteps)
         lower = position.floor().long().clamp(max=self.num_timesteps - 1)
         fraction = position - lower
-        return (1 - fraction) * self.log_alpha_bar[lower] + fraction * self.log_alpha_bar[lower + 1]
+        log_alpha_bar = self.log_alpha_bar.to(position.device)
+        return (1 - fraction) * log_alpha_bar[lower] + fraction * log_alpha_bar[lower + 1]
 
     def lambda_t(self, t):
         return torch.exp(0.5 * self._interpolated_log_alpha_bar(t))

@@ -1,0 +1,106 @@
+"""Unconditional samples of a shipped prior next to training images, and a nearest-neighbour check.
+
+A prior that memorised its training set would draw near-copies of training images. For every
+sample the script finds the closest training image (Euclidean distance in [0, 1], over all
+training digits, or over a large pool of random training patches for ``natural``) and compares
+those distances with the same distances for held-out images, which are certainly not copies:
+samples at least as far from the training set as held-out images are not copies. Writes
+``benchmarks/results/prior_samples_NAME.png`` and ``.md``. Run from the repository root:
+
+    python benchmarks/prior_samples.py digits [--samples 64 --steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from invdiff.checkpoints import load_prior
+from invdiff.data import digits, natural_images, random_patches
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def reference_sets(name: str, pool_size: int, count: int, generator: torch.Generator):
+    """Training images (the nearest-neighbour pool) and ``count`` held-out images, in [0, 1]."""
+    if name == "digits":
+        return digits("train").float(), digits("test")[:count].float()
+    patch_size = load_prior(name).event_shape[-1]
+    training = random_patches(natural_images("train"), patch_size).sample(pool_size, generator).float()
+    heldout = random_patches(natural_images("test"), patch_size).sample(count, generator).float()
+    return training, heldout
+
+
+def nearest_distances(images: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """Distance from each image to its nearest neighbour in ``pool``, per pixel (RMS)."""
+    distances = torch.cdist(images.flatten(1).double(), pool.flatten(1).double())
+    return distances.min(1).values / images[0].numel() ** 0.5
+
+
+def grid(images: torch.Tensor, columns: int) -> np.ndarray:
+    rows = -(-len(images) // columns)
+    height, width = images.shape[-2:]
+    canvas = np.ones((rows * (height + 1) - 1, columns * (width + 1) - 1))
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        canvas[row * (height + 1):row * (height + 1) + height, column * (width + 1):column * (width + 1) + width] = \
+            image[0].clamp(0, 1).numpy()
+    return canvas
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("prior", choices=["digits", "natural"])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--pool", type=int, default=20000, help="training patches searched (natural only)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    arguments = parser.parse_args()
+
+    prior = load_prior(arguments.prior)
+    generator = torch.Generator().manual_seed(0)
+    samples = prior.sample(arguments.samples, num_steps=arguments.steps, generator=generator)
+    samples = ((samples + 1) / 2).clamp(0, 1)
+    training, heldout = reference_sets(arguments.prior, arguments.pool, arguments.samples, generator)
+    sample_distances = nearest_distances(samples, training)
+    heldout_distances = nearest_distances(heldout, training)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = training[torch.randperm(len(training), generator=generator)[:arguments.samples]]
+    closest = training[torch.cdist(samples.flatten(1).double(), training.flatten(1).double()).argmin(1)]
+    columns = 8
+    figure, axes = plt.subplots(1, 3, figsize=(13, 4.8))
+    for axis, images, title in zip(axes, (samples, closest, shown),
+                                   ("unconditional samples", "nearest training image of each sample",
+                                    "random training images")):
+        axis.imshow(grid(images, columns), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axis.set_title(title, fontsize=10)
+        axis.axis("off")
+    training_record = prior.settings()["training"]
+    figure.suptitle(f"prior '{arguments.prior}': {training_record['steps']} training steps, "
+                    f"{arguments.steps} ancestral sampling steps", fontsize=11)
+    figure.tight_layout()
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    figure.savefig(arguments.out / f"prior_samples_{arguments.prior}.png", dpi=110)
+
+    def quantiles(values: torch.Tensor) -> str:
+        return " / ".join(f"{float(values.quantile(q)):.3f}" for q in (0.0, 0.1, 0.5, 0.9))
+
+    table = (f"Nearest-neighbour distance (RMS per pixel, images in [0, 1]) to {len(training)} training "
+             f"images; quantiles min / 10% / median / 90%.\n\n"
+             f"| images | count | distance to nearest training image |\n|---|---|---|\n"
+             f"| unconditional samples | {len(samples)} | {quantiles(sample_distances)} |\n"
+             f"| held-out images | {len(heldout)} | {quantiles(heldout_distances)} |\n")
+    (arguments.out / f"prior_samples_{arguments.prior}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
