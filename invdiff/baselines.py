@@ -36,9 +36,10 @@ def tv_reconstruction(operator: ForwardOperator, measurement: Tensor, regularisa
     from deepinv.optim.data_fidelity import L2
 
     physics = operator.physics
-    shape = physics.A_adjoint(measurement.to(torch.float32)).shape
-    probe = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    lipschitz = physics.compute_norm(probe, max_iter=50, tol=1e-4, verbose=False)
+    probe = torch.zeros_like(physics.A_adjoint(measurement.to(torch.float32)))
+    with torch.random.fork_rng(devices=[]):  # deepinv's power iteration draws its start from the global generator
+        torch.manual_seed(0)
+        lipschitz = physics.compute_norm(probe, max_iter=50, tol=1e-4, verbose=False)
     solver = PGD(data_fidelity=L2(), prior=TVPrior(n_it_max=50), stepsize=1.0 / float(lipschitz),
                  lambda_reg=regularisation, max_iter=iterations, early_stop=False)
     with torch.no_grad():
@@ -46,7 +47,8 @@ def tv_reconstruction(operator: ForwardOperator, measurement: Tensor, regularisa
 
 
 def best_tv_reconstruction(operator: ForwardOperator, measurement: Tensor, truth: Tensor,
-                           grid: tuple[float, ...] = TV_REGULARISATION_GRID) -> tuple[Tensor, float]:
+                           grid: tuple[float, ...] = TV_REGULARISATION_GRID,
+                           iterations: int = 300) -> tuple[Tensor, float]:
     """The TV reconstruction with the best PSNR to ``truth`` over ``grid``, and its ``lambda``."""
-    candidates = [(tv_reconstruction(operator, measurement, value), value) for value in grid]
+    candidates = [(tv_reconstruction(operator, measurement, value, iterations), value) for value in grid]
     return max(candidates, key=lambda candidate: psnr(candidate[0], truth))
