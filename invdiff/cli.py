@@ -227,6 +227,7 @@ def _summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResult,
         "versions": _versions(info),
         "ess_trace": result.ess_history or None,
         "diagnostics": result.diagnostics,
+        "extras": _json_scalars(result.extras),
         "image_range": [0.0, 1.0],
     }
     if problem.truth is not None:
@@ -252,6 +253,11 @@ def _summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResult,
         "note": "distances in the prior's native space, at this number of samples; the floor is exact vs exact",
     }
     return summary
+
+
+def _json_scalars(extras: dict) -> dict:
+    """The numbers, strings and flags among a sampler's extras (tensors stay in samples.npz)."""
+    return {key: value for key, value in (extras or {}).items() if isinstance(value, (int, float, str, bool))}
 
 
 def _figure(path: Path, problem: Problem, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
