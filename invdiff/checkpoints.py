@@ -105,8 +105,11 @@ def load_checkpoint(path: str | Path) -> tuple[UNet, dict]:
     return unet.eval(), document
 
 
-def load_prior(name_or_path: str | Path, batch_size: int | None = 256) -> NetworkPrior:
-    """A ``NetworkPrior`` from a shipped prior's name (``digits``, ``natural``) or a checkpoint path."""
+def load_prior(name_or_path: str | Path, batch_size: int | None = 256, clip_denoised: bool = True) -> NetworkPrior:
+    """A ``NetworkPrior`` from a shipped prior's name (``digits``, ``natural``) or a checkpoint path.
+
+    ``clip_denoised`` (default on) projects Tweedie's estimate onto the data range (see ``NetworkPrior``).
+    """
     path = Path(name_or_path)
     if path.suffix != ".safetensors":
         if str(name_or_path) not in shipped_priors():
@@ -119,4 +122,5 @@ def load_prior(name_or_path: str | Path, batch_size: int | None = 256) -> Networ
     described = {key: document[key] for key in ("fully_convolutional", "data", "training") if key in document}
     return NetworkPrior(network, sde, tuple(document["event_shape"]), document.get("parametrisation", "epsilon"),
                         tuple(document.get("data_range", (-1.0, 1.0))), name=document.get("name", path.stem),
-                        metadata={"checkpoint": str(path), **described}, batch_size=batch_size)
+                        metadata={"checkpoint": str(path), **described}, batch_size=batch_size,
+                        clip_denoised=clip_denoised)

@@ -89,11 +89,16 @@ class NetworkPrior(Prior):
 
     Batches larger than ``batch_size`` go through the network in chunks. The network keeps its
     own dtype; inputs are cast to it and outputs cast back.
+
+    ``clip_denoised``: Tweedie's ``E[X_0 | X_t = x]`` lies in the data range (the data do), so the
+    network's estimate is projected onto it and the score recomputed from the projection (as in the
+    reference code of DDPM and DPS). This keeps the reverse process stable where ``lambda_t /
+    sigma_t`` is tiny and a small noise-prediction error is a large error in ``x0_hat``.
     """
 
     def __init__(self, network: torch.nn.Module, sde: SDE, event_shape: tuple[int, ...], parametrisation: str,
                  data_range: tuple[float, float] = (-1.0, 1.0), name: str = "network",
-                 metadata: dict | None = None, batch_size: int | None = None):
+                 metadata: dict | None = None, batch_size: int | None = None, clip_denoised: bool = False):
         if parametrisation not in PARAMETRISATIONS:
             raise ValueError(f"parametrisation must be one of {', '.join(PARAMETRISATIONS)}, got '{parametrisation}'")
         super().__init__(sde, event_shape, data_range)
@@ -102,6 +107,7 @@ class NetworkPrior(Prior):
         self.name = name
         self.metadata = dict(metadata or {})
         self.batch_size = batch_size
+        self.clip_denoised = clip_denoised
 
     @property
     def network_dtype(self) -> torch.dtype:
@@ -123,11 +129,11 @@ class NetworkPrior(Prior):
         if any(size % factor for size in event_shape[1:]):
             raise ValueError(f"the prior's network needs height and width divisible by {factor}, got {event_shape}")
         return NetworkPrior(self.network, self.sde, event_shape, self.parametrisation, self.data_range, self.name,
-                            self.metadata, self.batch_size)
+                            self.metadata, self.batch_size, self.clip_denoised)
 
     def settings(self):
-        return {"kind": self.name, "parametrisation": self.parametrisation, **self.metadata,
-                "sde": self.sde.settings()}
+        return {"kind": self.name, "parametrisation": self.parametrisation, "clip_denoised": self.clip_denoised,
+                **self.metadata, "sde": self.sde.settings()}
 
     def _score(self, x, t):
         times = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
@@ -141,10 +147,15 @@ class NetworkPrior(Prior):
         lambda_t = self.sde.lambda_t(times).to(x).view(-1, *[1] * (x.dim() - 1))
         sigma_t = self.sde.sigma_t(times).to(x).view(-1, *[1] * (x.dim() - 1))
         if self.parametrisation == "epsilon":
-            return -output / sigma_t
-        if self.parametrisation == "x0":
-            return (lambda_t * output - x) / sigma_t**2
-        return output
+            score = -output / sigma_t
+        elif self.parametrisation == "x0":
+            score = (lambda_t * output - x) / sigma_t**2
+        else:
+            score = output
+        if not self.clip_denoised:
+            return score
+        denoised = ((x + sigma_t**2 * score) / lambda_t).clamp(*self.data_range)
+        return (lambda_t * denoised - x) / sigma_t**2
 
 
 class GaussianMixturePrior(Prior):

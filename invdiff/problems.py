@@ -99,11 +99,12 @@ class ShippedPriorConfig(_Strict):
 
     name: Literal["digits", "natural"]
     batch_size: int = Field(256, ge=1, description="images per network call")
+    clip_denoised: bool = Field(True, description="project Tweedie's estimate onto the data range")
 
     def build(self) -> Prior:
         from invdiff.checkpoints import load_prior
 
-        return load_prior(self.name, batch_size=self.batch_size)
+        return load_prior(self.name, batch_size=self.batch_size, clip_denoised=self.clip_denoised)
 
 
 class CheckpointPriorConfig(_Strict):
@@ -112,11 +113,12 @@ class CheckpointPriorConfig(_Strict):
     name: Literal["checkpoint"]
     path: str = Field(description="a .safetensors file written by invdiff train")
     batch_size: int = Field(256, ge=1)
+    clip_denoised: bool = True
 
     def build(self, base: Path = Path(".")) -> Prior:
         from invdiff.checkpoints import load_prior
 
-        return load_prior(base / self.path, batch_size=self.batch_size)
+        return load_prior(base / self.path, batch_size=self.batch_size, clip_denoised=self.clip_denoised)
 
 
 class GuidedDiffusionPriorConfig(_Strict):

@@ -83,7 +83,7 @@ def metadata(sde):
 def test_checkpoint_round_trip_gives_the_same_scores(tmp_path, sde):
     unet = tiny_unet()
     path = save_checkpoint(tmp_path / "tiny.safetensors", unet, metadata(sde), dtype=torch.float32)
-    prior = load_prior(path)
+    prior = load_prior(path, clip_denoised=False)
     reference = NetworkPrior(EpsilonNetwork(unet.eval(), sde), sde, (1, 8, 8), "epsilon")
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(prior.score(x, 0.4), reference.score(x, 0.4))
@@ -95,8 +95,9 @@ def test_checkpoint_round_trip_gives_the_same_scores(tmp_path, sde):
 
 def test_half_precision_checkpoint_is_close_to_full(tmp_path):
     unet = tiny_unet()
-    full = load_prior(save_checkpoint(tmp_path / "full.safetensors", unet, metadata(VPSDE()), dtype=torch.float32))
-    half = load_prior(save_checkpoint(tmp_path / "half.safetensors", unet, metadata(VPSDE())))
+    full = load_prior(save_checkpoint(tmp_path / "full.safetensors", unet, metadata(VPSDE()), dtype=torch.float32),
+                      clip_denoised=False)
+    half = load_prior(save_checkpoint(tmp_path / "half.safetensors", unet, metadata(VPSDE())), clip_denoised=False)
     x = torch.randn(4, 1, 8, 8)
     relative = (half.score(x, 0.5) - full.score(x, 0.5)).norm() / full.score(x, 0.5).norm()
     assert relative < 1e-2
@@ -137,3 +138,17 @@ def test_shipped_priors_load_with_their_record(name):
     assert "split" in record["data"] or "heldout_images" in record["data"]
     x = prior.sde.terminal_sample((2, *prior.event_shape), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(prior.score(x, 0.5)).all()
+
+
+def test_clipping_projects_tweedies_estimate_onto_the_data_range():
+    sde = VPSDE()
+    network = EpsilonNetwork(tiny_unet(), sde)
+    clipped = NetworkPrior(network, sde, (1, 8, 8), "epsilon", clip_denoised=True)
+    plain = NetworkPrior(network, sde, (1, 8, 8), "epsilon")
+    x = 3 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in (0.1, 0.9):
+        raw, projected = plain.denoise(x, t), clipped.denoise(x, t)
+        assert raw.abs().max() > 1 and projected.abs().max() <= 1 + 1e-5
+        inside = raw.abs() < 1
+        torch.testing.assert_close(projected[inside], raw[inside])
+    assert clipped.settings()["clip_denoised"] and not plain.settings()["clip_denoised"]
