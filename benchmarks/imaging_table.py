@@ -13,7 +13,8 @@ images (never trained on): 8 test digits, or 6 crops of the held-out photographs
 The margin column is the mean over images of (sampler PSNR - TV PSNR) with its standard error.
 SSIM follows ``invdiff.metrics.SSIM_CONVENTION``. Run from the repository root:
 
-    python benchmarks/imaging_table.py [--samplers dps] [--priors digits natural] [--out benchmarks/results]
+    python benchmarks/imaging_table.py [--samplers dps] [--priors digits natural] [--images N]
+        [--problems inpaint.yaml deblur.yaml superres.yaml] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=8, help="at most this many held-out images per case")
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEM_FILES), choices=PROBLEM_FILES)
     arguments = parser.parse_args()
     registry = load_registry()
     rows = []
-    for file_name in PROBLEM_FILES:
+    for file_name in arguments.problems:
         path = ROOT / "problems" / file_name
         for case in problem_cases(path):
             if case.split("-")[0] in arguments.priors and not case.startswith("digits-gmm"):
@@ -114,6 +116,8 @@ def main() -> None:
                                       arguments.images)
     arguments.out.mkdir(parents=True, exist_ok=True)
     name = "imaging_table_" + "_".join(arguments.priors)
+    if arguments.problems != list(PROBLEM_FILES):
+        name += "_" + "_".join(file_name.removesuffix(".yaml") for file_name in arguments.problems)
     (arguments.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     header = (f"PSNR (dB) / SSIM of posterior means on held-out images, problem files' options, seed "
               f"{arguments.seed}. Sampler cells: posterior-mean PSNR / SSIM (average single-sample PSNR). "

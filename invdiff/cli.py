@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     training.add_argument("config", type=Path, help="a training YAML file (see invdiff/priors/*.yaml)")
     training.add_argument("--out", type=Path, required=True, help="run folder: state.pt, log.jsonl, NAME.safetensors")
     training.add_argument("--resume", action="store_true", help="continue the run in --out")
+    training.add_argument("--continue-from", type=Path, metavar="CHECKPOINT",
+                          help="start a new run from a prior's .safetensors (e.g. a shipped one) and its step count")
     training.add_argument("--steps", type=int, help="train to this many steps (overrides the config's)")
     training.add_argument("--max-minutes", type=float, help="stop at the first checkpoint after this much time")
     training.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default cpu)")
@@ -104,7 +106,7 @@ def _train(arguments) -> int:
         config = config.model_copy(update={"steps": arguments.steps})
     _check_device(arguments.device)
     record = train(config, arguments.out, resume=arguments.resume, max_minutes=arguments.max_minutes,
-                   device=arguments.device, progress=not arguments.quiet)
+                   device=arguments.device, progress=not arguments.quiet, continue_from=arguments.continue_from)
     print(json.dumps(record))
     return 0
 

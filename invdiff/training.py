@@ -12,6 +12,11 @@ exponential moving average (EMA) of the weights. Every ``checkpoint_every`` step
 * ``RUN/NAME.safetensors``: the EMA weights in half precision with their metadata, a loadable prior;
 * a line of ``RUN/log.jsonl``: step, running loss, held-out loss per noise level, wall time.
 
+``--continue-from CHECKPOINT`` starts a new run from a committed prior instead (its half-precision
+EMA weights as both weights and EMA, a fresh optimiser, the step count and wall time carried on,
+the random stream reseeded with ``seed + step``): training in stretches across machines that keep
+only the small checkpoint, not ``state.pt``. Such a run is not bit-identical to an uninterrupted one.
+
 The held-out loss is the same loss on a fixed held-out batch with fixed noise at fixed times, so
 numbers from different checkpoints (and runs) compare.
 """
@@ -122,6 +127,26 @@ def load_training_config(path: str | Path) -> TrainingConfig:
         raise TrainingError(format_validation_error(error, f"{path}: ", TrainingConfig)) from None
 
 
+def _continue_from(path: str | Path, config: TrainingConfig, unet: UNet, ema: UNet) -> tuple[int, float]:
+    """Load a checkpoint's weights into ``unet`` and ``ema``; its step count and wall time."""
+    from invdiff.checkpoints import CheckpointError, load_checkpoint
+
+    try:
+        loaded, document = load_checkpoint(path)
+    except CheckpointError as error:
+        raise TrainingError(f"--continue-from: {error}") from None
+    if loaded.arguments != unet.arguments:
+        raise TrainingError(f"--continue-from: '{path}' has network {loaded.arguments}; the config asks for "
+                            f"{unet.arguments}")
+    if document.get("sde") != config.sde.build().settings():
+        raise TrainingError(f"--continue-from: '{path}' was trained on the SDE {document.get('sde')}, not "
+                            f"{config.sde.build().settings()}")
+    unet.load_state_dict(loaded.state_dict())
+    ema.load_state_dict(loaded.state_dict())
+    training = document.get("training", {})
+    return int(training.get("steps", 0)), float(training.get("wall_time_s", 0.0))
+
+
 def _learning_rate(config: TrainingConfig, step: int) -> float:
     return config.learning_rate * min(1.0, (step + 1) / max(config.warmup_steps, 1))
 
@@ -138,7 +163,7 @@ def _heldout_losses(network: EpsilonNetwork, heldout: torch.Tensor, noise: torch
 
 
 def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_minutes: float | None = None,
-          device: str = "cpu", progress: bool = True) -> dict:
+          device: str = "cpu", progress: bool = True, continue_from: str | Path | None = None) -> dict:
     """Train (or continue training) the prior described by ``config`` in the folder ``out``.
 
     Returns the last log record. Stops after ``config.steps`` steps, or at the first checkpoint
@@ -151,6 +176,8 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
                             "another --out")
     if resume and not state_path.exists():
         raise TrainingError(f"--resume: '{out}' holds no training run (no state.pt)")
+    if resume and continue_from is not None:
+        raise TrainingError("--resume and --continue-from exclude each other: a run resumes from its own state")
     out.mkdir(parents=True, exist_ok=True)
 
     sde = config.sde.build()
@@ -160,7 +187,7 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
     heldout_generator = torch.Generator().manual_seed(config.seed + 1)
     heldout = config.data.heldout(config.heldout_size, heldout_generator)
     heldout_noise = torch.randn((len(HELDOUT_TIMES), *heldout.shape), generator=heldout_generator)
-    heldout, heldout_noise = heldout * 2 - 1, heldout_noise
+    heldout = heldout * 2 - 1
     data_std = 0.5
 
     unet = UNet(image_channels=1, **config.network.model_dump())
@@ -178,6 +205,13 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
         optimiser.load_state_dict(state["optimiser"])
         generator.set_state(state["generator"])
         step, wall_time = int(state["step"]), float(state["wall_time"])
+        history = state.get("continued_from", [])
+    else:
+        history = []
+    if continue_from is not None:
+        step, wall_time = _continue_from(continue_from, config, unet, ema)
+        generator.manual_seed(config.seed + step)
+        history = [{"checkpoint": str(continue_from), "step": step}]
     unet.to(device)
     ema.to(device)
     network = EpsilonNetwork(unet, sde, data_std)
@@ -189,6 +223,7 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
                   "heldout_loss": _heldout_losses(ema_network, heldout.to(device), heldout_noise.to(device))}
         torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(),
                     "generator": generator.get_state(), "step": step, "wall_time": wall_time,
+                    "continued_from": history,
                     "config": config.model_dump_json(exclude={"steps", "checkpoint_every"})},
                    out / "state.pt.partial")
         (out / "state.pt.partial").replace(state_path)
@@ -198,6 +233,7 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
                     "training": {"config": json.loads(config.model_dump_json()), "steps": step,
                                  "parameters": parameter_count, "wall_time_s": round(wall_time, 1),
                                  "heldout_loss": record["heldout_loss"], "device": device,
+                                 "continued_from": history,
                                  "threads": torch.get_num_threads()},
                     "versions": {"torch": torch.__version__, "python": platform.python_version()}}
         save_checkpoint(out / f"{config.name}.safetensors", ema, metadata)
@@ -205,7 +241,7 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
             log.write(json.dumps(record) + "\n")
         return record
 
-    record: dict = {"step": step}
+    record: dict = {}
     running_loss = math.nan
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, desc=f"train {config.name}", disable=not progress)
@@ -242,6 +278,8 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
             if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
                 break
     bar.close()
-    if record.get("step") != step:
-        record = checkpoint(running_loss)
-    return record
+    if record.get("step") == step:
+        return record
+    if resume and (out / "log.jsonl").exists():  # nothing left to do: report the run's last checkpoint
+        return json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    return checkpoint(running_loss)

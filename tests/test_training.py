@@ -102,3 +102,22 @@ def test_the_train_command(tmp_path, config_path):
     assert again.returncode == 2 and "pass --resume" in again.stderr
     resumed = subprocess.run([*command[:-2], "5", "--resume", "--quiet"], capture_output=True, text=True, cwd=ROOT)
     assert resumed.returncode == 0 and json.loads(resumed.stdout.splitlines()[-1])["step"] == 5
+
+
+def test_continuing_from_a_checkpoint_carries_weights_and_step_count(tmp_path, config_path):
+    config = load_training_config(config_path)
+    train(config.model_copy(update={"steps": 3}), tmp_path / "first", progress=False)
+    checkpoint = tmp_path / "first" / "tiny-digits.safetensors"
+    record = train(config, tmp_path / "second", continue_from=checkpoint, progress=False)
+    assert record["step"] == 6
+    log = [json.loads(line) for line in (tmp_path / "second" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [6]
+    training = load_prior(tmp_path / "second" / "tiny-digits.safetensors").settings()["training"]
+    assert training["continued_from"] == [{"checkpoint": str(checkpoint), "step": 3}]
+    # zero steps left: the weights are the checkpoint's, the EMA included
+    train(config.model_copy(update={"steps": 3}), tmp_path / "same", continue_from=checkpoint, progress=False)
+    first, same = load_file(str(checkpoint)), load_file(str(tmp_path / "same" / "tiny-digits.safetensors"))
+    assert all(torch.equal(first[name], same[name]) for name in first)
+    wider = config.model_copy(update={"network": config.network.model_copy(update={"channels": 16})})
+    with pytest.raises(TrainingError, match="has network"):
+        train(wider, tmp_path / "third", continue_from=checkpoint, progress=False)
