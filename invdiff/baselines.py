@@ -39,7 +39,7 @@ def tv_reconstruction(operator: ForwardOperator, measurement: Tensor, regularisa
     probe = torch.zeros_like(physics.A_adjoint(measurement.to(torch.float32)))
     with torch.random.fork_rng(devices=[]):  # deepinv's power iteration draws its start from the global generator
         torch.manual_seed(0)
-        lipschitz = physics.compute_norm(probe, max_iter=50, tol=1e-4, verbose=False)
+        lipschitz = physics.compute_sqnorm(probe, max_iter=50, tol=1e-4, verbose=False)  # ||A^T A||
     solver = PGD(data_fidelity=L2(), prior=TVPrior(n_it_max=50), stepsize=1.0 / float(lipschitz),
                  lambda_reg=regularisation, max_iter=iterations, early_stop=False)
     with torch.no_grad():
