@@ -34,10 +34,10 @@ def reference_sets(name: str, pool_size: int, count: int, generator: torch.Gener
     return training, heldout
 
 
-def nearest_distances(images: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    """Distance from each image to its nearest neighbour in ``pool``, per pixel (RMS)."""
-    distances = torch.cdist(images.flatten(1).double(), pool.flatten(1).double())
-    return distances.min(1).values / images[0].numel() ** 0.5
+def nearest_neighbours(images: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image: the distance to its nearest neighbour in ``pool`` per pixel (RMS), and its index."""
+    distances = torch.cdist(images.flatten(1).double(), pool.flatten(1).double()).min(1)
+    return distances.values / images[0].numel() ** 0.5, distances.indices
 
 
 def grid(images: torch.Tensor, columns: int) -> np.ndarray:
@@ -65,8 +65,8 @@ def main() -> None:
     samples = prior.sample(arguments.samples, num_steps=arguments.steps, generator=generator)
     samples = ((samples + 1) / 2).clamp(0, 1)
     training, heldout = reference_sets(arguments.prior, arguments.pool, arguments.samples, generator)
-    sample_distances = nearest_distances(samples, training)
-    heldout_distances = nearest_distances(heldout, training)
+    sample_distances, nearest = nearest_neighbours(samples, training)
+    heldout_distances, _ = nearest_neighbours(heldout, training)
 
     import matplotlib
 
@@ -74,7 +74,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     shown = training[torch.randperm(len(training), generator=generator)[:arguments.samples]]
-    closest = training[torch.cdist(samples.flatten(1).double(), training.flatten(1).double()).argmin(1)]
+    closest = training[nearest]
     columns = 8
     figure, axes = plt.subplots(1, 3, figsize=(13, 4.8))
     for axis, images, title in zip(axes, (samples, closest, shown),

@@ -90,7 +90,7 @@ class DigitsGMMConfig(_Strict):
     regularisation: float = Field(1e-3, gt=0)
     sde: SDEConfig = VPConfig()
 
-    def build(self) -> Prior:
+    def build(self, base: Path = Path(".")) -> Prior:
         return digits_gaussian_mixture(self.sde.build(), self.components, self.covariance, self.regularisation)
 
 
@@ -101,7 +101,7 @@ class ShippedPriorConfig(_Strict):
     batch_size: int = Field(256, ge=1, description="images per network call")
     clip_denoised: bool = Field(True, description="project Tweedie's estimate onto the data range")
 
-    def build(self) -> Prior:
+    def build(self, base: Path = Path(".")) -> Prior:
         from invdiff.checkpoints import load_prior
 
         return load_prior(self.name, batch_size=self.batch_size, clip_denoised=self.clip_denoised)
@@ -215,8 +215,6 @@ class DenoiserPriorConfig(_Strict):
 PriorConfig = Annotated[Union[DigitsGMMConfig, ShippedPriorConfig, CheckpointPriorConfig, GuidedDiffusionPriorConfig,
                               DiffusersPriorConfig, NCSNppPriorConfig, DenoiserPriorConfig],
                         Field(discriminator="name")]
-_PRIORS_FROM_FILES = (CheckpointPriorConfig, GuidedDiffusionPriorConfig, DiffusersPriorConfig, NCSNppPriorConfig,
-                      DenoiserPriorConfig)
 
 
 # --- operators --------------------------------------------------------------------------------------
@@ -519,8 +517,7 @@ def _select_case(raw: dict, case: str | None, path: Path) -> dict:
 def build_problem(config: ProblemConfig, path: Path) -> Problem:
     """Build prior, operator, truth and measurement from a validated config."""
     try:
-        prior = config.prior.build(path.parent) if isinstance(config.prior, _PRIORS_FROM_FILES) else \
-            config.prior.build()
+        prior = config.prior.build(path.parent)  # files a prior names are relative to the problem file
     except ValueError as error:  # a checkpoint that is missing, corrupt or mismatched
         raise ProblemError(f"{path.name}: prior: {error}") from None
     truth = _build_truth(config, path, prior.event_shape)

@@ -127,7 +127,7 @@ def load_training_config(path: str | Path) -> TrainingConfig:
         raise TrainingError(format_validation_error(error, f"{path}: ", TrainingConfig)) from None
 
 
-def _continue_from(path: str | Path, config: TrainingConfig, unet: UNet, ema: UNet) -> tuple[int, float]:
+def _continue_from(path: str | Path, sde_settings: dict, unet: UNet, ema: UNet) -> tuple[int, float]:
     """Load a checkpoint's weights into ``unet`` and ``ema``; its step count and wall time."""
     from invdiff.checkpoints import CheckpointError, load_checkpoint
 
@@ -138,9 +138,9 @@ def _continue_from(path: str | Path, config: TrainingConfig, unet: UNet, ema: UN
     if loaded.arguments != unet.arguments:
         raise TrainingError(f"--continue-from: '{path}' has network {loaded.arguments}; the config asks for "
                             f"{unet.arguments}")
-    if document.get("sde") != config.sde.build().settings():
+    if document.get("sde") != sde_settings:
         raise TrainingError(f"--continue-from: '{path}' was trained on the SDE {document.get('sde')}, not "
-                            f"{config.sde.build().settings()}")
+                            f"{sde_settings}")
     unet.load_state_dict(loaded.state_dict())
     ema.load_state_dict(loaded.state_dict())
     training = document.get("training", {})
@@ -195,9 +195,11 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
     ema.load_state_dict(unet.state_dict())
     optimiser = torch.optim.Adam(unet.parameters(), lr=config.learning_rate)
     step, wall_time = 0, 0.0
+    #: what a resumed run must share with the run it resumes
+    fixed_settings = config.model_dump_json(exclude={"steps", "checkpoint_every"})
     if resume:
         state = torch.load(state_path, weights_only=True)
-        if state["config"] != config.model_dump_json(exclude={"steps", "checkpoint_every"}):
+        if state["config"] != fixed_settings:
             raise TrainingError(f"'{out}' was trained with another configuration; only 'steps' and "
                                 "'checkpoint_every' may change on --resume")
         unet.load_state_dict(state["unet"])
@@ -209,7 +211,7 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
     else:
         history = []
     if continue_from is not None:
-        step, wall_time = _continue_from(continue_from, config, unet, ema)
+        step, wall_time = _continue_from(continue_from, sde.settings(), unet, ema)
         generator.manual_seed(config.seed + step)
         history = [{"checkpoint": str(continue_from), "step": step}]
     unet.to(device)
@@ -224,13 +226,13 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
         torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(),
                     "generator": generator.get_state(), "step": step, "wall_time": wall_time,
                     "continued_from": history,
-                    "config": config.model_dump_json(exclude={"steps", "checkpoint_every"})},
+                    "config": fixed_settings},
                    out / "state.pt.partial")
         (out / "state.pt.partial").replace(state_path)
         metadata = {"name": config.name, "parametrisation": "epsilon", "data_std": data_std,
                     "sde": sde.settings(), "event_shape": list(config.data.event_shape()), "data_range": [-1.0, 1.0],
                     "fully_convolutional": True, "data": config.data.describe(),
-                    "training": {"config": json.loads(config.model_dump_json()), "steps": step,
+                    "training": {"config": config.model_dump(mode="json"), "steps": step,
                                  "parameters": parameter_count, "wall_time_s": round(wall_time, 1),
                                  "heldout_loss": record["heldout_loss"], "device": device,
                                  "continued_from": history,
