@@ -83,19 +83,25 @@ class random_patches:
         from skimage.transform import rescale
 
         self.size = size
-        self.pictures = [image if scale == 1 else rescale(image, 1 / scale, anti_aliasing=True)
-                         for image in images.values() for scale in scales]
-        self.pictures = [torch.from_numpy(picture) for picture in self.pictures if min(picture.shape) >= size]
+        pictures = [image if scale == 1 else rescale(image, 1 / scale, anti_aliasing=True)
+                    for image in images.values() for scale in scales]
+        pictures = [torch.from_numpy(picture) for picture in pictures if min(picture.shape) >= size]
+        # all pictures in one flat tensor, so that a batch of crops is one gather
+        self.pixels = torch.cat([picture.flatten() for picture in pictures])
+        self.heights = torch.tensor([picture.shape[0] for picture in pictures])
+        self.widths = torch.tensor([picture.shape[1] for picture in pictures])
+        self.offsets = torch.cumsum(self.heights * self.widths, 0) - self.heights * self.widths
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        choices = torch.randint(len(self.pictures), (batch_size,), generator=generator).tolist()
-        patches = []
-        for choice in choices:
-            picture = self.pictures[choice]
-            top = int(torch.randint(picture.shape[0] - self.size + 1, (1,), generator=generator))
-            left = int(torch.randint(picture.shape[1] - self.size + 1, (1,), generator=generator))
-            patch = picture[top:top + self.size, left:left + self.size]
-            if torch.rand((), generator=generator) < 0.5:
-                patch = patch.flip(1)
-            patches.append(torch.rot90(patch, int(torch.randint(4, (1,), generator=generator))))
-        return torch.stack(patches)[:, None]
+        choices = torch.randint(len(self.heights), (batch_size,), generator=generator)
+        uniform = torch.rand((3, batch_size), generator=generator, dtype=torch.float64)
+        top = (uniform[0] * (self.heights[choices] - self.size + 1)).long()
+        left = (uniform[1] * (self.widths[choices] - self.size + 1)).long()
+        turns = torch.randint(4, (batch_size,), generator=generator)
+        rows = (top[:, None] + torch.arange(self.size))[:, :, None]
+        columns = (left[:, None] + torch.arange(self.size))[:, None, :]
+        patches = self.pixels[self.offsets[choices, None, None] + rows * self.widths[choices, None, None] + columns]
+        patches = torch.where((uniform[2] < 0.5)[:, None, None], patches.flip(-1), patches)
+        for turn in (1, 2, 3):
+            patches[turns == turn] = torch.rot90(patches[turns == turn], turn, dims=(1, 2))
+        return patches[:, None]

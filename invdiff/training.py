@@ -193,12 +193,14 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
     unet = UNet(image_channels=1, **config.network.model_dump())
     ema = UNet(image_channels=1, **config.network.model_dump())
     ema.load_state_dict(unet.state_dict())
+    unet.to(device)  # before the optimiser exists, so that its state lives on the device too
+    ema.to(device)
     optimiser = torch.optim.Adam(unet.parameters(), lr=config.learning_rate)
     step, wall_time = 0, 0.0
     #: what a resumed run must share with the run it resumes
     fixed_settings = config.model_dump_json(exclude={"steps", "checkpoint_every"})
     if resume:
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location="cpu")
         if state["config"] != fixed_settings:
             raise TrainingError(f"'{out}' was trained with another configuration; only 'steps' and "
                                 "'checkpoint_every' may change on --resume")
@@ -214,8 +216,6 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
         step, wall_time = _continue_from(continue_from, sde.settings(), unet, ema)
         generator.manual_seed(config.seed + step)
         history = [{"checkpoint": str(continue_from), "step": step}]
-    unet.to(device)
-    ema.to(device)
     network = EpsilonNetwork(unet, sde, data_std)
     ema_network = EpsilonNetwork(ema, sde, data_std)
     parameter_count = sum(parameter.numel() for parameter in unet.parameters())
@@ -244,7 +244,7 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
         return record
 
     record: dict = {}
-    running_loss = math.nan
+    running_loss = None  # a tensor on the device: reading it every step would wait for the device
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, desc=f"train {config.name}", disable=not progress)
     while step < config.steps:
@@ -262,20 +262,21 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        with torch.no_grad():
-            for ema_parameter, parameter in zip(ema.parameters(), unet.parameters()):
-                ema_parameter.lerp_(parameter, 1 - config.ema_decay)
+        with torch.no_grad():  # one fused update of all EMA weights, as torch.optim.swa_utils does
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - config.ema_decay)
+            running_loss = loss.detach() if running_loss is None else 0.98 * running_loss + 0.02 * loss.detach()
         step += 1
-        loss_value = loss.item()
-        running_loss = loss_value if math.isnan(running_loss) else 0.98 * running_loss + 0.02 * loss_value
-        if not math.isfinite(running_loss):
-            raise TrainingError(f"loss became {running_loss} at step {step}; lower learning_rate "
-                                f"({config.learning_rate}) and --resume from the last checkpoint")
         wall_time += time.perf_counter() - tick
         bar.update(1)
-        bar.set_postfix(loss=f"{running_loss:.4f}")
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            record = checkpoint(running_loss)
+        at_checkpoint = step % config.checkpoint_every == 0 or step == config.steps
+        if at_checkpoint or step % 100 == 0:
+            loss_value = running_loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"loss became {loss_value} by step {step}; lower learning_rate "
+                                    f"({config.learning_rate}) and --resume from the last checkpoint")
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        if at_checkpoint:
+            record = checkpoint(loss_value)
             bar.write(f"step {step}: held-out loss {record['heldout_loss']['mean']:.4f}")
             if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
                 break
@@ -284,4 +285,4 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
         return record
     if resume and (out / "log.jsonl").exists():  # nothing left to do: report the run's last checkpoint
         return json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    return checkpoint(running_loss)
+    return checkpoint(math.nan if running_loss is None else running_loss.item())

@@ -121,3 +121,31 @@ def test_continuing_from_a_checkpoint_carries_weights_and_step_count(tmp_path, c
     wider = config.model_copy(update={"network": config.network.model_copy(update={"channels": 16})})
     with pytest.raises(TrainingError, match="has network"):
         train(wider, tmp_path / "third", continue_from=checkpoint, progress=False)
+
+
+def test_natural_patches_are_flipped_or_rotated_crops_of_the_pictures():
+    import numpy as np
+
+    from invdiff.data import random_patches
+
+    pictures = {"wide": np.arange(12 * 20, dtype=np.float64).reshape(12, 20),
+                "tall": 1000 + np.arange(30 * 9, dtype=np.float64).reshape(30, 9)}
+    source = random_patches(pictures, size=5, scales=(1,))
+    patches = source.sample(400, torch.Generator().manual_seed(0))[:, 0]
+    assert patches.shape == (400, 5, 5)
+    seen = set()
+    for patch in patches:
+        picture = pictures["wide"] if patch.min() < 1000 else pictures["tall"]
+        matches = []
+        for flip in (False, True):
+            for turn in range(4):
+                candidate = torch.rot90(patch, -turn, dims=(0, 1))  # undo the rotation, then the flip
+                candidate = candidate.flip(-1) if flip else candidate
+                top, left = np.argwhere(picture == float(candidate.min()))[0]
+                crop = picture[top:top + 5, left:left + 5]
+                if crop.shape == (5, 5) and np.array_equal(crop, candidate.numpy()):
+                    matches.append((flip, turn))
+        assert len(matches) == 1, "a patch is not a flipped/rotated crop of a picture"
+        seen.add((float(patch.min()) >= 1000, *matches[0]))
+    # both pictures, with every flip and rotation, occur
+    assert len(seen) == 2 * 2 * 4
