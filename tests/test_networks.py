@@ -1,6 +1,7 @@
 """The UNet, network priors (parametrisations mapped onto the score), checkpoints and the shipped priors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,14 @@ def test_clipping_projects_tweedies_estimate_onto_the_data_range():
         inside = raw.abs() < 1
         torch.testing.assert_close(projected[inside], raw[inside])
     assert clipped.settings()["clip_denoised"] and not plain.settings()["clip_denoised"]
+
+
+@pytest.mark.parametrize("name", ["digits", "natural"])
+def test_shipped_priors_were_trained_by_their_committed_config(name):
+    from invdiff.training import load_training_config
+
+    folder = Path(__file__).resolve().parent.parent / "invdiff" / "priors"
+    config = load_training_config(folder / f"{name}.yaml")
+    record = read_metadata(folder / f"{name}.safetensors")["training"]
+    assert record["config"] == config.model_dump(mode="json")
+    assert record["steps"] == config.steps and not record.get("continued_from")  # one uninterrupted run
