@@ -28,6 +28,7 @@ from invdiff.metrics import SSIM_CONVENTION, coverage, psnr, sliced_wasserstein,
 from invdiff.plugins import PluginError, SamplerInfo, load_registry
 from invdiff.posterior import SampleResult, SamplingError, UnsupportedProblem, sample_posterior
 from invdiff.problems import Problem, ProblemError, build_sampler, load_problem
+from invdiff.sde import ScheduleError
 from invdiff.training import TrainingError, load_training_config, train
 
 __all__ = ["main"]
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     try:
         return arguments.handler(arguments)
-    except (UsageError, ProblemError, PluginError, UnsupportedProblem, TrainingError, CheckpointError) as error:
+    except (UsageError, ProblemError, PluginError, UnsupportedProblem, TrainingError, CheckpointError,
+            ScheduleError) as error:
         print(f"invdiff: error: {error}", file=sys.stderr)
         return 2
     except SamplingError as error:

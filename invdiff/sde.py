@@ -18,7 +18,11 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["SDE", "VPSDE", "VESDE", "DDPMSchedule", "gaussian_log_density", "sde_from_settings"]
+__all__ = ["SDE", "VPSDE", "VESDE", "DDPMSchedule", "ScheduleError", "gaussian_log_density", "sde_from_settings"]
+
+
+class ScheduleError(ValueError):
+    """A sampler asked a noise schedule for something it cannot give (the message says what is allowed)."""
 
 
 def _as_tensor(t: float | Tensor) -> Tensor:
@@ -174,7 +178,8 @@ class DDPMSchedule(SDE):
 
     def time_grid(self, num_steps: int) -> Tensor:
         if num_steps > self.num_timesteps:
-            raise ValueError(f"DDPM schedule has {self.num_timesteps} timesteps; cannot take {num_steps} steps")
+            raise ScheduleError(f"the DDPM schedule has {self.num_timesteps} timesteps, so it cannot take {num_steps} "
+                                f"steps; use num_steps <= {self.num_timesteps}")
         indices = torch.linspace(self.num_timesteps, 0, num_steps + 1, dtype=torch.float64).round()
         return indices / self.num_timesteps
 

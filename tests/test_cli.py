@@ -92,6 +92,15 @@ def test_bad_problem_files_get_one_line_errors_and_write_nothing(tmp_path, capsy
     assert not out.exists()
 
 
+def test_more_steps_than_a_ddpm_schedule_has_is_a_one_line_error(tmp_path, capsys):
+    text = VALID.replace("prior: digits_gmm", "prior: {name: digits_gmm, sde: {type: ddpm, num_timesteps: 10}}")
+    out = tmp_path / "run"
+    error = error_of(["solve", str(write_problem(tmp_path, text + "sampler_options: {dps: {num_steps: 20}}")),
+                      "--sampler", "dps", "--out", str(out), "--quiet"], capsys)
+    assert "the DDPM schedule has 10 timesteps, so it cannot take 20 steps; use num_steps <= 10" in error
+    assert not out.exists()
+
+
 def test_unknown_sampler(tmp_path, capsys):
     error = error_of(["solve", str(INPAINT), "--sampler", "magic", "--out", str(tmp_path / "run")], capsys)
     assert "unknown sampler 'magic'; available: " in error and "dps" in error
