@@ -469,6 +469,22 @@ def load_problem(path: str | Path, case: str | None = None) -> Problem:
     first); the problem's name becomes ``NAME-CASE``.
     """
     path = Path(path)
+    raw = _select_case(_read_problem_file(path), case, path)
+    try:
+        config = ProblemConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ProblemError(f"{path.name}: {format_validation_error(error, model=ProblemConfig)}") from None
+    return build_problem(config, path)
+
+
+def problem_cases(path: str | Path) -> list[str]:
+    """The case names of a problem file (empty when it has none)."""
+    cases = _read_problem_file(Path(path)).get("cases")
+    return list(cases) if isinstance(cases, dict) else []
+
+
+def _read_problem_file(path: Path) -> dict:
+    """The YAML mapping of a problem file; a missing or malformed file raises ``ProblemError``."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -481,19 +497,7 @@ def load_problem(path: str | Path, case: str | None = None) -> Problem:
     if not isinstance(raw, dict):
         raise ProblemError(f"{path.name}: a problem file must be a mapping of keys (name, prior, operator, "
                            f"noise, truth, ...), got {type(raw).__name__}")
-    raw = _select_case(raw, case, path)
-    try:
-        config = ProblemConfig.model_validate(raw)
-    except ValidationError as error:
-        raise ProblemError(f"{path.name}: {format_validation_error(error, model=ProblemConfig)}") from None
-    return build_problem(config, path)
-
-
-def problem_cases(path: str | Path) -> list[str]:
-    """The case names of a problem file (empty when it has none)."""
-    raw = yaml.safe_load(Path(path).read_text())
-    cases = raw.get("cases") if isinstance(raw, dict) else None
-    return list(cases) if isinstance(cases, dict) else []
+    return raw
 
 
 def _select_case(raw: dict, case: str | None, path: Path) -> dict:

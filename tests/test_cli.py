@@ -199,6 +199,16 @@ PROBLEM_CASES = [(path.name, case) for path in sorted((ROOT / "problems").glob("
                  for case in problem_cases(path)]
 
 
+def test_listing_the_cases_of_a_bad_file_names_what_is_wrong(tmp_path):
+    from invdiff.problems import ProblemError
+
+    assert problem_cases(write_problem(tmp_path, VALID)) == []
+    with pytest.raises(ProblemError, match="malformed YAML at line 1"):
+        problem_cases(write_problem(tmp_path, "name: [unclosed"))
+    with pytest.raises(ProblemError, match="does not exist"):
+        problem_cases(tmp_path / "missing.yaml")
+
+
 def test_problem_files_hold_digits_natural_and_exact_cases():
     for problem in ("inpaint.yaml", "deblur.yaml", "superres.yaml"):
         cases = problem_cases(ROOT / "problems" / problem)
