@@ -18,6 +18,7 @@ Relative file paths are read relative to the problem file.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -200,7 +201,7 @@ class DenoiserPriorConfig(_Strict):
         arguments = dict(self.arguments)
         if self.weights is not None:
             arguments["pretrained"] = str(base / self.weights)
-        elif "pretrained" in model_class.__init__.__code__.co_varnames:
+        elif "pretrained" in inspect.signature(model_class).parameters:
             arguments.setdefault("pretrained", None)  # never download
         try:
             denoiser = model_class(**arguments).eval()
