@@ -275,7 +275,10 @@ def test_problem_files_load_every_checkpoint_format_and_sample(guided_diffusion,
                        for key, value in SMALL_NCSNPP.items())
     priors = {"diffusers": "{name: diffusers, path: diffusers}",
               "ncsnpp": f"{{name: ncsnpp, path: edm.pt, {ncsnpp}}}",
-              "denoiser": "{name: deepinv_denoiser, model: TVDenoiser}"}
+              "denoiser": "{name: deepinv_denoiser, model: TVDenoiser}",
+              # DnCNN downloads weights unless told not to: the prior must pass pretrained=None
+              "untrained-denoiser": "{name: deepinv_denoiser, model: DnCNN, arguments: {in_channels: 1, "
+                                    "out_channels: 1, depth: 2, nf: 4}}"}
     for label, prior in priors.items():
         problem = tmp_path / f"{label}.yaml"
         problem.write_text(f"name: {label}\nprior: {prior}\noperator: {{type: inpainting, mask: random, "
