@@ -16,17 +16,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from imaging_table import natural_crops, posterior_images  # benchmarks/, beside this: the same conventions
 
 from invdiff.baselines import best_tv_reconstruction
 from invdiff.metrics import psnr
 from invdiff.plugins import load_registry
-from invdiff.posterior import sample_posterior
-from invdiff.problems import NaturalTruthConfig, build_problem, build_sampler, load_problem
+from invdiff.problems import build_problem, build_sampler, load_problem
 
 ROOT = Path(__file__).resolve().parent.parent
-VALIDATION = [NaturalTruthConfig(source="natural", image=image, top=top, left=left, size=32, scale=4)
-              for image, top, left in [("camera", 10, 90), ("coffee", 60, 100), ("camera", 96, 0), ("coffee", 30, 10)]]
+VALIDATION = natural_crops([("camera", 10, 90), ("coffee", 60, 100), ("camera", 96, 0), ("coffee", 30, 10)])
 CASES = ("inpaint.yaml:natural-box", "superres.yaml:natural-x4", "inpaint.yaml:natural-random")
 
 
@@ -42,9 +40,8 @@ def sweep(file_name: str, case: str, scales: list[float], seed: int) -> list[dic
         row = {"case": case, "crop": f"{truth.image} ({truth.top}, {truth.left})", "tv": psnr(tv_image, problem.truth)}
         for scale in scales:
             options = {**template.config.sampler_options.get("dps", {}), "scale": scale}
-            result = sample_posterior(build_sampler(dps_class, options), problem.posterior, template.config.num_samples,
-                                      generator=torch.Generator().manual_seed(seed))
-            mean = operator.to_image(result.samples).clamp(0, 1).mean(0, keepdim=True)
+            images = posterior_images(build_sampler(dps_class, options), problem, template.config.num_samples, seed)
+            mean = images.mean(0, keepdim=True)
             row[f"scale {scale:g}"] = psnr(mean, problem.truth) - row["tv"]
         print(json.dumps(row), file=sys.stderr)
         rows.append(row)

@@ -37,11 +37,23 @@ from invdiff.problems import DigitsTruthConfig, NaturalTruthConfig, build_proble
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBLEM_FILES = ("inpaint.yaml", "deblur.yaml", "superres.yaml")
+
+
+def natural_crops(positions: list[tuple[str, int, int]]) -> list[NaturalTruthConfig]:
+    """32x32 crops of held-out photographs at 1/4 scale, at ``(image, top, left)``."""
+    return [NaturalTruthConfig(source="natural", image=image, top=top, left=left, size=32, scale=4)
+            for image, top, left in positions]
+
+
+def posterior_images(sampler, problem, num_samples: int, seed: int) -> torch.Tensor:
+    """``num_samples`` posterior draws as images clamped to [0, 1]; their mean is the posterior-mean estimate."""
+    result = sample_posterior(sampler, problem.posterior, num_samples, generator=torch.Generator().manual_seed(seed))
+    return problem.posterior.operator.to_image(result.samples).clamp(0, 1)
+
 HELDOUT = {
     "digits": [DigitsTruthConfig(source="digits", index=index) for index in range(8)],
-    "natural": [NaturalTruthConfig(source="natural", image=image, top=top, left=left, size=32, scale=4)
-                for image, top, left in [("camera", 8, 40), ("camera", 40, 8), ("camera", 64, 64),
-                                         ("camera", 90, 40), ("coffee", 4, 48), ("coffee", 40, 90)]],
+    "natural": natural_crops([("camera", 8, 40), ("camera", 40, 8), ("camera", 64, 64), ("camera", 90, 40),
+                              ("coffee", 4, 48), ("coffee", 40, 90)]),
 }
 
 
@@ -60,9 +72,7 @@ def evaluate_case(path: Path, case: str, samplers: list[str], registry, seed: in
             sampler_class = registry.get(name).sampler_class
             sampler = build_sampler(sampler_class, template.config.sampler_options.get(name, {}))
             start = time.perf_counter()
-            result = sample_posterior(sampler, problem.posterior, template.config.num_samples,
-                                      generator=torch.Generator().manual_seed(seed))
-            images = operator.to_image(result.samples).clamp(0, 1)
+            images = posterior_images(sampler, problem, template.config.num_samples, seed)
             mean = images.mean(0, keepdim=True)
             row[name] = psnr(mean, problem.truth)
             row[f"{name}_ssim"] = ssim(mean, problem.truth)
