@@ -103,5 +103,6 @@ class random_patches:
         patches = self.pixels[self.offsets[choices, None, None] + rows * self.widths[choices, None, None] + columns]
         patches = torch.where((uniform[2] < 0.5)[:, None, None], patches.flip(-1), patches)
         for turn in (1, 2, 3):
-            patches[turns == turn] = torch.rot90(patches[turns == turn], turn, dims=(1, 2))
+            chosen = turns == turn
+            patches[chosen] = torch.rot90(patches[chosen], turn, dims=(1, 2))
         return patches[:, None]
