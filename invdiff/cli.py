@@ -11,16 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from invdiff.checkpoints import CheckpointError
 from invdiff.exact import ExactPosterior, NotTractable
@@ -28,12 +25,19 @@ from invdiff.metrics import SSIM_CONVENTION, coverage, psnr, sliced_wasserstein,
 from invdiff.plugins import PluginError, SamplerInfo, load_registry
 from invdiff.posterior import SampleResult, SamplingError, UnsupportedProblem, sample_posterior
 from invdiff.problems import Problem, ProblemError, build_sampler, load_problem
+from invdiff.rundir import RunFolder, RunFolderError
 from invdiff.sde import ScheduleError
 from invdiff.training import TrainingError, load_training_config, train
+from invdiff.yamlfile import YAMLFileError, parse_value
 
 __all__ = ["main"]
 
 REPORTED_PACKAGES = ("invdiff", "torch", "numpy", "deepinv", "scikit-image", "scikit-learn", "pluggy", "pydantic")
+
+
+#: what an interrupted command leaves behind
+INTERRUPTED = {"solve": "nothing was written", "train": "the run folder holds the last checkpoint (--resume continues)",
+               "samplers": "nothing was written"}
 
 
 class UsageError(ValueError):
@@ -46,12 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return arguments.handler(arguments)
     except (UsageError, ProblemError, PluginError, UnsupportedProblem, TrainingError, CheckpointError,
-            ScheduleError) as error:
+            ScheduleError, RunFolderError) as error:
         print(f"invdiff: error: {error}", file=sys.stderr)
         return 2
     except SamplingError as error:
         print(f"invdiff: sampling failed: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninvdiff: interrupted; {INTERRUPTED[arguments.command]}", file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     solve.add_argument("--case", help="which case of a problem file with several (default: its first)")
     solve.add_argument("--num-samples", type=int, help="number of posterior samples (default: the problem's)")
     solve.add_argument("--seed", type=int, default=0, help="seed of every random draw of the sampler (default 0)")
-    solve.add_argument("--out", type=Path, help="output folder (default: runs/PROBLEM-SAMPLER-seedSEED)")
-    solve.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    solve.add_argument("--out", help="output folder (default: runs/PROBLEM-SAMPLER-seedSEED)")
+    solve.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output folder, only if invdiff wrote it")
     solve.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to sample (default cpu)")
     solve.add_argument("--num-particles", type=int, help="particles K of a particle sampler (option num_particles)")
     solve.add_argument("--resampling", choices=["systematic", "multinomial", "stratified", "residual"],
@@ -135,7 +143,10 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
         key, separator, value = pair.partition("=")
         if not separator or not key.strip():
             raise UsageError(f"--option expects KEY=VALUE, got '{pair}'")
-        options[key.strip()] = yaml.safe_load(value)
+        try:
+            options[key.strip()] = parse_value(value, f"--option {key.strip()}")
+        except YAMLFileError as error:
+            raise UsageError(str(error)) from None
     return options
 
 
@@ -151,32 +162,51 @@ def _particle_options(arguments, info: SamplerInfo) -> dict[str, Any]:
     return given
 
 
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**64:
+        raise UsageError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}")
+
+
+def _check_sampler_option_names(problem: Problem, registry) -> None:
+    """Options in the problem file for a sampler that is not registered are most likely a typo."""
+    for name in problem.config.sampler_options:
+        if name not in registry.samplers:
+            raise UsageError(f"{problem.path.name}: sampler_options.{name}: no sampler '{name}' is registered; "
+                             f"registered: {', '.join(sorted(registry.samplers))}")
+
+
 def _solve(arguments) -> int:
     registry = load_registry()
     info = registry.get(arguments.sampler)
     if arguments.num_samples is not None and arguments.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {arguments.num_samples}")
+    _check_seed(arguments.seed)
     _check_device(arguments.device)
+    if arguments.out is not None and not arguments.out.strip():
+        raise UsageError("--out is empty; name a new folder, e.g. --out runs/my-run")
     problem = load_problem(arguments.problem, arguments.case)
+    _check_sampler_option_names(problem, registry)
     options = {**problem.config.sampler_options.get(info.name, {}), **_parse_options(arguments.option),
                **_particle_options(arguments, info)}
     sampler = build_sampler(info.sampler_class, options)
     num_samples = arguments.num_samples or problem.config.num_samples
-    out = arguments.out or Path("runs") / f"{problem.config.name}-{info.name}-seed{arguments.seed}"
-    if out.exists() and not arguments.overwrite:
-        raise UsageError(f"output folder {out} exists; choose another --out or pass --overwrite")
-
-    problem.to(arguments.device)
-    generator = torch.Generator(device=arguments.device).manual_seed(arguments.seed)
-    result = sample_posterior(sampler, problem.posterior, num_samples, generator=generator,
-                              progress=not arguments.quiet)
-    images = _images(problem, result.samples)
-    if result.particles is not None:   # moments from the weighted particles, not from the resampled draws
-        mean, std = _weighted_moments(_images(problem, result.particles), result.log_weights)
-    else:
-        mean, std = _weighted_moments(images, None)
-    summary = _summary(problem, info, sampler, result, arguments, num_samples, images, mean)
-    _write_outputs(out, problem, result, summary, arguments.overwrite, images, mean, std)
+    out = Path(arguments.out or Path("runs") / f"{problem.config.name}-{info.name}-seed{arguments.seed}")
+    folder = RunFolder(out, arguments.overwrite)   # checked and staged before any work
+    try:
+        problem.to(arguments.device)
+        generator = torch.Generator(device=arguments.device).manual_seed(arguments.seed)
+        result = sample_posterior(sampler, problem.posterior, num_samples, generator=generator,
+                                  progress=not arguments.quiet)
+        images = _images(problem, result.samples)
+        if result.particles is not None:   # moments from the weighted particles, not from the resampled draws
+            mean, std = _weighted_moments(_images(problem, result.particles), result.log_weights)
+        else:
+            mean, std = _weighted_moments(images, None)
+        summary = _summary(problem, info, sampler, result, arguments, num_samples, images, mean)
+        _write_outputs(folder.staging, problem, result, summary, images, mean, std)
+        folder.commit("invdiff solve")
+    finally:
+        folder.discard()
     metrics = summary.get("metrics", {})
     shown = ", ".join(f"{key} {value:.3f}" for key, value in metrics.items() if isinstance(value, float))
     print(f"{info.name}: {num_samples} samples in {result.wall_time:.1f} s ({result.nfe:.0f} network evaluations "
@@ -295,27 +325,16 @@ def _figure(path: Path, problem: Problem, images: torch.Tensor, mean: torch.Tens
     plt.close(figure)
 
 
-def _write_outputs(out: Path, problem: Problem, result: SampleResult, summary: dict, overwrite: bool,
+def _write_outputs(folder: Path, problem: Problem, result: SampleResult, summary: dict,
                    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """Write samples.npz, summary.json and figure.png into a temporary folder, then move it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        arrays = {"samples": images.numpy(), "posterior_mean": mean.numpy(), "posterior_std": std.numpy(),
-                  "measurement": problem.posterior.measurement.detach().cpu().numpy()}
-        if problem.truth is not None:
-            arrays["truth"] = problem.truth.cpu().numpy()
-        if result.particles is not None:
-            arrays["particles"] = _images(problem, result.particles).numpy()
-            arrays["log_weights"] = result.log_weights.detach().cpu().numpy()
-        np.savez_compressed(staging / "samples.npz", **arrays)
-        (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _figure(staging / "figure.png", problem, images, mean, std)
-        if out.exists():
-            if not overwrite:
-                raise UsageError(f"output folder {out} appeared while sampling; not overwritten")
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    """Write samples.npz, summary.json and figure.png into ``folder`` (a run's staging folder)."""
+    arrays = {"samples": images.numpy(), "posterior_mean": mean.numpy(), "posterior_std": std.numpy(),
+              "measurement": problem.posterior.measurement.detach().cpu().numpy()}
+    if problem.truth is not None:
+        arrays["truth"] = problem.truth.cpu().numpy()
+    if result.particles is not None:
+        arrays["particles"] = _images(problem, result.particles).numpy()
+        arrays["log_weights"] = result.log_weights.detach().cpu().numpy()
+    np.savez_compressed(folder / "samples.npz", **arrays)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _figure(folder / "figure.png", problem, images, mean, std)

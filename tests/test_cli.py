@@ -37,7 +37,8 @@ def test_solve_writes_samples_summary_and_figure(tmp_path):
                                 "--sampler", "dps", "--seed", "3", "--out", str(out), *FAST], capture_output=True,
                                text=True, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr
-    assert sorted(path.name for path in out.iterdir()) == ["figure.png", "samples.npz", "summary.json"]
+    assert sorted(path.name for path in out.iterdir()) == [".invdiff-run.json", "figure.png", "samples.npz",
+                                                           "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sampler"]["name"] == "dps" and summary["sampler"]["options"]["num_steps"] == 20
     assert summary["seed"] == 3 and summary["num_samples"] == 4
@@ -101,6 +102,12 @@ def test_more_steps_than_a_ddpm_schedule_has_is_a_one_line_error(tmp_path, capsy
     assert not out.exists()
 
 
+def test_options_for_a_sampler_that_is_not_registered_are_a_typo(tmp_path, capsys):
+    problem = write_problem(tmp_path, VALID + "sampler_options: {dsp: {scale: 0.5}}")
+    error = error_of(["solve", str(problem), "--sampler", "dps", "--out", str(tmp_path / "run")], capsys)
+    assert "sampler_options.dsp: no sampler 'dsp' is registered; registered: " in error and "dps" in error
+
+
 def test_unknown_sampler(tmp_path, capsys):
     error = error_of(["solve", str(INPAINT), "--sampler", "magic", "--out", str(tmp_path / "run")], capsys)
     assert "unknown sampler 'magic'; available: " in error and "dps" in error
@@ -155,14 +162,21 @@ def test_existing_output_is_never_silently_overwritten(tmp_path, capsys):
     error = error_of(["solve", str(INPAINT), "--sampler", "dps", "--out", str(out), *FAST], capsys)
     assert "exists; choose another --out or pass --overwrite" in error
     assert (out / "keep.txt").read_text() == "precious"
-    assert main(["solve", str(INPAINT), "--sampler", "dps", "--out", str(out), "--overwrite", *FAST]) == 0
-    assert not (out / "keep.txt").exists() and (out / "summary.json").exists()
+    error = error_of(["solve", str(INPAINT), "--sampler", "dps", "--out", str(out), "--overwrite", *FAST], capsys)
+    assert "was not written by invdiff" in error     # --overwrite replaces only invdiff's own runs
+    assert (out / "keep.txt").read_text() == "precious"
     assert [path.name for path in tmp_path.iterdir()] == ["run"]   # no staging folder left behind
 
 
 def test_bad_option_syntax_and_device(tmp_path, capsys):
     assert "--option expects KEY=VALUE" in error_of(["solve", str(INPAINT), "--sampler", "dps", "-o", "scale",
                                                      "--out", str(tmp_path / "a")], capsys)
+    assert "--option scale: malformed YAML at line 1, column 4" in error_of(
+        ["solve", str(INPAINT), "--sampler", "dps", "-o", "scale=[1,", "--out", str(tmp_path / "a")], capsys)
+    for seed in (str(2**64), "-1"):
+        assert "--seed must be an integer from 0 to 2**64 - 1" in error_of(
+            ["solve", str(INPAINT), "--sampler", "dps", "--seed", seed, "--out", str(tmp_path / "a")], capsys)
+    assert not (tmp_path / "a").exists()
     import torch
 
     if not torch.cuda.is_available():

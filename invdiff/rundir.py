@@ -1,0 +1,139 @@
+"""Run folders: written whole or not at all, and replaced only when invdiff wrote them.
+
+A run is written into a staging folder beside its destination, created before any work so that an
+unusable destination is an input error, not a traceback after sampling. When the run is complete
+the staging folder is renamed onto the destination. ``--overwrite`` may replace only a folder that
+holds invdiff's marker file and nothing but the files the marker lists: never the working
+directory or one of its parents, never a folder a user made. The old run is moved aside by a
+rename first and deleted only once the new one is in place, so nothing is lost if a step fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["RunFolderError", "RunFolder", "MARKER"]
+
+#: the file that marks a folder as an invdiff run (JSON: what wrote it and which files)
+MARKER = ".invdiff-run.json"
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used; the message is one line saying why and what to do."""
+
+
+def _umask_permissions() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (outermost first) from the innermost out, stopping at one that is not empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _owned_files(folder: Path) -> set[str] | None:
+    """The files the marker of ``folder`` lists, or None when ``folder`` is not an invdiff run."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        return set(marker["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class RunFolder:
+    """The destination ``out`` of one run and its staging folder.
+
+    ``RunFolder(out, overwrite)`` checks the destination and creates the staging folder at once
+    (raising ``RunFolderError``); write files into ``staging``, then ``commit(kind)``; ``discard()``
+    removes the staging folder (and parent folders it created) when the run does not complete.
+    """
+
+    def __init__(self, out: Path, overwrite: bool):
+        self.out = Path(out)
+        self.overwrite = overwrite
+        self._check_destination()
+        self._created_parents = self._make_parents()
+        try:
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+            self.staging.chmod(_umask_permissions())
+        except OSError as error:
+            _remove_empty(self._created_parents)
+            raise RunFolderError(f"--out: cannot create a folder in {self.out.parent}: "
+                                 f"{error.strerror or error}") from None
+
+    def _check_destination(self) -> None:
+        out = self.out
+        resolved = out.resolve()
+        if Path.cwd().resolve().is_relative_to(resolved):
+            raise RunFolderError(f"--out {out}: that is the working directory or one of its parents; a run "
+                                 f"needs a folder of its own, e.g. --out runs/my-run")
+        if out.is_symlink():
+            raise RunFolderError(f"--out {out}: is a symbolic link; name a folder")
+        if not out.exists():
+            return
+        if not out.is_dir():
+            raise RunFolderError(f"--out {out}: is a file, not a folder; choose another --out")
+        if not self.overwrite:
+            raise RunFolderError(f"output folder {out} exists; choose another --out or pass --overwrite")
+        self._check_replaceable()
+
+    def _check_replaceable(self) -> None:
+        owned = _owned_files(self.out)
+        if owned is None:
+            raise RunFolderError(f"--overwrite: {self.out} was not written by invdiff (no {MARKER}); "
+                                 f"--overwrite replaces only invdiff runs: choose another --out")
+        foreign = sorted(entry.name for entry in self.out.iterdir() if entry.name not in owned | {MARKER})
+        if foreign:
+            raise RunFolderError(f"--overwrite: {self.out} holds files invdiff did not write ({', '.join(foreign[:3])}"
+                                 f"{', ...' if len(foreign) > 3 else ''}); move them or choose another --out")
+
+    def _make_parents(self) -> list[Path]:
+        """Create the missing parent folders of ``out``; returns those created, outermost first."""
+        created: list[Path] = []
+        for parent in reversed(self.out.parents):
+            if parent.exists():
+                continue
+            try:
+                parent.mkdir()
+            except OSError as error:
+                _remove_empty(created)
+                raise RunFolderError(f"--out: cannot create folder {parent}: {error.strerror or error}") from None
+            created.append(parent)
+        return created
+
+    def commit(self, kind: str) -> None:
+        """Mark the staging folder as a run of ``kind`` and move it onto ``out`` (replacing an old run)."""
+        files = sorted(entry.name for entry in self.staging.iterdir())
+        (self.staging / MARKER).write_text(json.dumps({"written_by": "invdiff", "kind": kind, "files": files}) + "\n")
+        old = None
+        if self.out.exists():
+            if not self.overwrite:
+                raise RunFolderError(f"output folder {self.out} appeared while sampling; not overwritten")
+            self._check_replaceable()
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            self.out.rename(old / self.out.name)
+        try:
+            self.staging.rename(self.out)
+        except OSError:
+            if old is not None:  # put the old run back where it was
+                (old / self.out.name).rename(self.out)
+                old.rmdir()
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+
+    def discard(self) -> None:
+        """Remove the staging folder and the parent folders this run created (when still empty)."""
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        _remove_empty(self._created_parents)
