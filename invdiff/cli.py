@@ -3,37 +3,23 @@
 Input mistakes (problem file, sampler name or options, output folder, device) print one line
 ``invdiff: error: ...`` and exit with code 2 before anything is written; a sampling failure (NaN)
 exits with code 1 and names the step. Outputs are written to a temporary folder and moved into
-place only when complete, so no run leaves a partial or silently overwritten folder.
+place only when complete, so no run leaves a partial or silently overwritten folder. Each command
+imports the numerical stack itself, so ``--help`` answers without loading torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from invdiff.checkpoints import CheckpointError
-from invdiff.exact import ExactPosterior, NotTractable
-from invdiff.metrics import SSIM_CONVENTION, coverage, psnr, sliced_wasserstein, ssim
-from invdiff.plugins import PluginError, SamplerInfo, load_registry
-from invdiff.posterior import SampleResult, SamplingError, UnsupportedProblem, sample_posterior
-from invdiff.problems import Problem, ProblemError, build_sampler, load_problem
-from invdiff.rundir import RunFolder, RunFolderError
-from invdiff.sde import ScheduleError
-from invdiff.training import TrainingError, load_training_config, train
-from invdiff.yamlfile import YAMLFileError, parse_value
+if TYPE_CHECKING:
+    from invdiff.plugins import SamplerInfo
+    from invdiff.problems import Problem
 
 __all__ = ["main"]
-
-REPORTED_PACKAGES = ("invdiff", "torch", "numpy", "deepinv", "scikit-image", "scikit-learn", "pluggy", "pydantic")
-
 
 #: what an interrupted command leaves behind
 INTERRUPTED = {"solve": "nothing was written", "train": "the run folder holds the last checkpoint (--resume continues)",
@@ -49,16 +35,33 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     try:
         return arguments.handler(arguments)
-    except (UsageError, ProblemError, PluginError, UnsupportedProblem, TrainingError, CheckpointError,
-            ScheduleError, RunFolderError) as error:
-        print(f"invdiff: error: {error}", file=sys.stderr)
-        return 2
-    except SamplingError as error:
-        print(f"invdiff: sampling failed: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"\ninvdiff: interrupted; {INTERRUPTED[arguments.command]}", file=sys.stderr)
         return 130
+    except Exception as error:
+        if isinstance(error, _input_errors()):
+            print(f"invdiff: error: {error}", file=sys.stderr)
+            return 2
+        from invdiff.posterior import SamplingError
+
+        if isinstance(error, SamplingError):
+            print(f"invdiff: sampling failed: {error}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean bad input: one line, exit code 2 (imported here, after the command ran)."""
+    from invdiff.checkpoints import CheckpointError
+    from invdiff.plugins import PluginError
+    from invdiff.posterior import UnsupportedProblem
+    from invdiff.problems import ProblemError
+    from invdiff.rundir import RunFolderError
+    from invdiff.sde import ScheduleError
+    from invdiff.training import TrainingError
+
+    return (UsageError, ProblemError, PluginError, UnsupportedProblem, TrainingError, CheckpointError, ScheduleError,
+            RunFolderError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,11 +107,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_device(device: str) -> None:
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
 
 
 def _train(arguments) -> int:
+    from invdiff.training import load_training_config, train
+
     config = load_training_config(arguments.config)
     if arguments.steps is not None:
         if arguments.steps < 1:
@@ -122,6 +129,8 @@ def _train(arguments) -> int:
 
 
 def _samplers(arguments) -> int:
+    from invdiff.plugins import load_registry
+
     registry = load_registry()
     rows = [(info.name, info.package or "-", info.version or "-", info.summary)
             for info in sorted(registry.samplers.values(), key=lambda info: info.name)]
@@ -138,6 +147,8 @@ def _samplers(arguments) -> int:
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    from invdiff.yamlfile import YAMLFileError, parse_value
+
     options = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
@@ -176,6 +187,14 @@ def _check_sampler_option_names(problem: Problem, registry) -> None:
 
 
 def _solve(arguments) -> int:
+    import torch
+
+    from invdiff.evaluation import posterior_moments, run_summary, write_run
+    from invdiff.plugins import load_registry
+    from invdiff.posterior import sample_posterior
+    from invdiff.problems import build_sampler, load_problem
+    from invdiff.rundir import RunFolder
+
     registry = load_registry()
     info = registry.get(arguments.sampler)
     if arguments.num_samples is not None and arguments.num_samples < 1:
@@ -197,13 +216,10 @@ def _solve(arguments) -> int:
         generator = torch.Generator(device=arguments.device).manual_seed(arguments.seed)
         result = sample_posterior(sampler, problem.posterior, num_samples, generator=generator,
                                   progress=not arguments.quiet)
-        images = _images(problem, result.samples)
-        if result.particles is not None:   # moments from the weighted particles, not from the resampled draws
-            mean, std = _weighted_moments(_images(problem, result.particles), result.log_weights)
-        else:
-            mean, std = _weighted_moments(images, None)
-        summary = _summary(problem, info, sampler, result, arguments, num_samples, images, mean)
-        _write_outputs(folder.staging, problem, result, summary, images, mean, std)
+        images, mean, std = posterior_moments(problem, result)
+        summary = run_summary(problem, info, sampler, result, seed=arguments.seed, device=arguments.device,
+                              num_samples=num_samples, images=images, mean=mean)
+        write_run(folder.staging, problem, result, summary, images, mean, std)
         folder.commit("invdiff solve")
     finally:
         folder.discard()
@@ -214,127 +230,3 @@ def _solve(arguments) -> int:
     return 0
 
 
-def _images(problem: Problem, x: torch.Tensor) -> torch.Tensor:
-    """Prior-space tensors as [0, 1] images on the CPU."""
-    return problem.posterior.operator.to_image(x).detach().cpu()
-
-
-def _weighted_moments(images: torch.Tensor, log_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if log_weights is None:
-        weights = torch.full((len(images),), 1.0 / len(images), dtype=torch.float64)
-    else:
-        weights = torch.softmax(log_weights.to(torch.float64).cpu(), 0)
-    images = images.to(torch.float64)
-    shape = (-1,) + (1,) * (images.dim() - 1)
-    mean = (weights.reshape(shape) * images).sum(0)
-    variance = (weights.reshape(shape) * (images - mean) ** 2).sum(0)
-    return mean, variance.sqrt()
-
-
-def _versions(info: SamplerInfo) -> dict[str, str]:
-    versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in REPORTED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    versions[f"sampler package {info.package or '?'}"] = info.version or "?"
-    return versions
-
-
-def _summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResult, arguments,
-             num_samples: int, images: torch.Tensor, mean: torch.Tensor) -> dict:
-    operator = problem.posterior.operator
-    summary = {
-        "problem": problem.config.model_dump(mode="json"),
-        "problem_file": str(arguments.problem),
-        "prior": problem.posterior.prior.settings(),
-        "operator": operator.settings(),
-        "sampler": {"name": info.name, "package": info.package, "version": info.version,
-                    "options": sampler.options.model_dump(mode="json")},
-        "num_samples": num_samples,
-        "seed": arguments.seed,
-        "device": arguments.device,
-        "network_evaluations_per_sample": result.nfe,
-        "wall_time_seconds": result.wall_time,
-        "log_evidence": result.log_evidence,
-        "versions": _versions(info),
-        "ess_trace": result.ess_history or None,
-        "diagnostics": result.diagnostics,
-        "extras": _json_scalars(result.extras),
-        "image_range": [0.0, 1.0],
-    }
-    if problem.truth is not None:
-        truth = problem.truth[0].cpu()
-        sample_psnrs = [psnr(image, truth) for image in images]
-        summary["metrics"] = {
-            "psnr_posterior_mean": psnr(mean, truth),
-            "ssim_posterior_mean": ssim(mean, truth),
-            "psnr_samples_average": float(np.mean(sample_psnrs)),
-            "coverage_90": coverage(images, truth, 0.9),
-            "ssim_convention": SSIM_CONVENTION,
-        }
-    try:
-        exact = ExactPosterior.from_posterior(problem.posterior)
-    except NotTractable:
-        return summary
-    draws = torch.Generator().manual_seed(arguments.seed)
-    reference, second = exact.sample(num_samples, generator=draws), exact.sample(num_samples, generator=draws)
-    summary["exact_posterior"] = {
-        "sliced_wasserstein_to_exact": sliced_wasserstein(result.samples, reference),
-        "sliced_wasserstein_noise_floor": sliced_wasserstein(second, reference),
-        "log_evidence": exact.log_evidence,
-        "note": "distances in the prior's native space, at this number of samples; the floor is exact vs exact",
-    }
-    return summary
-
-
-def _json_scalars(extras: dict) -> dict:
-    """The numbers, strings and flags among a sampler's extras (tensors stay in samples.npz)."""
-    return {key: value for key, value in (extras or {}).items() if isinstance(value, (int, float, str, bool))}
-
-
-def _figure(path: Path, problem: Problem, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    measurement = problem.posterior.measurement[0].detach().cpu()
-    panels = []
-    if problem.truth is not None:
-        panels.append(("truth", problem.truth[0].cpu(), "gray"))
-    if measurement.dim() == 3:
-        panels.append(("measurement y", measurement, "gray"))
-    panels += [("posterior mean", mean, "gray"), ("posterior std", std, "magma")]
-    panels += [(f"sample {index + 1}", image, "gray") for index, image in enumerate(images[:4])]
-    figure, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
-    for axis, (title, image, colormap) in zip(axes, panels):
-        array = image.to(torch.float64).numpy()
-        array = array[0] if array.shape[0] == 1 else np.clip(np.moveaxis(array, 0, -1), 0, 1)
-        if colormap == "gray":
-            shown = axis.imshow(np.clip(array, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        else:
-            shown = axis.imshow(array, cmap=colormap, interpolation="nearest")
-            figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
-        axis.set_title(title, fontsize=9)
-        axis.axis("off")
-    figure.suptitle(f"{problem.config.name}", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def _write_outputs(folder: Path, problem: Problem, result: SampleResult, summary: dict,
-                   images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """Write samples.npz, summary.json and figure.png into ``folder`` (a run's staging folder)."""
-    arrays = {"samples": images.numpy(), "posterior_mean": mean.numpy(), "posterior_std": std.numpy(),
-              "measurement": problem.posterior.measurement.detach().cpu().numpy()}
-    if problem.truth is not None:
-        arrays["truth"] = problem.truth.cpu().numpy()
-    if result.particles is not None:
-        arrays["particles"] = _images(problem, result.particles).numpy()
-        arrays["log_weights"] = result.log_weights.detach().cpu().numpy()
-    np.savez_compressed(folder / "samples.npz", **arrays)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _figure(folder / "figure.png", problem, images, mean, std)

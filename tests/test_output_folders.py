@@ -87,7 +87,7 @@ def test_an_unusable_output_location_is_refused_before_any_work(tmp_path, capsys
            "unwritable": locked / "run", "proc": Path("/proc/invdiff-run"), "symlink": tmp_path / "link"}[case]
     if case == "unwritable" and os.access(locked, os.W_OK):
         pytest.skip("running as a user who can write to read-only folders (root)")
-    monkeypatch.setattr("invdiff.cli.sample_posterior", lambda *args, **kwargs: pytest.fail("sampling started"))
+    monkeypatch.setattr("invdiff.posterior.sample_posterior", lambda *args, **kwargs: pytest.fail("sampling started"))
     error = error_of(["solve", INPAINT, *FAST, "--out", str(out)], capsys)
     assert "--out" in error, error
     assert (tmp_path / "a_file").read_text() == "x"
@@ -103,7 +103,7 @@ def test_a_failed_run_leaves_no_folder_and_removes_the_parents_it_created(tmp_pa
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("invdiff.cli.sample_posterior", fail)
+    monkeypatch.setattr("invdiff.posterior.sample_posterior", fail)
     assert main(["solve", INPAINT, *FAST, "--out", str(tmp_path / "new" / "deeper" / "run")]) == 130
     assert list(tmp_path.iterdir()) == [], "an interrupted run left files behind"
 

@@ -1,0 +1,165 @@
+"""What a run is worth, and what it leaves on disk: moments, metrics, the summary, samples.npz, the figure.
+
+Shared by ``invdiff solve`` and anything else that evaluates a sampler's output on a problem, so
+that every number is computed by one function under one convention: images in [0, 1], the
+posterior mean and per-pixel standard deviation from the weighted particles when a sampler has
+them, PSNR/SSIM of the mean (``invdiff.metrics``), coverage of the 90% per-pixel intervals and,
+when the posterior is tractable, the sliced Wasserstein distance to exact draws next to its floor.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from invdiff.exact import ExactPosterior, NotTractable
+from invdiff.metrics import SSIM_CONVENTION, coverage, psnr, sliced_wasserstein, ssim
+from invdiff.plugins import SamplerInfo
+from invdiff.posterior import SampleResult
+from invdiff.problems import Problem
+
+__all__ = ["run_images", "posterior_moments", "run_summary", "write_run"]
+
+REPORTED_PACKAGES = ("invdiff", "torch", "numpy", "deepinv", "scikit-image", "scikit-learn", "pluggy", "pydantic")
+
+
+def run_images(problem: Problem, x: torch.Tensor) -> torch.Tensor:
+    """Prior-space tensors as [0, 1] images on the CPU."""
+    return problem.posterior.operator.to_image(x).detach().cpu()
+
+
+def _weighted_moments(images: torch.Tensor, log_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if log_weights is None:
+        weights = torch.full((len(images),), 1.0 / len(images), dtype=torch.float64)
+    else:
+        weights = torch.softmax(log_weights.to(torch.float64).cpu(), 0)
+    images = images.to(torch.float64)
+    shape = (-1,) + (1,) * (images.dim() - 1)
+    mean = (weights.reshape(shape) * images).sum(0)
+    variance = (weights.reshape(shape) * (images - mean) ** 2).sum(0)
+    return mean, variance.sqrt()
+
+
+def _versions(info: SamplerInfo) -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in REPORTED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    versions[f"sampler package {info.package or '?'}"] = info.version or "?"
+    return versions
+
+
+def posterior_moments(problem: Problem, result: SampleResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The samples as [0, 1] images, and the posterior mean and per-pixel std (weighted particles when given)."""
+    images = run_images(problem, result.samples)
+    if result.particles is not None:   # moments from the weighted particles, not from the resampled draws
+        mean, std = _weighted_moments(run_images(problem, result.particles), result.log_weights)
+    else:
+        mean, std = _weighted_moments(images, None)
+    return images, mean, std
+
+
+def run_summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResult, *, seed: int, device: str,
+                num_samples: int, images: torch.Tensor, mean: torch.Tensor) -> dict:
+    """The summary.json document of a run: settings, versions, cost, diagnostics, metrics, exact block."""
+    operator = problem.posterior.operator
+    summary = {
+        "problem": problem.config.model_dump(mode="json"),
+        "problem_file": str(problem.path),
+        "prior": problem.posterior.prior.settings(),
+        "operator": operator.settings(),
+        "sampler": {"name": info.name, "package": info.package, "version": info.version,
+                    "options": sampler.options.model_dump(mode="json")},
+        "num_samples": num_samples,
+        "seed": seed,
+        "device": device,
+        "network_evaluations_per_sample": result.nfe,
+        "wall_time_seconds": result.wall_time,
+        "log_evidence": result.log_evidence,
+        "versions": _versions(info),
+        "ess_trace": result.ess_history or None,
+        "diagnostics": result.diagnostics,
+        "extras": _json_scalars(result.extras),
+        "image_range": [0.0, 1.0],
+    }
+    if problem.truth is not None:
+        truth = problem.truth[0].cpu()
+        sample_psnrs = [psnr(image, truth) for image in images]
+        summary["metrics"] = {
+            "psnr_posterior_mean": psnr(mean, truth),
+            "ssim_posterior_mean": ssim(mean, truth),
+            "psnr_samples_average": float(np.mean(sample_psnrs)),
+            "coverage_90": coverage(images, truth, 0.9),
+            "ssim_convention": SSIM_CONVENTION,
+        }
+    try:
+        exact = ExactPosterior.from_posterior(problem.posterior)
+    except NotTractable:
+        return summary
+    draws = torch.Generator().manual_seed(seed)
+    reference, second = exact.sample(num_samples, generator=draws), exact.sample(num_samples, generator=draws)
+    summary["exact_posterior"] = {
+        "sliced_wasserstein_to_exact": sliced_wasserstein(result.samples, reference),
+        "sliced_wasserstein_noise_floor": sliced_wasserstein(second, reference),
+        "log_evidence": exact.log_evidence,
+        "note": "distances in the prior's native space, at this number of samples; the floor is exact vs exact",
+    }
+    return summary
+
+
+def _json_scalars(extras: dict) -> dict:
+    """The numbers, strings and flags among a sampler's extras (tensors stay in samples.npz)."""
+    return {key: value for key, value in (extras or {}).items() if isinstance(value, (int, float, str, bool))}
+
+
+def _figure(path: Path, problem: Problem, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measurement = problem.posterior.measurement[0].detach().cpu()
+    panels = []
+    if problem.truth is not None:
+        panels.append(("truth", problem.truth[0].cpu(), "gray"))
+    if measurement.dim() == 3:
+        panels.append(("measurement y", measurement, "gray"))
+    panels += [("posterior mean", mean, "gray"), ("posterior std", std, "magma")]
+    panels += [(f"sample {index + 1}", image, "gray") for index, image in enumerate(images[:4])]
+    figure, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
+    for axis, (title, image, colormap) in zip(axes, panels):
+        array = image.to(torch.float64).numpy()
+        array = array[0] if array.shape[0] == 1 else np.clip(np.moveaxis(array, 0, -1), 0, 1)
+        if colormap == "gray":
+            shown = axis.imshow(np.clip(array, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            shown = axis.imshow(array, cmap=colormap, interpolation="nearest")
+            figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
+        axis.set_title(title, fontsize=9)
+        axis.axis("off")
+    figure.suptitle(f"{problem.config.name}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_run(folder: Path, problem: Problem, result: SampleResult, summary: dict,
+              images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Write samples.npz, summary.json and figure.png into ``folder`` (a run's staging folder)."""
+    arrays = {"samples": images.numpy(), "posterior_mean": mean.numpy(), "posterior_std": std.numpy(),
+              "measurement": problem.posterior.measurement.detach().cpu().numpy()}
+    if problem.truth is not None:
+        arrays["truth"] = problem.truth.cpu().numpy()
+    if result.particles is not None:
+        arrays["particles"] = run_images(problem, result.particles).numpy()
+        arrays["log_weights"] = result.log_weights.detach().cpu().numpy()
+    np.savez_compressed(folder / "samples.npz", **arrays)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _figure(folder / "figure.png", problem, images, mean, std)
