@@ -142,7 +142,7 @@ def _samplers(arguments) -> int:
     else:
         print("no samplers registered")
     for failure in registry.failures:
-        print(f"failed to load plugin '{failure.plugin}' (package {failure.package or '?'}): {failure.error}")
+        print(f"plugin '{failure.plugin}' (package {failure.package or '?'}): {failure.error}")
     return 0
 
 
@@ -182,6 +182,7 @@ def _check_sampler_option_names(problem: Problem, registry) -> None:
     """Options in the problem file for a sampler that is not registered are most likely a typo."""
     for name in problem.config.sampler_options:
         if name not in registry.samplers:
+            registry.get(name)  # a clash or a plugin that failed to load: says so
             raise UsageError(f"{problem.path.name}: sampler_options.{name}: no sampler '{name}' is registered; "
                              f"registered: {', '.join(sorted(registry.samplers))}")
 
