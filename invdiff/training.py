@@ -7,8 +7,10 @@
 (Ho et al., NeurIPS 2020; Song et al., ICLR 2021) with Adam, a linear learning-rate warm-up and an
 exponential moving average (EMA) of the weights. Every ``checkpoint_every`` steps it writes
 
-* ``RUN/state.pt``: weights, EMA, optimiser, step, random state (tensors only; loaded with
-  ``weights_only=True``), from which ``--resume`` continues exactly;
+* ``RUN/state.pt``: weights, EMA, optimiser, step, random state, running loss and the checkpoint's
+  log record and prior metadata (tensors and plain values only; loaded with ``weights_only=True``),
+  from which ``--resume`` continues exactly: the weights and log.jsonl of an interrupted and resumed
+  run equal those of an uninterrupted one (on a CPU; wall times aside);
 * ``RUN/NAME.safetensors``: the EMA weights in half precision with their metadata, a loadable prior;
 * a line of ``RUN/log.jsonl``: step, running loss, held-out loss per noise level, wall time.
 
@@ -17,21 +19,27 @@ EMA weights as both weights and EMA, a fresh optimiser, the step count and wall 
 the random stream reseeded with ``seed + step``): training in stretches across machines that keep
 only the small checkpoint, not ``state.pt``. Such a run is not bit-identical to an uninterrupted one.
 
+Every check (arguments, the output folder, the state or checkpoint to start from) comes before any
+data is loaded or file written, so a refused run leaves nothing behind. Files are written under a
+``.partial`` name and renamed, state.pt first: an interruption at any moment leaves each file whole,
+and a resume finishes a checkpoint whose other files an interruption cut short.
+
 The held-out loss is the same loss on a fixed held-out batch with fixed noise at fixed times, so
 numbers from different checkpoints (and runs) compare.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
+import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Callable, Literal, Union
 
 import torch
-import yaml
 from pydantic import Field, ValidationError
 from tqdm import tqdm
 
@@ -39,6 +47,7 @@ from invdiff.checkpoints import save_checkpoint
 from invdiff.data import DIGITS_SPLIT, NATURAL_SPLIT, digits, natural_images, random_patches
 from invdiff.networks import EpsilonNetwork, UNet
 from invdiff.problems import SDEConfig, VPConfig, _Strict, format_validation_error
+from invdiff.yamlfile import YAMLFileError, read_mapping
 
 __all__ = ["TrainingError", "TrainingConfig", "load_training_config", "train"]
 
@@ -112,15 +121,11 @@ class TrainingConfig(_Strict):
 
 
 def load_training_config(path: str | Path) -> TrainingConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"training config '{path}' does not exist")
+    """The validated training configuration in the YAML file ``path``."""
     try:
-        content = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise TrainingError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(content, dict):
-        raise TrainingError(f"{path}: expected a mapping of settings, got {type(content).__name__}")
+        content = read_mapping(path, "training configuration")
+    except YAMLFileError as error:
+        raise TrainingError(str(error)) from None
     try:
         return TrainingConfig.model_validate(content)
     except ValidationError as error:
@@ -162,127 +167,293 @@ def _heldout_losses(network: EpsilonNetwork, heldout: torch.Tensor, noise: torch
     return losses
 
 
+def _check_output_folder(out: Path, name: str, resume: bool) -> None:
+    """Refuse an ``--out`` that cannot hold this run, before anything is loaded or written.
+
+    A new run needs a folder that does not exist yet or holds none of the files a run writes (an
+    existing run or another run's prior is never overwritten); ``--resume`` needs a run's folder.
+    """
+    try:
+        nearest = next(folder for folder in (out, *out.parents) if folder.exists())
+        if not nearest.is_dir():
+            raise TrainingError(f"--out '{out}' is a file, not a folder" if nearest == out else
+                                f"--out '{out}': '{nearest}' is a file, not a folder")
+        state_exists = (out / "state.pt").exists()
+        written = [file for file in (f"{name}.safetensors", "log.jsonl") if (out / file).exists()]
+    except OSError as error:
+        raise TrainingError(f"--out '{out}' cannot be inspected: {error.strerror}") from None
+    if resume and not state_exists:
+        raise TrainingError(f"--resume: '{out}' holds no training run (no state.pt)")
+    if not resume and state_exists:
+        raise TrainingError(f"'{out}' already holds a training run; pass --resume to continue it, or choose "
+                            "another --out")
+    if not resume and written:
+        raise TrainingError(f"--out '{out}' already holds {' and '.join(written)} but no state.pt (not a run to "
+                            "resume); choose another --out, a run overwrites no files")
+
+
+def _prepare_output_folder(out: Path) -> bool:
+    """Create ``out`` if needed (with the umask's permissions) and prove it writable; whether it was created."""
+    created = not out.is_dir()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise TrainingError(f"--out '{out}' cannot be written: {error.strerror}") from None
+    return created
+
+
+def _partial(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place."""
+    return path.with_name(path.name + ".partial")
+
+
+def _write_then_rename(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` with ``write`` under another name, then rename it: an interruption leaves the old file whole."""
+    write(_partial(path))
+    _partial(path).replace(path)
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append ``line`` to ``path`` in one unbuffered write: an interruption leaves all of it or none."""
+    with open(path, "ab", buffering=0) as file:
+        file.write((line + "\n").encode())
+
+
+@contextlib.contextmanager
+def _cleaned_up_on_failure(out: Path, name: str, created: bool):
+    """On any exception (Ctrl-C included) remove the partial files of ``out``, and ``out`` if it was
+    created and is still empty."""
+    try:
+        yield
+    except BaseException:
+        for path in (out / "state.pt", out / f"{name}.safetensors", out / "log.jsonl"):
+            _partial(path).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _one_line(error: Exception, limit: int = 240) -> str:
+    """``error``'s message on one line, cut to ``limit`` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+#: what every state.pt holds (newer ones also hold running_loss, record and metadata)
+STATE_KEYS = ("unet", "ema", "optimiser", "generator", "step", "wall_time", "config")
+
+
+def _read_state(path: Path, fixed_settings: str) -> dict:
+    """The training state in ``path``, checked to come from a run with the settings ``fixed_settings``."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - torch raises pickle, zip, EOF and OS errors for unreadable files
+        raise TrainingError(f"--resume: '{path}' is not a readable training state ({type(error).__name__}): "
+                            "truncated, corrupt, or not written by invdiff train") from None
+    missing = [key for key in STATE_KEYS if key not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise TrainingError(f"--resume: '{path}' is not a training state of invdiff: it lacks "
+                            f"{', '.join(missing)}")
+    if state["config"] != fixed_settings:
+        raise TrainingError(f"--resume: '{path}' was trained with another configuration (differing: "
+                            f"{', '.join(_differing_settings(state['config'], fixed_settings))}); only 'steps' "
+                            "and 'checkpoint_every' may change on --resume")
+    return state
+
+
+def _differing_settings(saved: object, current: str) -> list[str]:
+    """The top-level keys in which the JSON settings ``saved`` and ``current`` differ."""
+    try:
+        saved_settings = json.loads(saved)
+    except (TypeError, ValueError):
+        saved_settings = {}
+    saved_settings = saved_settings if isinstance(saved_settings, dict) else {}
+    current_settings = json.loads(current)
+    return sorted(key for key in saved_settings.keys() | current_settings.keys()
+                  if saved_settings.get(key) != current_settings.get(key))
+
+
+def _restore_state(state: dict, path: Path, unet: UNet, ema: UNet, optimiser: torch.optim.Optimizer,
+                   generator: torch.Generator, device: str) -> tuple[int, float, list, torch.Tensor | None]:
+    """Load ``state`` into the networks, optimiser and generator; its step, wall time, history and running loss."""
+    try:
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        optimiser.load_state_dict(state["optimiser"])
+        generator.set_state(state["generator"])
+        running_loss = state.get("running_loss")
+        running_loss = None if running_loss is None else running_loss.to(device)
+        return int(state["step"]), float(state["wall_time"]), list(state.get("continued_from", [])), running_loss
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise TrainingError(f"--resume: '{path}' does not fit the configuration's network: "
+                            f"{_one_line(error)}") from None
+
+
+def _unfinished_checkpoint(state: dict, log_path: Path) -> dict | None:
+    """The record and prior metadata of ``state``'s checkpoint if an interruption came after state.pt was
+    written and before its log line was (which is written last), else None (also for older states,
+    which do not hold them)."""
+    record, metadata = state.get("record"), state.get("metadata")
+    if record is None or metadata is None:
+        return None
+    logged = log_path.read_bytes() if log_path.exists() else b""
+    return None if logged.endswith((json.dumps(record) + "\n").encode()) else {"record": record, "metadata": metadata}
+
+
+def _finish_checkpoint(out: Path, name: str, ema: UNet, unfinished: dict) -> dict:
+    """Write the prior and the log line of a checkpoint that an interruption cut short; its record.
+
+    Log lines of later steps (from a state.pt that was replaced by an older copy) are dropped.
+    """
+    record = unfinished["record"]
+    save_checkpoint(out / f"{name}.safetensors", ema, unfinished["metadata"])
+    log_path = out / "log.jsonl"
+    kept = [line for line in (log_path.read_text(errors="replace").splitlines() if log_path.exists() else [])
+            if _logged_step(line) < record["step"]]
+    text = "".join(line + "\n" for line in (*kept, json.dumps(record)))
+    _write_then_rename(log_path, lambda partial: partial.write_text(text))
+    return record
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; infinity for a line that is not a record (a torn line), which is dropped."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_minutes: float | None = None,
           device: str = "cpu", progress: bool = True, continue_from: str | Path | None = None) -> dict:
     """Train (or continue training) the prior described by ``config`` in the folder ``out``.
 
     Returns the last log record. Stops after ``config.steps`` steps, or at the first checkpoint
-    after ``max_minutes`` of wall time (then ``--resume`` continues).
+    after ``max_minutes`` of wall time (then ``--resume`` continues). Every check comes before any
+    data is loaded or file written; a run that fails or is interrupted leaves no partial file and,
+    when it created ``out`` and wrote nothing yet, no folder.
     """
     out = Path(out)
     state_path = out / "state.pt"
-    if state_path.exists() and not resume:
-        raise TrainingError(f"'{out}' already holds a training run; pass --resume to continue it, or choose "
-                            "another --out")
-    if resume and not state_path.exists():
-        raise TrainingError(f"--resume: '{out}' holds no training run (no state.pt)")
+    if max_minutes is not None and not max_minutes > 0:
+        raise TrainingError(f"--max-minutes must be a positive number of minutes, got {max_minutes}")
     if resume and continue_from is not None:
         raise TrainingError("--resume and --continue-from exclude each other: a run resumes from its own state")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_output_folder(out, config.name, resume)
 
     sde = config.sde.build()
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    training_source = config.data.training_source()
-    heldout_generator = torch.Generator().manual_seed(config.seed + 1)
-    heldout = config.data.heldout(config.heldout_size, heldout_generator)
-    heldout_noise = torch.randn((len(HELDOUT_TIMES), *heldout.shape), generator=heldout_generator)
-    heldout = heldout * 2 - 1
-    data_std = 0.5
-
     unet = UNet(image_channels=1, **config.network.model_dump())
     ema = UNet(image_channels=1, **config.network.model_dump())
     ema.load_state_dict(unet.state_dict())
     unet.to(device)  # before the optimiser exists, so that its state lives on the device too
     ema.to(device)
     optimiser = torch.optim.Adam(unet.parameters(), lr=config.learning_rate)
-    step, wall_time = 0, 0.0
+    step, wall_time, history = 0, 0.0, []
+    running_loss = None  # a tensor on the device: reading it every step would wait for the device
+    loss_note = None  # said in the first log record after resuming a state.pt without the running loss
+    unfinished = None
     #: what a resumed run must share with the run it resumes
     fixed_settings = config.model_dump_json(exclude={"steps", "checkpoint_every"})
     if resume:
-        state = torch.load(state_path, weights_only=True, map_location="cpu")
-        if state["config"] != fixed_settings:
-            raise TrainingError(f"'{out}' was trained with another configuration; only 'steps' and "
-                                "'checkpoint_every' may change on --resume")
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        optimiser.load_state_dict(state["optimiser"])
-        generator.set_state(state["generator"])
-        step, wall_time = int(state["step"]), float(state["wall_time"])
-        history = state.get("continued_from", [])
-    else:
-        history = []
+        state = _read_state(state_path, fixed_settings)
+        step, wall_time, history, running_loss = _restore_state(state, state_path, unet, ema, optimiser, generator,
+                                                                device)
+        unfinished = _unfinished_checkpoint(state, out / "log.jsonl")
+        if step >= config.steps and unfinished is None:
+            raise TrainingError(f"--resume: '{out}' is already at step {step}; pass --steps above {step} to train on")
+        if "running_loss" not in state:
+            loss_note = (f"running loss restarted at step {step}: the state.pt resumed there was written by an "
+                         "older invdiff that did not store it")
     if continue_from is not None:
         step, wall_time = _continue_from(continue_from, sde.settings(), unet, ema)
+        if step > config.steps:
+            raise TrainingError(f"--continue-from: '{continue_from}' is at step {step}, beyond steps {config.steps}; "
+                                f"pass --steps {step} or more")
         generator.manual_seed(config.seed + step)
         history = [{"checkpoint": str(continue_from), "step": step}]
-    network = EpsilonNetwork(unet, sde, data_std)
-    ema_network = EpsilonNetwork(ema, sde, data_std)
-    parameter_count = sum(parameter.numel() for parameter in unet.parameters())
 
-    def checkpoint(running_loss: float) -> dict:
-        record = {"step": step, "loss": running_loss, "wall_time_s": round(wall_time, 1),
-                  "heldout_loss": _heldout_losses(ema_network, heldout.to(device), heldout_noise.to(device))}
-        torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(),
-                    "generator": generator.get_state(), "step": step, "wall_time": wall_time,
-                    "continued_from": history,
-                    "config": fixed_settings},
-                   out / "state.pt.partial")
-        (out / "state.pt.partial").replace(state_path)
-        metadata = {"name": config.name, "parametrisation": "epsilon", "data_std": data_std,
-                    "sde": sde.settings(), "event_shape": list(config.data.event_shape()), "data_range": [-1.0, 1.0],
-                    "fully_convolutional": True, "data": config.data.describe(),
-                    "training": {"config": config.model_dump(mode="json"), "steps": step,
-                                 "parameters": parameter_count, "wall_time_s": round(wall_time, 1),
-                                 "heldout_loss": record["heldout_loss"], "device": device,
-                                 "continued_from": history,
-                                 "threads": torch.get_num_threads()},
-                    "versions": {"torch": torch.__version__, "python": platform.python_version()}}
-        save_checkpoint(out / f"{config.name}.safetensors", ema, metadata)
-        with open(out / "log.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
-        return record
+    created = _prepare_output_folder(out)
+    with _cleaned_up_on_failure(out, config.name, created):
+        record: dict = {} if unfinished is None else _finish_checkpoint(out, config.name, ema, unfinished)
+        training_source = config.data.training_source()
+        heldout_generator = torch.Generator().manual_seed(config.seed + 1)
+        heldout = config.data.heldout(config.heldout_size, heldout_generator)
+        heldout_noise = torch.randn((len(HELDOUT_TIMES), *heldout.shape), generator=heldout_generator)
+        heldout = heldout * 2 - 1
+        data_std = 0.5
+        network = EpsilonNetwork(unet, sde, data_std)
+        ema_network = EpsilonNetwork(ema, sde, data_std)
+        parameter_count = sum(parameter.numel() for parameter in unet.parameters())
 
-    record: dict = {}
-    running_loss = None  # a tensor on the device: reading it every step would wait for the device
-    started = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=step, desc=f"train {config.name}", disable=not progress)
-    while step < config.steps:
-        tick = time.perf_counter()
-        clean = training_source(config.batch_size, generator).to(device) * 2 - 1
-        times = config.t_min + (sde.T - config.t_min) * torch.rand(config.batch_size, generator=generator,
-                                                                   dtype=torch.float64)
-        noise = torch.randn(clean.shape, generator=generator).to(device)
-        shape = (-1, 1, 1, 1)
-        noisy = sde.lambda_t(times).float().view(shape).to(device) * clean + \
-            sde.sigma_t(times).float().view(shape).to(device) * noise
-        loss = (network(noisy, times.to(device)) - noise).pow(2).mean()
-        for group in optimiser.param_groups:
-            group["lr"] = _learning_rate(config, step)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        with torch.no_grad():  # one fused update of all EMA weights, as torch.optim.swa_utils does
-            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - config.ema_decay)
-            running_loss = loss.detach() if running_loss is None else 0.98 * running_loss + 0.02 * loss.detach()
-        step += 1
-        wall_time += time.perf_counter() - tick
-        bar.update(1)
-        at_checkpoint = step % config.checkpoint_every == 0 or step == config.steps
-        if at_checkpoint or step % 100 == 0:
-            loss_value = running_loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingError(f"loss became {loss_value} by step {step}; lower learning_rate "
-                                    f"({config.learning_rate}) and --resume from the last checkpoint")
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-        if at_checkpoint:
-            record = checkpoint(loss_value)
-            bar.write(f"step {step}: held-out loss {record['heldout_loss']['mean']:.4f}")
-            if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
-                break
-    bar.close()
-    if record.get("step") == step:
-        return record
-    if resume and (out / "log.jsonl").exists():  # nothing left to do: report the run's last checkpoint
-        return json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    return checkpoint(math.nan if running_loss is None else running_loss.item())
+        def checkpoint(loss_value: float) -> dict:
+            """Write state.pt (first: a resume starts from it), the prior and the log line; the log record."""
+            nonlocal loss_note
+            record = {"step": step, "loss": loss_value, "wall_time_s": round(wall_time, 1),
+                      "heldout_loss": _heldout_losses(ema_network, heldout.to(device), heldout_noise.to(device))}
+            if loss_note is not None:
+                record["note"], loss_note = loss_note, None
+            metadata = {"name": config.name, "parametrisation": "epsilon", "data_std": data_std,
+                        "sde": sde.settings(), "event_shape": list(config.data.event_shape()),
+                        "data_range": [-1.0, 1.0], "fully_convolutional": True, "data": config.data.describe(),
+                        "training": {"config": config.model_dump(mode="json"), "steps": step,
+                                     "parameters": parameter_count, "wall_time_s": round(wall_time, 1),
+                                     "heldout_loss": record["heldout_loss"], "device": device,
+                                     "continued_from": history,
+                                     "threads": torch.get_num_threads()},
+                        "versions": {"torch": str(torch.__version__), "python": platform.python_version()}}
+            state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(),
+                     "generator": generator.get_state(), "step": step, "wall_time": wall_time,
+                     "continued_from": history, "config": fixed_settings,
+                     "running_loss": None if running_loss is None else running_loss.cpu(),
+                     "record": record, "metadata": metadata}
+            _write_then_rename(state_path, lambda partial: torch.save(state, partial))
+            save_checkpoint(out / f"{config.name}.safetensors", ema, metadata)
+            _append_line(out / "log.jsonl", json.dumps(record))
+            return record
+
+        started = time.perf_counter()
+        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.name}", disable=not progress)
+        while step < config.steps:
+            tick = time.perf_counter()
+            clean = training_source(config.batch_size, generator).to(device) * 2 - 1
+            times = config.t_min + (sde.T - config.t_min) * torch.rand(config.batch_size, generator=generator,
+                                                                       dtype=torch.float64)
+            noise = torch.randn(clean.shape, generator=generator).to(device)
+            shape = (-1, 1, 1, 1)
+            noisy = sde.lambda_t(times).float().view(shape).to(device) * clean + \
+                sde.sigma_t(times).float().view(shape).to(device) * noise
+            loss = (network(noisy, times.to(device)) - noise).pow(2).mean()
+            for group in optimiser.param_groups:
+                group["lr"] = _learning_rate(config, step)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():  # one fused update of all EMA weights, as torch.optim.swa_utils does
+                torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - config.ema_decay)
+                running_loss = loss.detach() if running_loss is None else \
+                    0.98 * running_loss + 0.02 * loss.detach()
+            step += 1
+            wall_time += time.perf_counter() - tick
+            bar.update(1)
+            at_checkpoint = step % config.checkpoint_every == 0 or step == config.steps
+            if at_checkpoint or step % 100 == 0:
+                loss_value = running_loss.item()
+                if not math.isfinite(loss_value):
+                    raise TrainingError(f"loss became {loss_value} by step {step}; lower learning_rate "
+                                        f"({config.learning_rate}) and --resume from the last checkpoint")
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            if at_checkpoint:
+                record = checkpoint(loss_value)
+                bar.write(f"step {step}: held-out loss {record['heldout_loss']['mean']:.4f}")
+                if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
+                    break
+        bar.close()
+        if record.get("step") == step:
+            return record
+        # --continue-from a checkpoint at config.steps: the run is that checkpoint
+        return checkpoint(math.nan if running_loss is None else running_loss.item())

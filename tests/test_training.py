@@ -1,6 +1,10 @@
 """``invdiff train``: denoising score matching runs, checkpoints, resumes exactly, and refuses bad input."""
 
 import json
+import math
+import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from invdiff.checkpoints import load_prior
+from invdiff.checkpoints import load_prior, save_checkpoint
 from invdiff.training import TrainingError, load_training_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +87,7 @@ def test_a_run_is_not_overwritten_and_resume_checks_the_config(tmp_path, config_
     ("name: x\ndata: {source: faces}\nsteps: 3\n", "data.source: unknown value 'faces'; allowed: 'digits', 'natural'"),
     ("name: x\ndata: {source: digits}\n", "steps: Field required"),
     ("name: x\ndata: {source: digits}\nsteps: 3\nlearning_rat: 0.1\n", "learning_rat: unknown key"),
-    ("name: [x\n", "not valid YAML"),
+    ("name: [x\n", "malformed YAML at line 2"),
 ])
 def test_bad_training_configs_name_the_field(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -149,3 +153,247 @@ def test_natural_patches_are_flipped_or_rotated_crops_of_the_pictures():
         seen.add((float(patch.min()) >= 1000, *matches[0]))
     # both pictures, with every flip and rotation, occur
     assert len(seen) == 2 * 2 * 4
+
+
+# ---- bad input and interruptions: one line, nothing left behind -------------------------------------------------
+
+def _tiny(config_path, **changes):
+    """The tiny configuration with ``changes`` (3 steps, a checkpoint at each 3 unless changed)."""
+    return load_training_config(config_path).model_copy(update={"steps": 3, **changes})
+
+
+def _log(folder):
+    """The records of a run's log.jsonl without their wall time (which differs from run to run)."""
+    records = [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in record.items() if key != "wall_time_s"} for record in records]
+
+
+def _assert_one_line(error_info, *fragments):
+    message = str(error_info.value)
+    assert "\n" not in message, f"the error is one line, got: {message!r}"
+    for fragment in fragments:
+        assert fragment in message, f"the error names {fragment!r}: {message!r}"
+
+
+@pytest.fixture
+def no_data_loading(monkeypatch):
+    """Fails a test whose run loads training data (every refusal must come before)."""
+    from invdiff import training
+
+    def refuse(*arguments):
+        raise AssertionError("training data was loaded before the run was refused")
+
+    monkeypatch.setattr(training, "digits", refuse)
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda folder: folder.joinpath("c.yaml").write_text("name: x\nsteps: 3\nsteps: 4\n"),
+     "key 'steps' is given twice"),
+    (lambda folder: folder.joinpath("c.yaml").mkdir(), "is a directory"),
+    (lambda folder: folder.joinpath("c.yaml").symlink_to(folder / "c.yaml"), "symbolic link loop"),
+    (lambda folder: folder.joinpath("c.yaml").write_bytes(b"name: \xff\n"), "not UTF-8"),
+    (lambda folder: None, "does not exist"),
+    (lambda folder: folder.joinpath("c.yaml").write_text("- name\n"), "must be a mapping"),
+])
+def test_unreadable_training_configs_are_one_line(tmp_path, make, fragment):
+    make(tmp_path)
+    with pytest.raises(TrainingError) as error:
+        load_training_config(tmp_path / "c.yaml")
+    _assert_one_line(error, fragment)
+
+
+def test_malformed_yaml_is_one_line_from_the_command(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndata: {source: digits\nsteps: 3\n")
+    completed = subprocess.run([sys.executable, "-m", "invdiff", "train", str(path), "--out", str(tmp_path / "run")],
+                               capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr.count("\n") == 1 and "malformed YAML at line" in completed.stderr, completed.stderr
+    assert not (tmp_path / "run").exists(), "a refused run creates no folder"
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_first(tmp_path, config_path, no_data_loading):
+    config = _tiny(config_path)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(TrainingError) as error:
+        train(config, tmp_path / "file", progress=False)
+    _assert_one_line(error, "is a file, not a folder")
+    with pytest.raises(TrainingError) as error:
+        train(config, tmp_path / "file" / "run", progress=False)
+    _assert_one_line(error, f"'{tmp_path / 'file'}' is a file, not a folder")
+    with pytest.raises(TrainingError) as error:
+        train(config, "/proc/invdiff-test/run", progress=False)
+    _assert_one_line(error, "'/proc/invdiff-test/run' cannot be written")
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_refused(tmp_path, config_path, no_data_loading):
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    with pytest.raises(TrainingError) as error:
+        train(_tiny(config_path), folder, progress=False)
+    _assert_one_line(error, "cannot be written")
+
+
+def test_a_folder_with_a_runs_files_but_no_state_is_not_overwritten(tmp_path, config_path, no_data_loading):
+    folder = tmp_path / "priors"
+    folder.mkdir()
+    (folder / "tiny-digits.safetensors").write_text("someone's prior")
+    with pytest.raises(TrainingError) as error:
+        train(_tiny(config_path), folder, progress=False)
+    _assert_one_line(error, "already holds tiny-digits.safetensors but no state.pt")
+    assert [path.name for path in folder.iterdir()] == ["tiny-digits.safetensors"]
+    assert (folder / "tiny-digits.safetensors").read_text() == "someone's prior", "the file was left alone"
+
+
+def test_a_new_run_folder_has_the_umasks_permissions_and_other_files_are_kept(tmp_path, config_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    train(_tiny(config_path), tmp_path / "new", progress=False)
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o777 & ~umask, "the run folder follows the umask"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    train(_tiny(config_path), existing, progress=False)
+    assert (existing / "notes.txt").read_text() == "mine" and (existing / "state.pt").is_file()
+
+
+def _state_of_a_wider_network(tmp_path, config_path):
+    config = _tiny(config_path, steps=1)
+    wider = config.model_copy(update={"network": config.network.model_copy(update={"channels": 16})})
+    train(wider, tmp_path / "wider", progress=False)
+    return tmp_path / "wider" / "state.pt"
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    ("random bytes", ["is not a readable training state", "truncated, corrupt"]),
+    ("truncated", ["is not a readable training state"]),
+    ("foreign", ["is not a training state of invdiff: it lacks unet, ema"]),
+    ("wider network", ["was trained with another configuration (differing: network)"]),
+    ("wider tensors", ["does not fit the configuration's network", "size mismatch"]),
+])
+def test_resuming_a_bad_state_is_one_line_naming_the_file(tmp_path, config_path, damage, fragments):
+    config = _tiny(config_path)
+    train(config, tmp_path / "run", progress=False)
+    state_path = tmp_path / "run" / "state.pt"
+    if damage == "random bytes":
+        state_path.write_bytes(os.urandom(4096))
+    elif damage == "truncated":
+        state_path.write_bytes(state_path.read_bytes()[:50_000])
+    elif damage == "foreign":
+        torch.save({"x": 1}, state_path)
+    elif damage == "wider network":
+        shutil.copy(_state_of_a_wider_network(tmp_path, config_path), state_path)
+    else:  # the right configuration, another network's tensors
+        state = torch.load(state_path, weights_only=True)
+        state["unet"] = torch.load(_state_of_a_wider_network(tmp_path, config_path), weights_only=True)["unet"]
+        torch.save(state, state_path)
+    with pytest.raises(TrainingError) as error:
+        train(config.model_copy(update={"steps": 6}), tmp_path / "run", resume=True, progress=False)
+    _assert_one_line(error, str(state_path), *fragments)
+
+
+def test_an_interrupted_and_resumed_run_logs_what_an_uninterrupted_one_does(tmp_path, config_path):
+    config = load_training_config(config_path).model_copy(update={"steps": 9})
+    train(config, tmp_path / "straight", progress=False)
+    train(config.model_copy(update={"steps": 3}), tmp_path / "interrupted", progress=False)
+    train(config.model_copy(update={"steps": 6}), tmp_path / "interrupted", resume=True, progress=False)
+    train(config, tmp_path / "interrupted", resume=True, progress=False)
+    assert [record["step"] for record in _log(tmp_path / "straight")] == [3, 6, 9]
+    assert _log(tmp_path / "interrupted") == _log(tmp_path / "straight"), \
+        "the resumed run's log (running loss included) equals the uninterrupted run's"
+
+
+def test_ctrl_c_leaves_whole_files_and_resume_finishes_the_cut_checkpoint(tmp_path, config_path, monkeypatch):
+    from invdiff import training
+
+    config = load_training_config(config_path)
+    train(config, tmp_path / "straight", progress=False)
+    writes = []
+
+    def interrupted_after_state(path, unet, metadata):  # Ctrl-C between state.pt and the prior of step 6
+        writes.append(path)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        return save_checkpoint(path, unet, metadata)
+
+    monkeypatch.setattr(training, "save_checkpoint", interrupted_after_state)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["log.jsonl", "state.pt",
+                                                                          "tiny-digits.safetensors"]
+    assert [record["step"] for record in _log(tmp_path / "run")] == [3]
+    record = train(config, tmp_path / "run", resume=True, progress=False)  # already at step 6: finishes its files
+    assert record["step"] == 6 and _log(tmp_path / "run") == _log(tmp_path / "straight")
+    straight = load_file(str(tmp_path / "straight" / "tiny-digits.safetensors"))
+    finished = load_file(str(tmp_path / "run" / "tiny-digits.safetensors"))
+    assert all(torch.equal(straight[name], finished[name]) for name in straight), "the prior is step 6's"
+    with pytest.raises(TrainingError, match="already at step 6"):
+        train(config, tmp_path / "run", resume=True, progress=False)
+
+
+def test_ctrl_c_in_the_first_checkpoint_leaves_no_folder(tmp_path, config_path, monkeypatch):
+    def half_written(state, path):
+        Path(path).write_bytes(b"half a state")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny(config_path), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists(), "nothing was written, so the new folder is gone"
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny(config_path), tmp_path / "kept", progress=False)
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir()), \
+        "an existing folder stays, without the partial state"
+
+
+def test_a_state_without_the_running_loss_still_resumes_and_says_so(tmp_path, config_path):
+    train(_tiny(config_path), tmp_path / "run", progress=False)
+    state_path = tmp_path / "run" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    for key in ("running_loss", "record", "metadata"):  # what states of older versions lack
+        del state[key]
+    torch.save(state, state_path)
+    record = train(_tiny(config_path, steps=6), tmp_path / "run", resume=True, progress=False)
+    assert record["step"] == 6 and "running loss restarted at step 3" in record["note"]
+    assert [("note" in entry) for entry in _log(tmp_path / "run")] == [False, True]
+
+
+@pytest.mark.parametrize("minutes", [-1, 0, math.nan])
+def test_max_minutes_must_be_positive(tmp_path, config_path, minutes, no_data_loading):
+    with pytest.raises(TrainingError) as error:
+        train(_tiny(config_path), tmp_path / "run", max_minutes=minutes, progress=False)
+    _assert_one_line(error, "--max-minutes must be a positive number", str(minutes))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_to_a_step_already_reached_is_refused(tmp_path, config_path):
+    train(_tiny(config_path), tmp_path / "run", progress=False)
+    for steps in (2, 3):
+        with pytest.raises(TrainingError) as error:
+            train(_tiny(config_path, steps=steps), tmp_path / "run", resume=True, progress=False)
+        _assert_one_line(error, "is already at step 3; pass --steps above 3")
+
+
+def test_continuing_from_a_bad_checkpoint_leaves_no_folder(tmp_path, config_path, no_data_loading):
+    config = _tiny(config_path)
+    (tmp_path / "corrupt.safetensors").write_bytes(os.urandom(256))
+    for checkpoint, fragment in [(tmp_path / "missing.safetensors", "does not exist"),
+                                 (tmp_path / "corrupt.safetensors", "is not a readable safetensors file"),
+                                 (ROOT / "invdiff" / "priors" / "digits.safetensors", "has network")]:
+        with pytest.raises(TrainingError) as error:
+            train(config, tmp_path / "run", continue_from=checkpoint, progress=False)
+        _assert_one_line(error, "--continue-from", fragment)
+        assert not (tmp_path / "run").exists(), f"a refused --continue-from ({fragment}) creates no folder"
+
+
+def test_continuing_from_a_checkpoint_beyond_the_steps_is_refused(tmp_path, config_path):
+    train(_tiny(config_path), tmp_path / "first", progress=False)
+    with pytest.raises(TrainingError) as error:
+        train(_tiny(config_path, steps=2), tmp_path / "second",
+              continue_from=tmp_path / "first" / "tiny-digits.safetensors", progress=False)
+    _assert_one_line(error, "is at step 3, beyond steps 2")
+    assert not (tmp_path / "second").exists()
