@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
 from invdiff.networks import EpsilonNetwork, UNet
 from invdiff.prior import NetworkPrior
@@ -52,7 +52,8 @@ def save_checkpoint(path: str | Path, unet: UNet, metadata: dict, dtype: torch.d
                 "arguments": unet.arguments, **metadata}
     tensors = {name: value.detach().to("cpu", dtype).contiguous() for name, value in unet.state_dict().items()}
     temporary = path.with_name(path.name + ".partial")
-    save_file(tensors, str(temporary), metadata={"invdiff": json.dumps(document)})
+    # bytes written by Python, not save_file (which creates files readable by their owner only): the umask applies
+    temporary.write_bytes(save(tensors, metadata={"invdiff": json.dumps(document)}))
     temporary.replace(path)
     return path
 

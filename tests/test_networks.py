@@ -1,6 +1,8 @@
 """The UNet, network priors (parametrisations mapped onto the score), checkpoints and the shipped priors."""
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,15 @@ def test_checkpoint_round_trip_gives_the_same_scores(tmp_path, sde):
     assert prior.resized((1, 16, 8)).score(torch.randn(2, 1, 16, 8), 0.4).shape == (2, 1, 16, 8)
     with pytest.raises(ValueError, match="divisible by 2"):
         prior.resized((1, 9, 8))
+
+
+def test_a_checkpoint_file_gets_the_umasks_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "tiny.safetensors", tiny_unet(), metadata(VPSDE()))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644, "a written prior should be readable by others (umask 022)"
 
 
 def test_half_precision_checkpoint_is_close_to_full(tmp_path):
