@@ -180,11 +180,13 @@ def _check_seed(seed: int) -> None:
 
 def _check_sampler_option_names(problem: Problem, registry) -> None:
     """Options in the problem file for a sampler that is not registered are most likely a typo."""
+    from invdiff.plugins import PluginError
+
     for name in problem.config.sampler_options:
-        if name not in registry.samplers:
-            registry.get(name)  # a clash or a plugin that failed to load: says so
-            raise UsageError(f"{problem.path.name}: sampler_options.{name}: no sampler '{name}' is registered; "
-                             f"registered: {', '.join(sorted(registry.samplers))}")
+        try:
+            registry.get(name)
+        except PluginError as error:
+            raise UsageError(f"{problem.path.name}: sampler_options.{name}: {error}") from None
 
 
 def _solve(arguments) -> int:
@@ -212,6 +214,8 @@ def _solve(arguments) -> int:
     num_samples = arguments.num_samples or problem.config.num_samples
     out = Path(arguments.out or Path("runs") / f"{problem.config.name}-{info.name}-seed{arguments.seed}")
     folder = RunFolder(out, arguments.overwrite)   # checked and staged before any work
+    for note in problem.notes:
+        print(f"invdiff: note: {note}", file=sys.stderr)
     try:
         problem.to(arguments.device)
         generator = torch.Generator(device=arguments.device).manual_seed(arguments.seed)

@@ -88,6 +88,7 @@ def run_summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResu
         "diagnostics": result.diagnostics,
         "extras": _json_scalars(result.extras),
         "image_range": [0.0, 1.0],
+        "notes": problem.notes,
     }
     if problem.truth is not None:
         truth = problem.truth[0].cpu()

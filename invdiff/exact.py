@@ -81,8 +81,12 @@ class ExactPosterior:
         posterior_covariances = 0.5 * (posterior_covariances + posterior_covariances.transpose(1, 2))
         joint = log_weights + _gaussian_log_density(measurement, predicted, measurement_cholesky)
         log_evidence = torch.logsumexp(joint, 0)
-        return cls(joint - log_evidence, posterior_means, posterior_covariances, float(log_evidence),
-                   event_shape or (means.shape[1],))
+        try:
+            return cls(joint - log_evidence, posterior_means, posterior_covariances, float(log_evidence),
+                       event_shape or (means.shape[1],))
+        except torch.linalg.LinAlgError:
+            raise NotTractable(f"the exact posterior's covariance is numerically singular in float64 (sigma_y "
+                               f"{sigma_y:.3g} is too small next to the prior's scale)") from None
 
     @property
     def mean(self) -> Tensor:

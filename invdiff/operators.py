@@ -189,7 +189,17 @@ def _image_size(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def gaussian_blur(image_shape, noise: NoiseModel, *, sigma: float, dtype=torch.float32) -> ForwardOperator:
-    """Circular Gaussian blur with standard deviation ``sigma`` pixels (deepinv ``BlurFFT``)."""
+    """Circular Gaussian blur with standard deviation ``sigma`` pixels (deepinv ``BlurFFT``).
+
+    deepinv sizes the kernel ``2 * int(sigma / 0.3 + 1) + 1`` and cuts what exceeds the image, so
+    the blur is refused unless its central +-3 sigma fits: ``6 * sigma + 1 <= min(height, width)``.
+    """
+    _, rows, columns = _image_size(image_shape)
+    if 6 * sigma + 1 > min(rows, columns):
+        widest = math.floor((min(rows, columns) - 1) / 6 * 100) / 100
+        raise ValueError(f"sigma {sigma} is too wide for the {rows}x{columns} image: the kernel's central "
+                         f"+-3 sigma spans {6 * sigma + 1:.3g} pixels; allowed: sigma <= {widest} "
+                         f"(6 sigma + 1 <= {min(rows, columns)})")
     kernel = gaussian_blur_filter(sigma=(sigma, sigma)).to(dtype)
     physics = deepinv.physics.BlurFFT(img_size=_image_size(image_shape), filter=kernel)
     return ForwardOperator(physics, noise, name="gaussian_blur", settings={"sigma": sigma}, dtype=dtype)
@@ -197,7 +207,14 @@ def gaussian_blur(image_shape, noise: NoiseModel, *, sigma: float, dtype=torch.f
 
 def motion_blur(image_shape, noise: NoiseModel, *, kernel_size: int, seed: int, length: float = 0.3,
                 dtype=torch.float32) -> ForwardOperator:
-    """Circular blur with a random motion kernel (deepinv ``MotionBlurGenerator``), fixed by ``seed``."""
+    """Circular blur with a random motion kernel (deepinv ``MotionBlurGenerator``), fixed by ``seed``.
+
+    The ``kernel_size`` x ``kernel_size`` kernel must fit in the image.
+    """
+    _, rows, columns = _image_size(image_shape)
+    if kernel_size > min(rows, columns):
+        raise ValueError(f"kernel_size {kernel_size} is larger than the {rows}x{columns} image; allowed: "
+                         f"kernel_size <= {min(rows, columns)}")
     generator = torch.Generator().manual_seed(seed)
     kernels = deepinv.physics.generator.MotionBlurGenerator(psf_size=(kernel_size, kernel_size), rng=generator,
                                                            l=length, dtype=torch.float64)

@@ -19,13 +19,12 @@ Relative file paths are read relative to the problem file.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import Tensor
 
@@ -33,6 +32,7 @@ from invdiff import operators as operator_library
 from invdiff.posterior import Posterior, Sampler
 from invdiff.prior import NetworkPrior, Prior, digits_gaussian_mixture
 from invdiff.sde import SDE, VESDE, VPSDE, DDPMSchedule
+from invdiff.yamlfile import YAMLFileError, file_problem, read_mapping
 
 __all__ = ["ProblemError", "ProblemConfig", "Problem", "load_problem", "problem_cases", "build_sampler",
            "format_validation_error"]
@@ -43,7 +43,15 @@ class ProblemError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """The base of every problem-file model: an unknown key, or an infinite or NaN number, is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+#: a seed for ``torch.Generator.manual_seed``
+Seed = Annotated[int, Field(ge=0, lt=2**63, description="a random seed, 0 <= seed < 2**63")]
+#: the steps of a discrete (DDPM) schedule; the cap keeps a typo from filling the memory with the schedule
+NumTimesteps = Annotated[int, Field(ge=1, le=100_000)]
 
 
 # --- SDEs -------------------------------------------------------------------------------------------
@@ -69,7 +77,7 @@ class VEConfig(_Strict):
 
 class DDPMConfig(_Strict):
     type: Literal["ddpm"]
-    num_timesteps: int = Field(1000, ge=1)
+    num_timesteps: NumTimesteps = 1000
     beta_start: float = Field(1e-4, gt=0, lt=1)
     beta_end: float = Field(0.02, gt=0, lt=1)
 
@@ -128,7 +136,7 @@ class GuidedDiffusionPriorConfig(_Strict):
     name: Literal["guided_diffusion"]
     path: str
     image_size: int = Field(ge=8)
-    num_timesteps: int = Field(1000, ge=1)
+    num_timesteps: NumTimesteps = 1000
     batch_size: int = Field(16, ge=1)
 
     def build(self, base: Path = Path(".")) -> Prior:
@@ -225,7 +233,21 @@ class InpaintingConfig(_Strict):
     mask: Literal["box", "random"]
     box: tuple[int, int, int, int] | None = Field(None, description="top, left, height, width of the missing box")
     fraction_observed: float | None = Field(None, gt=0, le=1)
-    mask_seed: int = 0
+    mask_seed: Seed = 0
+
+    @field_validator("box")
+    @classmethod
+    def _box_not_empty(cls, box):
+        """A box starts inside the image and has at least one pixel; whether it fits is checked at build."""
+        if box is not None:
+            top, left, height, width = box
+            if top < 0 or left < 0:
+                raise ValueError(f"top and left must be >= 0 (got top={top}, left={left}); "
+                                 f"box is [top, left, height, width]")
+            if height < 1 or width < 1:
+                raise ValueError(f"height and width must be at least 1 (got height={height}, width={width}); "
+                                 f"box is [top, left, height, width]")
+        return box
 
     @model_validator(mode="after")
     def _mask_parameters(self):
@@ -255,7 +277,7 @@ class GaussianBlurConfig(_Strict):
 class MotionBlurConfig(_Strict):
     type: Literal["motion_blur"]
     kernel_size: int = Field(ge=3)
-    kernel_seed: int = 0
+    kernel_seed: Seed = 0
     length: float = Field(0.3, gt=0)
 
     def build(self, shape, noise):
@@ -332,7 +354,7 @@ class ProblemConfig(_Strict):
     noise: NoiseConfig
     truth: TruthConfig | None = None
     measurement: str | None = Field(None, description="a .npy file holding y, shaped like G(x)")
-    noise_seed: int = 0
+    noise_seed: Seed = 0
     num_samples: int = Field(16, ge=1)
     sampler_options: dict[str, dict[str, Any]] = {}
 
@@ -418,12 +440,17 @@ def _tag_of(model: type[BaseModel]) -> str | None:
 
 @dataclass
 class Problem:
-    """A loaded problem: its validated config, the posterior, and the truth when known (``[0, 1]``)."""
+    """A loaded problem: its validated config, the posterior, and the truth when known (``[0, 1]``).
+
+    ``notes`` are one-line remarks on what loading did to the user's inputs (e.g. an RGB image
+    converted to grayscale), for the user and the run's summary.
+    """
 
     config: ProblemConfig
     path: Path
     posterior: Posterior
     truth: Tensor | None
+    notes: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> "Problem":
         posterior = self.posterior
@@ -435,31 +462,103 @@ class Problem:
         return self
 
 
-def _read_image(path: Path, channels: int) -> Tensor:
-    """An image file or .npy array as a ``(1, C, H, W)`` float32 tensor in [0, 1]."""
+#: the first bytes of every file ``numpy.save`` writes
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _check_readable(path: Path, where: str) -> None:
+    """Refuse a path that is not a readable file: missing, a directory, a symlink loop, no permission."""
+    problem = file_problem(path)
+    if problem is None:
+        try:
+            path.open("rb").close()
+        except OSError as error:
+            problem = f"{path} cannot be read: {error.strerror}"
+    if problem is not None:
+        raise ProblemError(f"{where}: {problem}")
+
+
+def _read_npy(path: Path, where: str) -> np.ndarray:
+    """The non-empty numeric array in the .npy file ``path``; anything else raises ``ProblemError`` naming ``where``.
+
+    Pickled data is never loaded (``allow_pickle=False``).
+    """
+    _check_readable(path, where)
+    with path.open("rb") as file:
+        if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise ProblemError(f"{where}: {path.name} is not a .npy file (the format numpy.save writes)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise ProblemError(f"{where}: {path.name} holds Python objects (a pickled array), which are never "
+                               f"loaded; allowed: an array of numbers") from None
+        raise ProblemError(f"{where}: {path.name} is not a valid .npy file: {str(error).splitlines()[0]}") from None
+    if array.dtype.kind not in "biuf":
+        raise ProblemError(f"{where}: {path.name} holds values of type {array.dtype}; allowed: an array of numbers "
+                           f"(bool, integer or float)")
+    if array.size == 0:
+        raise ProblemError(f"{where}: {path.name} is empty (shape {array.shape})")
+    return array
+
+
+def _require_finite(array: np.ndarray, where: str, path: Path) -> None:
+    if not np.isfinite(array).all():
+        raise ProblemError(f"{where}: contains NaN or infinite values ({path.name}); every value must be finite "
+                           f"(and within float32's range)")
+
+
+def _read_picture(path: Path, channels: int, where: str) -> tuple[np.ndarray, list[str]]:
+    """An image file as a ``(C, H, W)`` float array, with notes on the conversions made.
+
+    Transparency is composited onto white (as ``skimage.color.rgba2rgb`` does); an RGB image for a
+    one-channel prior becomes grayscale.
+    """
     from skimage import color, io, util
 
-    if not path.exists():
-        raise ProblemError(f"truth.path: file {path} does not exist")
-    if path.suffix == ".npy":
-        array = np.load(path)
+    _check_readable(path, where)
+    try:
+        array = util.img_as_float(io.imread(path))
+    except (OSError, ValueError, SyntaxError):  # the decoders' ways of saying "not an image I can read"
+        raise ProblemError(f"{where}: {path.name} cannot be read as an image; allowed: an image file (PNG, JPEG, "
+                           f"TIFF) or a .npy array") from None
+    notes = []
+    if array.ndim == 3 and array.shape[-1] in (2, 4):  # gray or RGB with an alpha channel
+        alpha = array[..., -1:]
+        if (alpha < 1).any():
+            notes.append(f"{where}: {path.name} has transparent pixels; composited onto a white background")
+        array = array[..., :-1] * alpha + (1 - alpha)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[-1] == 3 and channels == 1:
+        notes.append(f"{where}: {path.name} is RGB; converted to grayscale for the 1-channel prior "
+                     f"(skimage.color.rgb2gray)")
+        array = color.rgb2gray(array)
+    return (array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)), notes
+
+
+def _read_image(path: Path, channels: int, where: str) -> tuple[Tensor, list[str]]:
+    """An image file or .npy array as a ``(1, C, H, W)`` float32 tensor in [0, 1], with notes on conversions.
+
+    ``where`` (e.g. ``problem.yaml: truth.path``) starts every error message.
+    """
+    notes = []
+    if path.suffix.lower() == ".npy":
+        array = _read_npy(path, where)
         array = array.reshape(array.shape[-3:]) if array.ndim == 4 and array.shape[0] == 1 else array
         if array.ndim == 2:
             array = array[None]
     else:
-        array = util.img_as_float(io.imread(path))
-        if array.ndim == 3 and array.shape[-1] == 4:
-            array = color.rgba2rgb(array)
-        if array.ndim == 3 and channels == 1:
-            array = color.rgb2gray(array)
-        array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
-    image = torch.as_tensor(np.asarray(array, dtype=np.float32))
-    if image.dim() != 3 or image.shape[0] != channels:
-        raise ProblemError(f"truth.path: image {path.name} has shape {tuple(image.shape)}; the prior expects "
+        array, notes = _read_picture(path, channels, where)
+    if array.ndim != 3 or array.shape[0] != channels:
+        raise ProblemError(f"{where}: image {path.name} has shape {tuple(array.shape)}; the prior expects "
                            f"{channels} channel(s): (channels, height, width)")
-    if image.min() < 0 or image.max() > 1:
-        raise ProblemError(f"truth.path: image values must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
-    return image[None]
+    _require_finite(array, where, path)
+    if array.min() < 0 or array.max() > 1:
+        hint = " (an 8-bit image? save it as PNG, or divide by 255)" if array.dtype.kind in "iu" else ""
+        raise ProblemError(f"{where}: image values must lie in [0, 1], got [{array.min():.3g}, {array.max():.3g}]"
+                           f"{hint}")
+    return torch.as_tensor(np.asarray(array, dtype=np.float32))[None], notes
 
 
 def load_problem(path: str | Path, case: str | None = None) -> Problem:
@@ -485,20 +584,11 @@ def problem_cases(path: str | Path) -> list[str]:
 
 
 def _read_problem_file(path: Path) -> dict:
-    """The YAML mapping of a problem file; a missing or malformed file raises ``ProblemError``."""
+    """The YAML mapping of a problem file; any file that is not one raises ``ProblemError`` (one line)."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ProblemError(f"problem file {path} does not exist") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        reason = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ProblemError(f"{path.name}: malformed YAML{where}: {reason}") from None
-    if not isinstance(raw, dict):
-        raise ProblemError(f"{path.name}: a problem file must be a mapping of keys (name, prior, operator, "
-                           f"noise, truth, ...), got {type(raw).__name__}")
-    return raw
+        return read_mapping(path, "problem file")
+    except YAMLFileError as error:
+        raise ProblemError(str(error)) from None
 
 
 def _select_case(raw: dict, case: str | None, path: Path) -> dict:
@@ -525,7 +615,7 @@ def build_problem(config: ProblemConfig, path: Path) -> Problem:
         prior = config.prior.build(path.parent)  # files a prior names are relative to the problem file
     except ValueError as error:  # a checkpoint that is missing, corrupt or mismatched
         raise ProblemError(f"{path.name}: prior: {error}") from None
-    truth = _build_truth(config, path, prior.event_shape)
+    truth, notes = _build_truth(config, path, prior.event_shape)
     if truth is not None and tuple(truth.shape[1:]) != prior.event_shape:
         prior = _fit_prior_to_image(prior, tuple(truth.shape[1:]), path)
     shape = prior.event_shape
@@ -537,26 +627,36 @@ def build_problem(config: ProblemConfig, path: Path) -> Problem:
     operator = operator.with_input_map(1.0 / (high - low), -low / (high - low))
 
     if config.measurement is not None:
-        measurement_path = path.parent / config.measurement
-        if not measurement_path.exists():
-            raise ProblemError(f"{path.name}: measurement: file {measurement_path} does not exist")
-        measurement = torch.as_tensor(np.load(measurement_path), dtype=torch.float32)
-        expected = tuple(operator.physics.A(torch.zeros((1, *shape))).shape)
-        if measurement.dim() == len(expected) - 1:
-            measurement = measurement[None]
-        if tuple(measurement.shape) != expected:
-            raise ProblemError(f"{path.name}: measurement: shape {tuple(measurement.shape)} does not match the "
-                               f"operator's output {expected}")
-        if not torch.isfinite(measurement).all():
-            raise ProblemError(f"{path.name}: measurement: contains NaN or infinite values")
+        measurement = _read_measurement(config, path, operator, shape)
     else:
         generator = torch.Generator().manual_seed(config.noise_seed)
         measurement = operator.noise.sample(operator.physics.A(truth), generator)
-    return Problem(config, path, Posterior(prior, operator, measurement), truth)
+    return Problem(config, path, Posterior(prior, operator, measurement), truth, notes)
 
 
-def _build_truth(config: ProblemConfig, path: Path, shape: tuple[int, ...]) -> Tensor | None:
-    """The ground-truth image ``(1, C, H, W)`` in [0, 1], float32, or None."""
+def _read_measurement(config: ProblemConfig, path: Path, operator: operator_library.ForwardOperator,
+                      shape: tuple[int, ...]) -> Tensor:
+    """The measurement file as a float32 tensor shaped like the operator's output ``G(x)``."""
+    where = f"{path.name}: measurement"
+    measurement_path = path.parent / config.measurement
+    with np.errstate(over="ignore"):  # values beyond float32's range become inf, refused next
+        array = _read_npy(measurement_path, where).astype(np.float32)
+    _require_finite(array, where, measurement_path)
+    measurement = torch.as_tensor(array)
+    expected = tuple(operator.physics.A(torch.zeros((1, *shape))).shape)
+    if measurement.dim() == len(expected) - 1:
+        measurement = measurement[None]
+    if tuple(measurement.shape) != expected:
+        raise ProblemError(f"{where}: shape {tuple(measurement.shape)} does not match the operator's output "
+                           f"{expected}")
+    if isinstance(config.noise, PoissonNoiseConfig) and (measurement < 0).any():
+        raise ProblemError(f"{where}: Poisson noise gives measurements >= 0, got a minimum of "
+                           f"{float(measurement.min()):.3g}")
+    return measurement
+
+
+def _build_truth(config: ProblemConfig, path: Path, shape: tuple[int, ...]) -> tuple[Tensor | None, list[str]]:
+    """The ground-truth image ``(1, C, H, W)`` in [0, 1], float32, or None; and notes on conversions made."""
     if isinstance(config.truth, DigitsTruthConfig):
         from invdiff.data import digits
 
@@ -564,18 +664,18 @@ def _build_truth(config: ProblemConfig, path: Path, shape: tuple[int, ...]) -> T
         if config.truth.index >= len(images):
             raise ProblemError(f"{path.name}: truth.index: the {config.truth.split} split has {len(images)} "
                                f"images, so index must be < {len(images)} (got {config.truth.index})")
-        return images[config.truth.index:config.truth.index + 1].to(torch.float32)
+        return images[config.truth.index:config.truth.index + 1].to(torch.float32), []
     if isinstance(config.truth, NaturalTruthConfig):
         from invdiff.data import heldout_crop
 
         truth = config.truth
         try:
-            return heldout_crop(truth.image, truth.top, truth.left, truth.size, truth.scale).to(torch.float32)
+            return heldout_crop(truth.image, truth.top, truth.left, truth.size, truth.scale).to(torch.float32), []
         except ValueError as error:
             raise ProblemError(f"{path.name}: truth: {error}") from None
     if isinstance(config.truth, FileTruthConfig):
-        return _read_image(path.parent / config.truth.path, shape[0])
-    return None
+        return _read_image(path.parent / config.truth.path, shape[0], f"{path.name}: truth.path")
+    return None, []
 
 
 def _fit_prior_to_image(prior: Prior, image_shape: tuple[int, ...], path: Path) -> Prior:

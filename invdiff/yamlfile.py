@@ -77,6 +77,8 @@ def read_mapping(path: str | Path, what: str) -> dict:
     except OSError as error:
         raise YAMLFileError(f"{what} {path} cannot be read: {error.strerror}") from None
     content = _parse(text, path.name)
+    if content is None:
+        raise YAMLFileError(f"{path.name}: the file is empty; a {what} is a mapping of keys")
     if not isinstance(content, dict):
         raise YAMLFileError(f"{path.name}: a {what} must be a mapping of keys, got {type(content).__name__}")
     return content

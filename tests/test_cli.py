@@ -105,7 +105,7 @@ def test_more_steps_than_a_ddpm_schedule_has_is_a_one_line_error(tmp_path, capsy
 def test_options_for_a_sampler_that_is_not_registered_are_a_typo(tmp_path, capsys):
     problem = write_problem(tmp_path, VALID + "sampler_options: {dsp: {scale: 0.5}}")
     error = error_of(["solve", str(problem), "--sampler", "dps", "--out", str(tmp_path / "run")], capsys)
-    assert "sampler_options.dsp: no sampler 'dsp' is registered; registered: " in error and "dps" in error
+    assert "sampler_options.dsp: unknown sampler 'dsp'; available: " in error and "dps" in error
 
 
 def test_unknown_sampler(tmp_path, capsys):
