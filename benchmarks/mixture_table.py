@@ -38,12 +38,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import gaussian_mixture  # noqa: E402  (the same test bed as the test suite)
-
-from invdiff.metrics import sliced_wasserstein  # noqa: E402
-from invdiff.plugins import load_registry  # noqa: E402
-from invdiff.posterior import sample_posterior  # noqa: E402
+from invdiff.metrics import sliced_wasserstein
+from invdiff.plugins import load_registry
+from invdiff.posterior import sample_posterior
+from invdiff.testing import gaussian_mixture   # the same test bed as the test suite
 
 #: per budget of network evaluations per sample: the sample counts K and every sampler's options
 BUDGETS = {

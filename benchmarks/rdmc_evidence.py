@@ -1,6 +1,6 @@
 """RDMC (Huang et al., ICLR 2024) against exact posteriors and DPS on the Gaussian-mixture test bed.
 
-The MCGdiff mixture of tests/conftest.py (ALGORITHMS.md section 6): 25 unit-covariance components
+The MCGdiff mixture of invdiff.testing (ALGORITHMS.md section 6): 25 unit-covariance components
 with means (8i, 8j, 8i, 8j, ...), a random operator with d_y rows, sigma_y = 1. For d in {8, 80} and
 d_y in {1, 2, 4} it draws 1000 samples (seed 0) with
 
@@ -13,8 +13,8 @@ d_y in {1, 2, 4} it draws 1000 samples (seed 0) with
   as many steps as RDMC's default takes gradients per sample (2000),
 
 and prints two markdown tables: the sliced Wasserstein distance to 1000 exact posterior draws next
-to the exact-vs-exact floor and threshold (conftest.sliced_wasserstein_threshold: mean and mean + 5
-standard deviations over 12 pairs of exact sets), and, where the posterior has several modes
+to the exact-vs-exact floor and threshold (invdiff.testing.sliced_wasserstein_threshold: mean and
+mean + 5 standard deviations over 12 pairs of exact sets), and, where the posterior has several modes
 (d_y = 1), the fraction of samples nearest to each posterior component's mean against the exact
 weights. The comparison with the SMC samplers at equal budgets is benchmarks/mixture_table.py's.
 Run from the repository root (about 15 minutes on 2 CPU cores; ``--dimensions 8`` takes about 2):
@@ -27,19 +27,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import gaussian_mixture, sliced_wasserstein_threshold  # noqa: E402  (the test suite's test bed)
+from mixture_table import SHOWN_MODES, mode_mass_error, mode_masses  # benchmarks/, beside this script
 
-from mixture_table import SHOWN_MODES, mode_mass_error, mode_masses  # noqa: E402  (benchmarks/, beside this)
-
-from invdiff.metrics import sliced_wasserstein  # noqa: E402
-from invdiff.posterior import sample_posterior  # noqa: E402
-from invdiff_plugins.dps import DPS  # noqa: E402
-from invdiff_plugins.rdmc import RDMC  # noqa: E402
+from invdiff.metrics import sliced_wasserstein
+from invdiff.posterior import sample_posterior
+from invdiff.testing import gaussian_mixture, sliced_wasserstein_threshold   # the test suite's test bed
+from invdiff_plugins.dps import DPS
+from invdiff_plugins.rdmc import RDMC
 
 NUM_SAMPLES = 1000
 SAMPLERS = {

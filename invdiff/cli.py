@@ -1,4 +1,4 @@
-"""The ``invdiff`` command: ``samplers``, ``solve PROBLEM.yaml --sampler NAME``, ``train CONFIG.yaml --out RUN``.
+"""The ``invdiff`` command: ``samplers``, ``solve PROBLEM.yaml --sampler NAME``, ``check NAME``, ``train CONFIG.yaml``.
 
 Input mistakes (problem file, sampler name or options, output folder, device) print one line
 ``invdiff: error: ...`` and exit with code 2 before anything is written; a sampling failure (NaN)
@@ -23,7 +23,7 @@ __all__ = ["main"]
 
 #: what an interrupted command leaves behind
 INTERRUPTED = {"solve": "nothing was written", "train": "the run folder holds the last checkpoint (--resume continues)",
-               "samplers": "nothing was written"}
+               "samplers": "nothing was written", "check": "nothing was written"}
 
 
 class UsageError(ValueError):
@@ -92,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     solve.add_argument("--quiet", action="store_true", help="no progress bar")
     solve.set_defaults(handler=_solve)
 
+    check = commands.add_parser("check", help="run the exactness checks of the test suite on one sampler")
+    check.add_argument("sampler", help="a sampler name (see 'invdiff samplers')")
+    check.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                       help="a sampler option (repeatable; VALUE is YAML)")
+    check.add_argument("--seed", type=int, default=0, help="seed of the sampler's draws (default 0)")
+    check.add_argument("--quiet", action="store_true", help="no progress bars")
+    check.set_defaults(handler=_check)
+
     training = commands.add_parser("train", help="train a UNet prior by denoising score matching (resumable)")
     training.add_argument("config", type=Path, help="a training YAML file (see invdiff/priors/*.yaml)")
     training.add_argument("--out", type=Path, required=True, help="run folder: state.pt, log.jsonl, NAME.safetensors")
@@ -126,6 +134,19 @@ def _train(arguments) -> int:
                    device=arguments.device, progress=not arguments.quiet, continue_from=arguments.continue_from)
     print(json.dumps(record))
     return 0
+
+
+def _check(arguments) -> int:
+    """Exit 0 when the sampler meets its standard (exact or not), 1 when it does not."""
+    from invdiff.plugins import load_registry
+    from invdiff.testing import check_sampler
+
+    info = load_registry().get(arguments.sampler)
+    _check_seed(arguments.seed)
+    outcome = check_sampler(info.sampler_class, _parse_options(arguments.option), seed=arguments.seed,
+                            progress=not arguments.quiet)
+    print(outcome)
+    return 0 if outcome.passed else 1
 
 
 def _samplers(arguments) -> int:

@@ -10,16 +10,18 @@ network evaluations and the wall time.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
+import deepinv
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from invdiff.operators import ForwardOperator
+from invdiff.operators import ForwardOperator, GaussianNoise, NoiseModel, matrix_operator
 from invdiff.prior import Prior
 
 __all__ = ["Posterior", "Sampler", "SamplerOptions", "SampleResult", "StepMonitor", "SamplingError",
@@ -36,31 +38,131 @@ class UnsupportedProblem(ValueError):
 
 @dataclass
 class Posterior:
-    """A prior, a forward operator with its noise model, and one measurement ``y`` (batch size 1)."""
+    """A prior, a forward operator with its noise model, and one measurement ``y``.
+
+    The measurement is stored with a batch axis of size 1, ``(1, *output_shape)``, where
+    ``output_shape`` is what the operator gives for one event of the prior; a ``y`` without the batch
+    axis (``(m,)`` for a matrix operator) gets it added. Samplers work in ``dtype`` and on ``device``,
+    the measurement's: a floating torch tensor keeps its dtype, anything else (numpy arrays, lists,
+    integer tensors) is converted to ``prior.dtype``, which ``from_arrays`` always uses.
+    """
 
     prior: Prior
     operator: ForwardOperator
     measurement: Tensor
 
     def __post_init__(self):
-        if self.measurement.shape[0] != 1:
-            raise ValueError(f"the measurement must have batch size 1, got shape {tuple(self.measurement.shape)}")
-        if not torch.isfinite(self.measurement).all():
+        measurement = self.measurement
+        if not (isinstance(measurement, Tensor) and measurement.is_floating_point()):
+            measurement = _as_tensor(measurement, "the measurement").to(self.prior.dtype)
+        given_shape = tuple(measurement.shape)
+        expected = self._output_shape(measurement.device, measurement.dtype)
+        if measurement.dim() == len(expected) - 1:
+            measurement = measurement[None]
+        if tuple(measurement.shape[1:]) != expected[1:]:
+            raise ValueError(f"the measurement has shape {given_shape}, but the operator maps one event of the "
+                             f"prior {self.prior.event_shape} to shape {expected[1:]} (the batch axis of size 1 may be "
+                             "left out)")
+        if measurement.shape[0] != 1:
+            raise ValueError(f"the measurement must have batch size 1 (one y per posterior), got shape "
+                             f"{tuple(measurement.shape)}")
+        if not torch.isfinite(measurement).all():
             raise ValueError("the measurement contains NaN or infinite values")
+        self.measurement = measurement
+
+    def _output_shape(self, device: torch.device, dtype: torch.dtype) -> tuple[int, ...]:
+        """The shape of ``G(x)`` for one event ``x`` of the prior, with its batch axis: ``(1, ...)``."""
+        zeros = torch.zeros((1, *self.prior.event_shape), dtype=self.operator.dtype or dtype, device=device)
+        try:
+            with torch.no_grad():
+                return tuple(self.operator.forward(zeros).shape)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"the operator '{self.operator.name}' cannot take the prior's events of shape "
+                             f"{self.prior.event_shape}: {reason}") from None
+
+    @classmethod
+    def from_arrays(cls, prior: Prior, operator: Any, measurement: Any, *, noise: NoiseModel | float | None = None
+                    ) -> "Posterior":
+        """A posterior from arrays, for use from Python (the CLI builds its posteriors from problem files).
+
+        ``operator`` is a ``ForwardOperator`` (it has its noise: leave ``noise`` out), a deepinv
+        ``Physics`` acting on the prior's native space, or a matrix ``(m, d)`` (numpy or torch) for a
+        prior over vectors of shape ``(d,)``. ``noise`` is a ``NoiseModel`` or ``sigma_y`` (a number:
+        Gaussian noise). ``measurement`` (numpy or torch, with or without the batch axis) is converted
+        to ``prior.dtype``, the dtype sampling then uses. Every mismatch raises one ``ValueError``.
+        """
+        if isinstance(operator, ForwardOperator):
+            if noise is not None:
+                raise ValueError("noise: this ForwardOperator already has its noise model "
+                                 f"({operator.noise.settings()}); give noise only with a matrix or a deepinv physics")
+        elif isinstance(operator, deepinv.physics.Physics):
+            operator = ForwardOperator(operator, _noise_model(noise), name=type(operator).__name__)
+        else:
+            operator = matrix_operator(_vector_matrix(operator, prior), _noise_model(noise))
+        return cls(prior, operator, _as_tensor(measurement, "the measurement").to(prior.dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype samplers work in: the measurement's."""
+        return self.measurement.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device samplers work on: the measurement's."""
+        return self.measurement.device
 
     def log_likelihood(self, x: Tensor) -> Tensor:
         """``log p_eta(y | G(x))`` per batch element: shape ``(B,)``."""
         return self.operator.log_likelihood(self.measurement, x)
 
     def log_likelihood_grad(self, x: Tensor) -> Tensor:
-        """``grad_x log p_eta(y | G(x))``, batched."""
+        """``grad_x log p_eta(y | G(x))``, batched, shape of ``x``; gradients are enabled inside, so it
+        works under ``torch.no_grad()``, and the result carries no graph."""
         return self.operator.log_likelihood_grad(self.measurement, x)
 
 
-class SamplerOptions(BaseModel):
-    """Base of every sampler's options: unknown keys are errors, values are validated."""
+def _as_tensor(values: Any, what: str) -> Tensor:
+    """``values`` (numpy, torch, nested lists of numbers) as a tensor, or one ``ValueError`` naming ``what``."""
+    try:
+        return torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        message = f"{what}: expected numbers (a numpy array or torch tensor), got {type(values).__name__}"
+        raise ValueError(message) from None
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+def _noise_model(noise: NoiseModel | float | None) -> NoiseModel:
+    """A noise model from a ``NoiseModel`` or ``sigma_y`` (Gaussian)."""
+    if isinstance(noise, NoiseModel):
+        return noise
+    if noise is None:
+        raise ValueError("noise: required with a matrix or a deepinv physics: give sigma_y (a number, Gaussian "
+                         "noise) or a NoiseModel (invdiff.operators.GaussianNoise, PoissonNoise)")
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real):
+        raise ValueError(f"noise: expected sigma_y (a positive number) or a NoiseModel, got {type(noise).__name__}")
+    return GaussianNoise(float(noise))
+
+
+def _vector_matrix(matrix: Any, prior: Prior) -> Tensor:
+    """``matrix`` as a 2-D tensor whose columns match the prior's vector events; float64 unless floating."""
+    matrix = _as_tensor(matrix, "operator (a ForwardOperator, a deepinv Physics or a matrix)")
+    if not matrix.is_floating_point():
+        matrix = matrix.to(torch.float64)
+    if matrix.dim() != 2:
+        raise ValueError(f"operator: a matrix must be 2-D (measurements, dimension), got shape {tuple(matrix.shape)}")
+    if len(prior.event_shape) != 1:
+        raise ValueError(f"operator: a matrix acts on vectors, but the prior's events have shape {prior.event_shape}; "
+                         "use a prior over vectors or a deepinv physics")
+    if matrix.shape[1] != prior.event_shape[0]:
+        raise ValueError(f"operator: the matrix has {matrix.shape[1]} columns, but the prior's events have "
+                         f"{prior.event_shape[0]} values")
+    return matrix
+
+
+class SamplerOptions(BaseModel):
+    """Base of every sampler's options: unknown keys, wrong values and non-finite numbers are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass

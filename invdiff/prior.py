@@ -26,8 +26,13 @@ class Prior(ABC):
     """A diffusion prior in its native space (``data_range``), over events of shape ``event_shape``.
 
     Subclasses implement ``_score``; ``score`` counts the network evaluations (one per batch
-    element), which is the cost every sampler reports.
+    element), which is the cost every sampler reports. ``dtype`` is the dtype sampling should use
+    (``Posterior.from_arrays`` converts the measurement to it); ``terminal_sample`` draws the states
+    every reverse sampler starts from.
     """
+
+    #: the dtype samplers work in for this prior (float32 unless a subclass says otherwise)
+    dtype: torch.dtype = torch.float32
 
     def __init__(self, sde: SDE, event_shape: tuple[int, ...], data_range: tuple[float, float] = (-1.0, 1.0)):
         self.sde = sde
@@ -61,13 +66,23 @@ class Prior(ABC):
         """Move the prior's tensors to ``device`` (in place); returns ``self``."""
         return self
 
+    def terminal_sample(self, num_samples: int, *, generator: torch.Generator | None = None,
+                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+        """Draws of ``x_T`` where reverse sampling starts, shape ``(num_samples, *event_shape)``.
+
+        By default the SDE's reference ``N(0, sde.terminal_std()^2 I)``; a prior that knows its own
+        diffused marginal ``p_T`` (the exact Gaussian and mixture priors) draws from it instead, so
+        that the reverse process starts without bias. ``generator`` must live on ``device``.
+        """
+        return self.sde.terminal_sample((num_samples, *self.event_shape), generator=generator, dtype=dtype,
+                                        device=device)
+
     @torch.no_grad()
     def sample(self, num_samples: int, *, num_steps: int = 200, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
-        """Unconditional samples by ancestral reverse steps on ``sde.time_grid(num_steps)``."""
+        """Unconditional samples: ``terminal_sample``, then reverse steps on ``sde.time_grid(num_steps)``."""
         grid = self.sde.time_grid(num_steps)
-        x = self.sde.terminal_sample((num_samples, *self.event_shape), generator=generator, dtype=dtype,
-                                     device=device)
+        x = self.terminal_sample(num_samples, generator=generator, dtype=dtype, device=device)
         for t, s in zip(grid[:-1], grid[1:]):
             mean, variance = self.sde.reverse_kernel(x, self.denoise(x, t), t, s)
             noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=device)
@@ -114,6 +129,11 @@ class NetworkPrior(Prior):
         """The dtype of the network's first parameter (float32 for a network without parameters)."""
         parameter = next(self.network.parameters(), None)
         return parameter.dtype if parameter is not None else torch.float32
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """float64 for a float64 network, else float32 (half-precision networks sample in float32)."""
+        return torch.promote_types(self.network_dtype, torch.float32)
 
     def to(self, device):
         self.network.to(device)
@@ -165,8 +185,11 @@ class GaussianMixturePrior(Prior):
 
     so score, log-density and Tweedie's denoiser are exact. Each covariance is stored as its
     eigen-decomposition ``Sigma_k = U_k diag(e_k) U_k^T`` (``U_k = I`` for diagonal covariances), so
-    any time ``t`` costs one rotation. Computations run in float64 and return the input's dtype.
+    any time ``t`` costs one rotation. Computations run in float64 and return the input's dtype;
+    sampling runs in float64 too (``dtype``).
     """
+
+    dtype = torch.float64
 
     def __init__(self, weights: Tensor, means: Tensor, covariances: Tensor, sde: SDE,
                  event_shape: tuple[int, ...] | None = None, data_range: tuple[float, float] = (-1.0, 1.0),
@@ -247,15 +270,29 @@ class GaussianMixturePrior(Prior):
         return score.reshape(x.shape).to(x.dtype)
 
     @torch.no_grad()
-    def sample_clean(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """Exact draws from the undiffused prior ``p_0``, shape ``(num_samples, *event_shape)``, float64."""
-        components = torch.multinomial(self.log_weights.exp().cpu(), num_samples, replacement=True,
-                                       generator=generator).to(self.means.device)
-        noise = torch.randn((num_samples, self.dimension), generator=generator, dtype=torch.float64)
-        noise = noise.to(self.means.device) * self.eigenvalues[components].sqrt()
+    def _diffused_draws(self, num_samples: int, t: float | Tensor, generator: torch.Generator | None,
+                        device: torch.device | str) -> Tensor:
+        """Exact float64 draws from ``p_t = sum_k w_k N(lambda_t mu_k, lambda_t^2 Sigma_k + sigma_t^2 I)``,
+        made on ``device`` (where ``generator`` lives), shape ``(num_samples, *event_shape)``."""
+        lambda_t, sigma_t = self.sde.lambda_t(t).to(device), self.sde.sigma_t(t).to(device)
+        components = torch.multinomial(self.log_weights.exp().to(device), num_samples, replacement=True,
+                                       generator=generator)
+        noise = torch.randn((num_samples, self.dimension), generator=generator, dtype=torch.float64, device=device)
+        noise = noise * (lambda_t**2 * self.eigenvalues.to(device)[components] + sigma_t**2).sqrt()
         if self.eigenvectors is not None:
-            noise = torch.einsum("bkd,bd->bk", self.eigenvectors[components], noise)
-        return (self.means[components] + noise).reshape(num_samples, *self.event_shape)
+            noise = torch.einsum("bkd,bd->bk", self.eigenvectors.to(device)[components], noise)
+        return (lambda_t * self.means.to(device)[components] + noise).reshape(num_samples, *self.event_shape)
+
+    def sample_clean(self, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Exact draws from the undiffused prior ``p_0``, shape ``(num_samples, *event_shape)``, float64.
+
+        Drawn on the CPU (``generator`` is a CPU generator) and returned on the prior's device.
+        """
+        return self._diffused_draws(num_samples, 0.0, generator, "cpu").to(self.means.device)
+
+    def terminal_sample(self, num_samples, *, generator=None, dtype=torch.float32, device="cpu"):
+        """Exact draws from the diffused prior ``p_T`` (the model's own terminal marginal), in ``dtype``."""
+        return self._diffused_draws(num_samples, self.sde.T, generator, device).to(dtype)
 
     @classmethod
     def from_sklearn(cls, mixture, sde: SDE, event_shape: tuple[int, ...] | None = None,

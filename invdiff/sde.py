@@ -65,7 +65,8 @@ class SDE(ABC):
 
     def terminal_sample(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
                         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
-        """Draw ``x_T ~ N(0, terminal_std^2 I)``."""
+        """Draw ``x_T ~ N(0, terminal_std^2 I)``: the reference start, which ``Prior.terminal_sample`` (what
+        samplers call) uses unless the prior knows its own marginal at ``T``."""
         noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
         return self.terminal_std() * noise
 

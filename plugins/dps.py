@@ -43,10 +43,9 @@ class DPS(Sampler):
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
         prior, measurement = posterior.prior, posterior.measurement
-        dtype, device = measurement.dtype, measurement.device
+        dtype, device = posterior.dtype, posterior.device
         grid = prior.sde.time_grid(self.options.num_steps)
-        x = prior.sde.terminal_sample((num_samples, *prior.event_shape), generator=generator, dtype=dtype,
-                                      device=device)
+        x = prior.terminal_sample(num_samples, generator=generator, dtype=dtype, device=device)
         for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
             with torch.enable_grad():
                 x_grad = x.detach().requires_grad_(True)

@@ -7,6 +7,7 @@ SMC over the reverse diffusion path (ALGORITHMS.md section 5), for any SDE of ``
   ``r_t^2 = sigma_t^2 / lambda_t^2`` by default (``invdiff.smc.MeasurementTwist``);
 * proposal ``N(m + delta^2 grad log p~_t(y | x_t), delta^2)`` around the prior's reverse kernel
   ``N(m, delta^2)``, the gradient taken through the network;
+* start ``x_T ~ prior.terminal_sample`` (the model's own law at ``T``, so ``w_T`` needs no correction);
 * weights ``w_T = p~_T(y | x_T)``, ``w = p(x_s | x_t) p~_s(y | x_s) / [p~_t(y | x_t) q(x_s | x_t)]``,
   and at the last step, where the kernel is the deterministic ``x_0 = x0_hat(t_1, x_1)``,
   ``w_0 = p(y | x_0) / p~_{t_1}(y | x_1)``.
@@ -46,8 +47,8 @@ class TwistedSMC(Sampler):
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
-        prior, measurement = posterior.prior, posterior.measurement
-        dtype, device = measurement.dtype, measurement.device
+        prior = posterior.prior
+        dtype, device = posterior.dtype, posterior.device
         num_particles = self.options.num_particles or num_samples
         grid = prior.sde.time_grid(self.options.num_steps)
         weights = ParticleWeights(num_particles, scheme=self.options.resampling,
@@ -58,8 +59,7 @@ class TwistedSMC(Sampler):
         def twist(x, t):
             return chunked(lambda part: self._twist(posterior, measurement_twist, part, t), x, self.options.batch_size)
 
-        x = prior.sde.terminal_sample((num_particles, *prior.event_shape), generator=generator, dtype=dtype,
-                                      device=device)
+        x = prior.terminal_sample(num_particles, generator=generator, dtype=dtype, device=device)
         denoised, log_twist, gradient = twist(x, grid[0])
         weights.reweight(log_twist, where=f"the initial weights (t={float(grid[0]):.4g})")
         for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):

@@ -18,7 +18,8 @@ one that drives the next step:
 
     w = N(x_s; m, v) p~_s(y | x0_hat(s, x_s)) / [p~_t(y | x_t) q(x_s | x_t)],
 
-with the deterministic last step ``x_0 = x0_hat(t_1, x_1)`` weighted by ``p(y | x_0) / p~_{t_1}``.
+with the deterministic last step ``x_0 = x0_hat(t_1, x_1)`` weighted by ``p(y | x_0) / p~_{t_1}``; the
+particles start from ``prior.terminal_sample`` with weights ``p~_T(y | x0_hat(T, x_T))``.
 The product telescopes, so the particles target the posterior as their number grows. Cost: one
 network evaluation per particle per step, no backpropagation through the network.
 """
@@ -54,9 +55,9 @@ class VESMC(Sampler):
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
-        prior, operator, measurement = posterior.prior, posterior.operator, posterior.measurement
+        prior = posterior.prior
         sde = prior.sde
-        dtype, device = measurement.dtype, measurement.device
+        dtype, device = posterior.dtype, posterior.device
         num_particles = self.options.num_particles or num_samples
         twist = MeasurementTwist(posterior, self.options)
         svd = twist.svd
@@ -77,8 +78,7 @@ class VESMC(Sampler):
             return chunked(one_chunk, x, self.options.batch_size)
 
         with torch.no_grad():
-            x = sde.terminal_sample((num_particles, *prior.event_shape), generator=generator, dtype=dtype,
-                                    device=device)
+            x = prior.terminal_sample(num_particles, generator=generator, dtype=dtype, device=device)
             score, log_twist = evaluate(x, grid[0])
             weights.reweight(log_twist, where=f"the initial weights (t={float(grid[0]):.4g})")
             for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):

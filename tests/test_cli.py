@@ -83,6 +83,7 @@ def error_of(arguments, capsys):
     (VALID.replace("index: 3", "index: 300"), "truth.index: the test split has 300 images, so index must be < 300"),
     (VALID.replace("truth: {source: digits, index: 3}", ""), "give a truth"),
     (VALID + "sampler_options: {dps: {scale: 0}}", "sampler_options.dps.scale: Input should be greater than 0"),
+    (VALID + "sampler_options: {dps: {scale: .inf}}", "sampler_options.dps.scale: Input should be a finite number"),
     (VALID + "sampler_options: {dps: {steps: 10}}", "sampler_options.dps.steps: unknown key; allowed: num_steps, "
                                                     "scale, step_rule"),
 ])
@@ -267,3 +268,11 @@ def test_particle_flags_reach_the_sampler_and_are_refused_where_meaningless(tmp_
     error = error_of(["solve", str(INPAINT), "--sampler", "dps", "--num-particles", "12", "--out",
                       str(tmp_path / "other")], capsys)
     assert "--num-particles: sampler 'dps' has no option num_particles" in error
+
+
+def test_check_reports_the_numbers_and_a_verdict(capsys):
+    assert main(["check", "exact", "--quiet"]) == 0
+    report = capsys.readouterr().out
+    assert "verdict: PASS: exact meets the exact standard" in report and "largest mean z-score" in report
+    assert "sampler_options.dps.steps: unknown key" in error_of(["check", "dps", "-o", "steps=3"], capsys)
+    assert "unknown sampler 'magic'" in error_of(["check", "magic"], capsys)

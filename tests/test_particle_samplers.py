@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 
-from conftest import (Z_SCORE, discretised_model_posterior, gaussian_mixture, linear_gaussian, mean_z_scores,
-                      replicate_z_scores)
 from invdiff.posterior import SamplingError, UnsupportedProblem, sample_posterior
 from invdiff.operators import PoissonNoise, matrix_operator
 from invdiff.posterior import Posterior
 from invdiff.sde import VESDE, VPSDE, DDPMSchedule
+from invdiff.testing import (Z_SCORE, discretised_model_posterior, gaussian_mixture, linear_gaussian, mean_z_scores,
+                             replicate_z_scores)
 from invdiff_plugins.twisted_smc import TwistedSMC
 from invdiff_plugins.ve_smc import VESMC
 
@@ -49,10 +49,12 @@ def test_weighted_particles_match_the_exact_linear_gaussian_posterior(sampler, s
         means.append(mean)
         covariances.append(((weights[:, None] * centred).T @ centred).flatten())
         log_evidences.append(result.log_evidence)
-    assert replicate_z_scores(torch.stack(means), exact.mean).max() < REPLICATE_Z
-    assert replicate_z_scores(torch.stack(covariances), exact.covariance.flatten()).max() < REPLICATE_Z
-    evidence_ratios = torch.exp(torch.tensor(log_evidences) - exact.log_evidence)[:, None]
-    assert replicate_z_scores(evidence_ratios, torch.ones(1, dtype=torch.float64)) < REPLICATE_Z
+    z_scores = {"mean": replicate_z_scores(torch.stack(means), exact.mean),
+                "covariance": replicate_z_scores(torch.stack(covariances), exact.covariance.flatten()),
+                "Z_hat / Z": replicate_z_scores(torch.exp(torch.tensor(log_evidences) - exact.log_evidence)[:, None],
+                                                torch.ones(1, dtype=torch.float64))}
+    largest = {quantity: round(float(values.max()), 2) for quantity, values in z_scores.items()}
+    assert max(largest.values()) < REPLICATE_Z, f"largest z-scores over 10 runs {largest} (limit {REPLICATE_Z})"
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
@@ -65,16 +67,17 @@ def test_evidence_estimates_converge_on_the_mixture(sampler):
             sample_posterior(SAMPLERS[sampler](num_steps=100, num_particles=num_particles), posterior, 8,
                              generator=torch.Generator().manual_seed(seed)).log_evidence - exact.log_evidence
             for seed in range(4)])
-    assert errors[1024].abs().mean() < errors[64].abs().mean() + 0.05
-    assert errors[1024].abs().max() < 0.3
+    shown = {count: [round(error, 3) for error in values.tolist()] for count, values in errors.items()}
+    assert errors[1024].abs().mean() < errors[64].abs().mean() + 0.05, f"log Z_hat - log Z by K: {shown}"
+    assert errors[1024].abs().max() < 0.3, f"log Z_hat - log Z by K: {shown} (limit 0.3 at K = 1024)"
 
 
 @pytest.mark.parametrize("sde", SDES, ids=SDE_NAMES)
 def test_discretisation_bias_shrinks_with_the_number_of_steps(sde):
     """The 100-step model's posterior is close to the true one, the 400-step model's closer."""
     posterior, exact = linear_gaussian(sde=sde)
-    errors = [(discretised_model_posterior(posterior, steps).mean - exact.mean).norm() for steps in (100, 400)]
-    assert errors[1] < errors[0] < 0.05
+    errors = [float((discretised_model_posterior(posterior, steps).mean - exact.mean).norm()) for steps in (100, 400)]
+    assert errors[1] < errors[0] < 0.05, f"model mean's distance to the exact mean at 100 and 400 steps: {errors}"
 
 
 def test_network_evaluations_and_ess_history():
@@ -92,17 +95,27 @@ def test_particles_default_to_the_number_of_samples_and_chunking_changes_nothing
     chunks = sample_posterior(TwistedSMC(num_steps=20, batch_size=7), posterior, 40,
                               generator=torch.Generator().manual_seed(2))
     assert whole.particles.shape == (40, 4)
-    assert torch.allclose(whole.particles, chunks.particles)
+    assert torch.allclose(whole.particles, chunks.particles), \
+        f"batch_size 7 moved the particles by up to {float((whole.particles - chunks.particles).abs().max()):.3g}"
     assert whole.log_evidence == pytest.approx(chunks.log_evidence)
 
 
 @pytest.mark.parametrize("twisting", ["capped", "none"])
 def test_other_twisting_rules_stay_exact_in_the_limit(twisting):
-    """Any twisting keeps the weights right (only efficiency changes): the posterior mean is still found."""
-    posterior, exact = linear_gaussian()
-    result = sample_posterior(TwistedSMC(num_steps=50, num_particles=4096, twisting=twisting), posterior, 8,
-                              generator=torch.Generator().manual_seed(0))
-    assert mean_z_scores(result.particles, exact, result.log_weights).max() < Z_SCORE
+    """Any twisting keeps the weights right (only efficiency changes): the weighted means of 10
+    independent runs (K = 1024) average to the 50-step model's posterior mean within REPLICATE_Z
+    standard errors of their spread. (One run's ESS understates its error when the weights are as
+    uneven as without twisting: single runs with K = 4096 gave z = 3-33 over seeds.)"""
+    posterior, _ = linear_gaussian()
+    exact = discretised_model_posterior(posterior, 50)
+    means = []
+    for seed in range(10):
+        result = sample_posterior(TwistedSMC(num_steps=50, num_particles=1024, twisting=twisting), posterior, 8,
+                                  generator=torch.Generator().manual_seed(seed))
+        means.append((torch.softmax(result.log_weights, 0)[:, None] * result.particles).sum(0))
+    largest = float(replicate_z_scores(torch.stack(means), exact.mean).max())
+    assert largest < REPLICATE_Z, (f"twisting {twisting}: the mean of 10 runs is {largest:.2f} standard errors from "
+                                   f"the model's posterior mean (limit {REPLICATE_Z})")
 
 
 def test_resampling_schemes_and_threshold_are_options():
@@ -121,7 +134,7 @@ def test_closed_form_proposal_is_refused_where_it_does_not_exist():
     with pytest.raises(UnsupportedProblem, match="closed_form needs a linear operator with Gaussian noise"):
         sample_posterior(VESMC(proposal="closed_form", num_steps=10), poisson, 4)
     result = sample_posterior(VESMC(num_steps=10, num_particles=32), poisson, 4)   # auto: gradient proposal
-    assert torch.isfinite(result.particles).all()
+    assert torch.isfinite(result.particles).all(), "the gradient proposal gave NaN or infinite particles"
 
 
 def test_nan_during_sampling_names_the_step():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from sklearn.mixture import GaussianMixture
 
-from conftest import Z_SCORE
+from invdiff.testing import Z_SCORE
 from invdiff.prior import GaussianMixturePrior, GaussianPrior, digits_gaussian_mixture
 from invdiff.sde import VESDE, VPSDE, DDPMSchedule
 

@@ -23,13 +23,13 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from conftest import (Z_SCORE, covariance_z_scores, gaussian_mixture, linear_gaussian, mean_z_scores,
-                      sliced_wasserstein_threshold)
 from invdiff.metrics import sliced_wasserstein
 from invdiff.posterior import UnsupportedProblem, sample_posterior
 from invdiff.prior import NetworkPrior, Prior
 from invdiff.problems import load_problem
 from invdiff.sde import DDPMSchedule
+from invdiff.testing import (Z_SCORE, covariance_z_scores, gaussian_mixture, linear_gaussian, mean_z_scores,
+                             sliced_wasserstein_threshold)
 from invdiff_plugins.rdmc import RDMC, remaining_times
 
 SMALL = {"num_steps": 5, "num_chains": 4, "inner_steps": 3}
@@ -58,11 +58,14 @@ def mode_mass_threshold(exact, num_samples: int, repeats: int = 30) -> tuple[flo
 def test_linear_gaussian_mean_is_right_and_variance_inflated():
     posterior, exact = linear_gaussian(dimension=4, measurements=2)
     result = sample_posterior(RDMC(), posterior, 2000, generator=torch.Generator().manual_seed(0))
-    assert mean_z_scores(result.samples, exact).max() < Z_SCORE
+    mean_z_score = float(mean_z_scores(result.samples, exact).max())
+    assert mean_z_score < Z_SCORE, f"largest mean z-score {mean_z_score:.2f} (limit {Z_SCORE})"
     # the covariance bias is real and detected at this sample size ...
-    assert covariance_z_scores(result.samples, exact).max() > Z_SCORE
+    covariance_z_score = float(covariance_z_scores(result.samples, exact).max())
+    assert covariance_z_score > Z_SCORE, f"largest covariance z-score {covariance_z_score:.2f}: bias undetected"
     variance_ratio = torch.cov(result.samples.T).diagonal() / exact.covariance.diagonal()
-    assert (variance_ratio > 1).all() and (variance_ratio < 2).all()
+    assert (variance_ratio > 1).all() and (variance_ratio < 2).all(), \
+        f"variances / exact variances {[round(ratio, 3) for ratio in variance_ratio.tolist()]}, expected in (1, 2)"
     # ... and bounded in distribution
     reference = exact.sample(2000, generator=torch.Generator().manual_seed(99))
     floor, threshold = sliced_wasserstein_threshold(exact, 2000, repeats=12)
@@ -85,7 +88,9 @@ MODE_MASS_BIAS = 0.05
 
 def test_mass_per_mode_on_a_multimodal_posterior():
     posterior, exact = gaussian_mixture(dimension=8, measurements=1)
-    assert (exact.log_weights.exp() > 0.03).sum() == 4   # four modes 16 or more apart
+    weights = exact.log_weights.exp()
+    assert int((weights > 0.03).sum()) == 4, f"posterior modes weighing > 0.03: {int((weights > 0.03).sum())}, " \
+                                             "expected 4 (16 or more apart)"
     result = sample_posterior(RDMC(), posterior, 1000, generator=torch.Generator().manual_seed(0))
     noise, threshold = mode_mass_threshold(exact, 1000)
     error = mode_mass_error(result.samples, exact)
@@ -97,7 +102,8 @@ def test_the_papers_warm_start_misplaces_the_modes():
     Langevin chains cannot leave: most of the mass goes to modes the posterior does not have."""
     posterior, exact = gaussian_mixture(dimension=8, measurements=1)
     result = sample_posterior(RDMC(warm_start="gaussian"), posterior, 400, generator=torch.Generator().manual_seed(0))
-    assert mode_mass_error(result.samples, exact) > 0.5
+    error = mode_mass_error(result.samples, exact)
+    assert error > 0.5, f"mode-mass error of the Gaussian warm start {error:.3f}, expected above 0.5"
 
 
 @pytest.mark.parametrize("options", [{}, {"warm_start": "gaussian"}, {"inner_sampler": "ula", "reuse_chains": False}],
@@ -106,8 +112,8 @@ def test_a_seed_fixes_every_draw(options):
     posterior, _ = gaussian_mixture(dimension=8, measurements=1)
     runs = [sample_posterior(RDMC(**SMALL, **options), posterior, 8, generator=torch.Generator().manual_seed(seed))
             for seed in (3, 3, 4)]
-    assert torch.equal(runs[0].samples, runs[1].samples)
-    assert not torch.equal(runs[0].samples, runs[2].samples)
+    assert torch.equal(runs[0].samples, runs[1].samples), "seed 3 twice gave different draws"
+    assert not torch.equal(runs[0].samples, runs[2].samples), "seeds 3 and 4 gave the same draws"
 
 
 def test_gradient_count_without_chain_reuse():
@@ -153,7 +159,8 @@ def test_float32_image_problem():
     problem = load_problem("problems/inpaint.yaml", "digits-gmm-box")
     result = sample_posterior(RDMC(**SMALL), problem.posterior, 4, generator=torch.Generator().manual_seed(0))
     assert result.samples.shape == (4, 1, 8, 8) and result.samples.dtype == torch.float32
-    assert torch.isfinite(result.samples).all() and result.extras["inner_sampler"] == "mala"
+    assert torch.isfinite(result.samples).all(), "RDMC returned NaN or infinite samples on the image problem"
+    assert result.extras["inner_sampler"] == "mala"
 
 
 class ScoreOnlyPrior(Prior):
@@ -184,7 +191,8 @@ def test_a_prior_without_log_density(inner_sampler):
     result = sample_posterior(RDMC(**options), posterior, 1000, generator=torch.Generator().manual_seed(0))
     assert result.extras["inner_sampler"] == inner_sampler and result.extras["target_log_density_evaluations"] == 0
     assert posterior.prior.times and set(posterior.prior.times) == {float(gaussian.sde.time_grid(100)[-2])}   # 0.01
-    assert mean_z_scores(result.samples, exact).max() < Z_SCORE
+    mean_z_score = float(mean_z_scores(result.samples, exact).max())
+    assert mean_z_score < Z_SCORE, f"largest mean z-score {mean_z_score:.2f} (limit {Z_SCORE})"
 
 
 class GaussianEpsilonNetwork(nn.Module):
@@ -216,9 +224,11 @@ def test_a_network_prior_uses_its_score_at_the_smallest_noise_level():
     assert result.extras["target_log_density_evaluations"] == 0 and 0.3 < result.diagnostics[-1]["acceptance_rate"]
     assert min(network.times) == float(gaussian.sde.time_grid(1000)[-2]) == pytest.approx(0.001)
     assert result.network_evaluations == result.extras["target_gradient_evaluations"] + 512 * 20
-    assert mean_z_scores(result.samples, exact).max() < Z_SCORE
+    mean_z_score = float(mean_z_scores(result.samples, exact).max())
+    assert mean_z_score < Z_SCORE, f"largest mean z-score {mean_z_score:.2f} (limit {Z_SCORE})"
     variance_ratio = torch.cov(result.samples.T).diagonal() / exact.covariance.diagonal()
-    assert (variance_ratio > 0.8).all() and (variance_ratio < 2).all()
+    assert (variance_ratio > 0.8).all() and (variance_ratio < 2).all(), \
+        f"variances / exact variances {[round(ratio, 3) for ratio in variance_ratio.tolist()]}, expected in (0.8, 2)"
 
 
 def test_prior_steps_beyond_a_ddpm_schedule_are_refused():

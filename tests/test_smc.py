@@ -22,7 +22,9 @@ def test_resampling_is_unbiased(scheme):
         assert ancestors.shape == (num_draws,) and 0 <= int(ancestors.min()) and int(ancestors.max()) < 5
         counts += torch.bincount(ancestors, minlength=5)
     standard_error = torch.sqrt(num_draws * weights * (1 - weights) / repetitions)
-    assert ((counts / repetitions - num_draws * weights).abs() / standard_error).max() < 5
+    z_scores = (counts / repetitions - num_draws * weights).abs() / standard_error
+    assert z_scores.max() < 5, f"{scheme}: mean copies per particle {(counts / repetitions).tolist()}, expected " \
+                               f"{(num_draws * weights).tolist()}: z-score {float(z_scores.max()):.2f} (limit 5)"
 
 
 @pytest.mark.parametrize("scheme", ["systematic", "residual"])
@@ -30,7 +32,9 @@ def test_resampling_is_unbiased(scheme):
 def test_low_variance_schemes_keep_at_least_the_integer_part(scheme, seed):
     weights = torch.tensor([0.55, 0.3, 0.15], dtype=torch.float64)
     ancestors = RESAMPLING_SCHEMES[scheme](weights.log(), 10, torch.Generator().manual_seed(seed))
-    assert (torch.bincount(ancestors, minlength=3) >= torch.floor(10 * weights)).all()
+    copies = torch.bincount(ancestors, minlength=3)
+    assert (copies >= torch.floor(10 * weights)).all(), \
+        f"{scheme} gave copies {copies.tolist()} for 10 x weights {(10 * weights).tolist()}: below the integer parts"
 
 
 def test_effective_sample_size():
@@ -63,7 +67,9 @@ def test_evidence_of_a_tempered_gaussian(scheme):
         estimates.append(weights.log_evidence)
     estimates = torch.tensor(estimates)
     standard_error = float(estimates.std()) / math.sqrt(len(estimates))
-    assert abs(float(estimates.mean()) + 0.5 * math.log(2)) < 5 * standard_error + 1e-3
+    error = abs(float(estimates.mean()) + 0.5 * math.log(2))
+    assert error < 5 * standard_error + 1e-3, f"mean log Z_hat off by {error:.4f}; limit 5 standard errors " \
+                                              f"{5 * standard_error:.4f} + 1e-3"
 
 
 def test_resampling_is_adaptive():

@@ -1,0 +1,474 @@
+"""Test beds with exact answers, and the checks every sampler is held to: for plugin authors and the tests.
+
+Test beds (float64, with a closed-form posterior ``invdiff.exact.ExactPosterior``):
+
+* ``linear_gaussian``: a Gaussian prior, a random matrix, Gaussian noise;
+* ``gaussian_mixture``: the 25-component mixture of MCGdiff (ALGORITHMS.md section 6);
+* ``discretised_model_posterior``: the exact posterior of the *discretised* reverse-diffusion model of
+  a Gaussian prior, which a particle sampler converges to as its particle count grows.
+
+Statistics with tolerances derived from the sample size: ``mean_z_scores``, ``covariance_z_scores``,
+``effective_count``, ``replicate_z_scores``, ``sliced_wasserstein_threshold``.
+
+The check (what ``invdiff check SAMPLER`` prints and what ``tests/test_samplers.py`` asserts for every
+registered sampler): ``check_sampler(SamplerClass, options)`` runs the sampler on the linear-Gaussian
+bed (d = 4, d_y = 2, 2000 samples) and the mixture bed (d = 8, d_y = 2, 1000 samples), with a VP
+prior, or a VE one if the sampler raises ``UnsupportedProblem`` for VP, and judges it by
+``asymptotically_exact``:
+
+* exact samplers: largest mean and covariance z-score below ``Z_SCORE`` (5) on the linear-Gaussian
+  bed; sliced Wasserstein distance to 1000 exact draws below the exact-vs-exact threshold (mean + 5
+  standard deviations at the sampler's effective sample size) on the mixture; ``|log Z_hat - log
+  p(y)|`` below ``EVIDENCE_TOLERANCE`` (0.3 nats) on both, for samplers that return ``log_evidence``;
+* non-exact samplers: on both beds, a sliced Wasserstein distance to the exact draws at most
+  ``NON_EXACT_FRACTION`` (half) that of the better of two trivial answers: prior draws (which ignore
+  the measurement) and a point mass at the exact posterior mean (which has no spread). Their z-scores,
+  distance to the exact floor and evidence error are measured and shown, not judged;
+* every sampler: the same seed gives the same draws, another seed different ones.
+
+Weighted particles are judged on the particles with their weights, with the effective sample size
+(copies of one particle counted once) as the sample size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from operator import eq, gt, lt
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from invdiff.exact import ExactPosterior
+from invdiff.metrics import sliced_wasserstein
+from invdiff.operators import GaussianNoise, matrix_operator
+from invdiff.posterior import Posterior, Sampler, SampleResult, UnsupportedProblem, sample_posterior
+from invdiff.prior import GaussianMixturePrior, GaussianPrior
+from invdiff.problems import build_sampler
+from invdiff.sde import SDE, VESDE, VPSDE
+
+__all__ = ["Z_SCORE", "EVIDENCE_TOLERANCE", "NON_EXACT_FRACTION", "linear_gaussian", "gaussian_mixture",
+           "discretised_model_posterior", "reverse_process_start", "mean_z_scores", "covariance_z_scores",
+           "effective_count", "replicate_z_scores", "sliced_wasserstein_threshold", "Check", "SamplerCheck",
+           "check_sampler"]
+
+#: z-score for every per-coordinate check: with <= 50 coordinates the family-wise false alarm
+#: probability of a correct sampler is below 50 * 5.7e-7 (two-sided normal tail at 5).
+Z_SCORE = 5.0
+#: largest |log Z_hat - log p(y)| in nats for an exact sampler's evidence (a tolerance, not a test:
+#: twisted_smc and ve_smc are off by 0.01-0.09 on the check's test beds)
+EVIDENCE_TOLERANCE = 0.3
+#: a non-exact sampler's sliced Wasserstein distance to the posterior must be at most this fraction of
+#: the better trivial answer's (prior draws, or a point mass at the exact posterior mean)
+NON_EXACT_FRACTION = 0.5
+#: the SDE a test bed falls back to for samplers that refuse the VP one
+FALLBACK_SDE = VESDE(0.02, 60.0)
+#: how many exact posterior draws sample sets are compared with, and the seeds of every fixed draw
+REFERENCE_SIZE = 1000
+REFERENCE_SEED, PRIOR_DRAWS_SEED = 99, 5
+REPRODUCIBILITY_SAMPLES = 8
+
+
+# ---------------------------------------------------------------------------------------------- test beds
+
+def linear_gaussian(dimension: int = 4, measurements: int = 2, sigma_y: float = 0.5, sde: SDE | None = None,
+                    seed: int = 1) -> tuple[Posterior, ExactPosterior]:
+    """A Gaussian prior with a random covariance, a random matrix, a simulated y: (posterior, exact).
+
+    The prior is ``N(m, F F^T + 0.1 I)`` with ``F`` of entries ``N(0, 0.25)``, ``m`` standard normal;
+    the operator a standard normal ``(measurements, dimension)`` matrix; ``sde`` defaults to VP.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    factor = 0.5 * torch.randn(dimension, dimension, generator=generator, dtype=torch.float64)
+    covariance = factor @ factor.T + 0.1 * torch.eye(dimension, dtype=torch.float64)
+    mean = torch.randn(dimension, generator=generator, dtype=torch.float64)
+    matrix = torch.randn(measurements, dimension, generator=generator, dtype=torch.float64)
+    prior = GaussianPrior(mean, covariance, sde or VPSDE())
+    operator = matrix_operator(matrix, GaussianNoise(sigma_y))
+    truth = prior.sample_clean(1, generator=generator)
+    posterior = Posterior(prior, operator, operator.measure(truth, generator))
+    return posterior, ExactPosterior.from_posterior(posterior)
+
+
+def gaussian_mixture(dimension: int = 8, measurements: int = 2, sigma_y: float = 1.0, seed: int = 0,
+                     sde: SDE | None = None) -> tuple[Posterior, ExactPosterior]:
+    """The mixture test bed of MCGdiff (ALGORITHMS.md section 6): (posterior, exact).
+
+    25 unit-covariance components with means (8i, 8j, 8i, 8j, ...), i, j in -2..2, random weights, a
+    standard normal ``(measurements, dimension)`` operator and a simulated y; ``sde`` defaults to VP.
+    With ``measurements = 1`` the posterior has several modes of real weight, with 2 or more one.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.tensor([(8.0 * i, 8.0 * j) for i in range(-2, 3) for j in range(-2, 3)], dtype=torch.float64)
+    means = grid.repeat(1, dimension // 2)
+    weights = torch.rand(25, generator=generator, dtype=torch.float64) ** 2
+    prior = GaussianMixturePrior(weights, means, torch.ones(25, dimension, dtype=torch.float64), sde or VPSDE())
+    matrix = torch.randn(measurements, dimension, generator=generator, dtype=torch.float64)
+    operator = matrix_operator(matrix, GaussianNoise(sigma_y))
+    truth = prior.sample_clean(1, generator=generator)
+    posterior = Posterior(prior, operator, operator.measure(truth, generator))
+    return posterior, ExactPosterior.from_posterior(posterior)
+
+
+def reverse_process_start(prior: GaussianPrior) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of ``x_T``, where the reverse process starts: the prior's exact diffused
+    marginal ``N(lambda_T mu, lambda_T^2 Sigma + sigma_T^2 I)``, which ``Prior.terminal_sample`` draws.
+    Keep the two in step."""
+    sde = prior.sde
+    terminal_lambda, terminal_sigma = float(sde.lambda_t(sde.T)), float(sde.sigma_t(sde.T))
+    identity = torch.eye(prior.dimension, dtype=torch.float64)
+    return terminal_lambda * prior.means[0], terminal_lambda**2 * prior.covariances[0] + terminal_sigma**2 * identity
+
+
+def discretised_model_posterior(posterior: Posterior, num_steps: int) -> ExactPosterior:
+    """The exact posterior of the *discretised* reverse-diffusion model of a Gaussian prior.
+
+    With an exact Gaussian score every reverse step on ``sde.time_grid(num_steps)`` is an affine map
+    plus Gaussian noise, so the model's law of ``x_0`` is a Gaussian whose mean and covariance we
+    propagate step by step from ``reverse_process_start``; its posterior and evidence are then closed
+    form. A particle sampler is exact for this model as K grows; its distance to the true posterior
+    is the discretisation bias.
+    """
+    prior = posterior.prior
+    dimension = prior.dimension
+    identity = torch.eye(dimension, dtype=torch.float64)
+    prior_mean, prior_covariance = prior.means[0], prior.covariances[0]
+    sde = prior.sde
+    mean, covariance = reverse_process_start(prior)
+    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    grid = sde.time_grid(num_steps)
+    for t, s in zip(grid[:-1], grid[1:]):
+        lambda_t, sigma_t = float(sde.lambda_t(t)), float(sde.sigma_t(t))
+        diffused_inverse = torch.linalg.inv(lambda_t**2 * prior_covariance + sigma_t**2 * identity)
+        denoise_matrix = (identity - sigma_t**2 * diffused_inverse) / lambda_t    # x0_hat = M x + c
+        denoise_offset = sigma_t**2 * diffused_inverse @ prior_mean
+        x_coefficient = sde.reverse_kernel(one, zero, t, s)[0]
+        denoised_coefficient, variance = sde.reverse_kernel(zero, one, t, s)
+        step = float(x_coefficient) * identity + float(denoised_coefficient) * denoise_matrix
+        mean = step @ mean + float(denoised_coefficient) * denoise_offset
+        covariance = step @ covariance @ step.T + float(variance) * identity
+    matrix, offset = posterior.operator.matrix((dimension,))
+    covariance = 0.5 * (covariance + covariance.T) + 1e-12 * identity
+    return ExactPosterior.from_linear_gaussian(torch.zeros(1, dtype=torch.float64), mean[None], covariance[None],
+                                               matrix, offset, posterior.measurement[0].to(torch.float64),
+                                               posterior.operator.noise.sigma_y)
+
+
+# --------------------------------------------------------------------------------------------- statistics
+
+def _weighted(samples: Tensor, log_weights: Tensor | None) -> tuple[Tensor, Tensor, float]:
+    """Flattened samples, normalised weights and the effective count (ESS for weighted particles)."""
+    flat = samples.detach().cpu().reshape(samples.shape[0], -1).to(torch.float64)
+    if log_weights is None:
+        return flat, torch.full((len(flat),), 1.0 / len(flat), dtype=torch.float64), len(flat)
+    weights = torch.softmax(log_weights.detach().cpu().to(torch.float64), 0)
+    # copies of one particle (from resampling) are one draw: pool their weights before counting
+    _, groups = torch.unique(flat, dim=0, return_inverse=True)
+    pooled = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).scatter_add_(0, groups, weights)
+    return flat, weights, float(1.0 / (pooled**2).sum())
+
+
+def mean_z_scores(samples: Tensor, exact: ExactPosterior, log_weights: Tensor | None = None) -> Tensor:
+    """|sample mean - exact mean| in units of the standard error sqrt(var / n), per coordinate.
+
+    For weighted particles the mean is weighted and n is the effective sample size, counting copies
+    of a particle once (it still ignores the correlation of particles that share older ancestors).
+    """
+    flat, weights, count = _weighted(samples, log_weights)
+    standard_error = torch.sqrt(exact.covariance.diagonal() / count)
+    return ((weights[:, None] * flat).sum(0) - exact.mean.flatten()).abs() / standard_error
+
+
+def covariance_z_scores(samples: Tensor, exact: ExactPosterior, log_weights: Tensor | None = None) -> Tensor:
+    """|sample covariance - exact covariance| per entry, in units of its standard error
+    sqrt((S_ii S_jj + S_ij^2) / n) (exact for Gaussian samples, a close guide otherwise)."""
+    flat, weights, count = _weighted(samples, log_weights)
+    centred = flat - (weights[:, None] * flat).sum(0)
+    estimate = (weights[:, None] * centred).T @ centred * count / max(count - 1, 1)
+    covariance = exact.covariance
+    variances = covariance.diagonal()
+    standard_error = torch.sqrt((variances[:, None] * variances[None, :] + covariance**2) / count)
+    return (estimate - covariance).abs() / standard_error
+
+
+def effective_count(result: SampleResult) -> int:
+    """How many independent draws a result is worth: its samples, or its particles' ESS."""
+    if result.log_weights is None:
+        return len(result.samples)
+    return int(_weighted(result.particles, result.log_weights)[2])
+
+
+def replicate_z_scores(estimates: Tensor, truth: Tensor) -> Tensor:
+    """|mean of R independent estimates - truth| in units of their standard error std / sqrt(R)."""
+    standard_error = estimates.std(0) / math.sqrt(len(estimates))
+    return (estimates.mean(0) - truth).abs() / standard_error
+
+
+def sliced_wasserstein_threshold(exact: ExactPosterior, num_samples: int, *, reference_size: int | None = None,
+                                 repeats: int = 30, seed: int = 100) -> tuple[float, float]:
+    """The exact-vs-exact sliced Wasserstein distribution: ``num_samples`` exact draws against a
+    reference of ``reference_size`` (default the same) exact draws. Returns (mean, threshold).
+
+    The threshold is mean + 5 standard deviations of the distances between independent exact sets,
+    so a correct sampler exceeds it with negligible probability.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    distances = torch.tensor([
+        sliced_wasserstein(exact.sample(num_samples, generator=generator),
+                           exact.sample(reference_size or num_samples, generator=generator), seed=seed + repeat)
+        for repeat in range(repeats)])
+    return float(distances.mean()), float(distances.mean() + 5 * distances.std())
+
+
+# -------------------------------------------------------------------------------------------------- checks
+
+@dataclass(frozen=True)
+class Check:
+    """One measured number against its limit: ``value relation limit`` (relation ``<``, ``=`` or ``>``).
+
+    ``judged`` is False for numbers shown for information (an exact sampler's criteria applied to a
+    non-exact one); such a check always ``passed``, and ``within_limit`` says how it would fare.
+    """
+
+    test_bed: str
+    quantity: str
+    value: float
+    relation: str
+    limit: float
+    judged: bool = True
+    note: str = ""
+
+    @property
+    def within_limit(self) -> bool:
+        return {"<": lt, "=": eq, ">": gt}[self.relation](self.value, self.limit)
+
+    @property
+    def passed(self) -> bool:
+        return self.within_limit or not self.judged
+
+    def line(self) -> str:
+        """E.g. ``linear-Gaussian d=4, d_y=2 (VP, 2000 samples): largest mean z-score ... 1.65 (limit < 5; ...) ok``."""
+        if self.judged:
+            outcome, limit = ("ok" if self.within_limit else "FAIL"), f"limit {self.relation} {_number(self.limit)}"
+        else:
+            outcome, limit = "not judged", f"an exact sampler's limit {self.relation} {_number(self.limit)}"
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.test_bed}: {self.quantity} {_number(self.value)} ({limit}{note}) {outcome}"
+
+
+def _number(value: float) -> str:
+    """Three significant digits, without an exponent up to 10^6."""
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+@dataclass
+class SamplerCheck:
+    """The outcome of ``check_sampler``: every check, the test beds that could not be used, the verdict."""
+
+    sampler: str
+    asymptotically_exact: bool
+    options: dict[str, Any]
+    seed: int
+    checks: list[Check] = field(default_factory=list)
+    #: one line per test bed the sampler refused (``UnsupportedProblem``) or returned unusable samples for
+    not_run: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if not check.passed]
+
+    @property
+    def passed(self) -> bool:
+        """The verdict: every judged check within its limit, and every test bed run."""
+        return not self.failures and not self.not_run
+
+    @property
+    def standard(self) -> str:
+        """What the sampler is held to, in words."""
+        if self.asymptotically_exact:
+            return (f"exact (asymptotically_exact = True): mean and covariance z-scores below {Z_SCORE:g}, sliced "
+                    f"Wasserstein below the exact-vs-exact threshold, evidence within {EVIDENCE_TOLERANCE:g} nats, "
+                    "the same draws for the same seed")
+        return (f"non-exact (asymptotically_exact = False): sliced Wasserstein distance to the posterior at most "
+                f"{NON_EXACT_FRACTION:g} x that of the better trivial answer (prior draws; a point mass at the exact "
+                "posterior mean), the same draws for the same seed")
+
+    @property
+    def verdict(self) -> str:
+        judged = sum(check.judged for check in self.checks)
+        if self.passed:
+            standard = "exact" if self.asymptotically_exact else "non-exact"
+            return f"PASS: {self.sampler} meets the {standard} standard ({judged} checks judged)"
+        problems = [f"{len(self.failures)} of {judged} judged checks failed"] if self.failures else []
+        problems += [f"{len(self.not_run)} test bed(s) not run"] if self.not_run else []
+        return f"FAIL: {self.sampler}: {', '.join(problems)}"
+
+    def lines(self) -> list[str]:
+        """The report: what was run, the standard, one line per check, the beds not run, the verdict."""
+        options = ", ".join(f"{key}={value}" for key, value in self.options.items()) or "default options"
+        return ([f"invdiff check: sampler {self.sampler} ({options}), seed {self.seed}",
+                 f"standard: {self.standard}"]
+                + [check.line() for check in self.checks]
+                + [f"{reason} FAIL" for reason in self.not_run]
+                + [f"verdict: {self.verdict}"])
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+class _NotRun(Exception):
+    """A test bed the sampler refused or returned unusable samples for; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class _TestBed:
+    name: str
+    build: Callable[..., tuple[Posterior, ExactPosterior]]
+    num_samples: int
+
+
+_LINEAR_GAUSSIAN_BED = _TestBed("linear-Gaussian d=4, d_y=2", lambda sde: linear_gaussian(4, 2, sde=sde), 2000)
+_MIXTURE_BED = _TestBed("Gaussian mixture d=8, d_y=2", lambda sde: gaussian_mixture(8, 2, sde=sde), 1000)
+
+
+@dataclass(frozen=True)
+class _Run:
+    label: str
+    posterior: Posterior
+    exact: ExactPosterior
+    result: SampleResult
+    sde: SDE
+
+    @property
+    def draws(self) -> Tensor:
+        """What is judged: the weighted particles when there are any, else the samples."""
+        return self.result.particles if self.result.particles is not None else self.result.samples
+
+
+def _run(make_sampler: Callable[[], Sampler], bed: _TestBed, num_samples: int, seed: int, progress: bool,
+         sdes: tuple[SDE, ...] = (VPSDE(), FALLBACK_SDE)) -> _Run:
+    """Sample the bed with the first of ``sdes`` the sampler accepts; ``_NotRun`` naming every refusal
+    if it accepts none, or if the samples have the wrong shape."""
+    reasons = []
+    for sde in sdes:
+        posterior, exact = bed.build(sde)
+        sampler = make_sampler()
+        try:
+            result = sample_posterior(sampler, posterior, num_samples, progress=progress,
+                                      generator=torch.Generator().manual_seed(seed))
+        except UnsupportedProblem as error:
+            reasons.append(f"{_sde_name(sde)}: {error}")
+            continue
+        expected = (num_samples, *posterior.prior.event_shape)
+        if tuple(result.samples.shape) != expected:
+            raise _NotRun(f"{bed.name}: {sampler.name} returned samples of shape {tuple(result.samples.shape)}, "
+                          f"expected {expected}")
+        return _Run(f"{bed.name} ({_sde_name(sde)}, {num_samples} samples)", posterior, exact, result, sde)
+    raise _NotRun(f"{bed.name}: not run, the sampler refused it: {'; '.join(reasons)}")
+
+
+def _sde_name(sde: SDE) -> str:
+    return type(sde).__name__.removesuffix("SDE")
+
+
+def _reference(exact: ExactPosterior) -> Tensor:
+    return exact.sample(REFERENCE_SIZE, generator=torch.Generator().manual_seed(REFERENCE_SEED))
+
+
+def _distance(run: _Run, reference: Tensor) -> float:
+    """Sliced Wasserstein distance of the judged draws (weighted particles with their weights) to ``reference``."""
+    return sliced_wasserstein(run.draws, reference, first_log_weights=run.result.log_weights)
+
+
+def _z_score_checks(run: _Run, judged: bool) -> list[Check]:
+    count = effective_count(run.result)
+    arguments = (run.draws, run.exact, run.result.log_weights)
+    dimension = run.exact.covariance.shape[0]
+    note = f"{count} effective draws"
+    return [Check(run.label, f"largest mean z-score of {dimension} coordinates", float(mean_z_scores(*arguments).max()),
+                  "<", Z_SCORE, judged, note),
+            Check(run.label, f"largest covariance z-score of {dimension}x{dimension} entries",
+                  float(covariance_z_scores(*arguments).max()), "<", Z_SCORE, judged, note)]
+
+
+def _evidence_checks(run: _Run, judged: bool) -> list[Check]:
+    if run.result.log_evidence is None:
+        return []
+    error = abs(run.result.log_evidence - run.exact.log_evidence)
+    return [Check(run.label, "|log Z_hat - log p(y)| in nats", error, "<", EVIDENCE_TOLERANCE, judged,
+                  f"log Z_hat {run.result.log_evidence:.3f}, exact {run.exact.log_evidence:.3f}")]
+
+
+@lru_cache(maxsize=16)
+def _mixture_floor(count: int) -> tuple[float, float]:
+    """The exact-vs-exact (mean, threshold) for ``count`` draws against the reference size, on the mixture bed."""
+    return sliced_wasserstein_threshold(_MIXTURE_BED.build(VPSDE())[1], count, reference_size=REFERENCE_SIZE)
+
+
+def _floor_check(run: _Run, reference: Tensor, judged: bool) -> Check:
+    count = effective_count(run.result)
+    floor, threshold = _mixture_floor(count)
+    return Check(run.label, f"sliced Wasserstein distance to {REFERENCE_SIZE} exact draws", _distance(run, reference),
+                 "<", threshold, judged, f"exact-vs-exact {floor:.3g} at {count} effective draws, limit: its mean "
+                 "+ 5 sd")
+
+
+def _trivial_answers_check(run: _Run, reference: Tensor) -> Check:
+    """The non-exact standard: at most NON_EXACT_FRACTION of the better trivial answer's distance."""
+    prior_draws = run.posterior.prior.sample_clean(run.result.samples.shape[0],
+                                                   generator=torch.Generator().manual_seed(PRIOR_DRAWS_SEED))
+    prior_distance = sliced_wasserstein(prior_draws, reference)
+    point_mass_distance = sliced_wasserstein(run.exact.mean.reshape(1, -1), reference)
+    limit = NON_EXACT_FRACTION * min(prior_distance, point_mass_distance)
+    return Check(run.label, f"sliced Wasserstein distance to {REFERENCE_SIZE} exact draws", _distance(run, reference),
+                 "<", limit, True, f"{NON_EXACT_FRACTION:g} x the better of prior draws {prior_distance:.3g} "
+                 f"and a point mass at the exact mean {point_mass_distance:.3g}")
+
+
+def _reproducibility_checks(make_sampler: Callable[[], Sampler], seed: int, sde: SDE) -> list[Check]:
+    draws = [_run(make_sampler, _LINEAR_GAUSSIAN_BED, REPRODUCIBILITY_SAMPLES, run_seed, False, (sde,)).result.samples
+             for run_seed in (seed, seed, seed + 1)]
+    label = f"reproducibility ({_LINEAR_GAUSSIAN_BED.name}, {REPRODUCIBILITY_SAMPLES} samples)"
+    return [Check(label, f"seed {seed} twice, largest difference of the draws",
+                  float((draws[0] - draws[1]).abs().max()), "=", 0.0),
+            Check(label, f"seeds {seed} and {seed + 1}, largest difference of the draws",
+                  float((draws[0] - draws[2]).abs().max()), ">", 0.0)]
+
+
+def check_sampler(sampler_class: type[Sampler], options: dict[str, Any] | None = None, *, seed: int = 0,
+                  progress: bool = False) -> SamplerCheck:
+    """Run the exactness checks on one sampler (see the module docstring for what is judged, and how).
+
+    ``options`` are the sampler's options (a wrong one raises ``invdiff.problems.ProblemError`` naming
+    it); ``seed`` seeds the sampler's draws (the test beds and reference draws are fixed);
+    ``progress`` shows each run's progress bar. ``SamplingError`` (NaN) propagates. The result's
+    ``passed`` is the verdict and ``str()`` the report, one line per check.
+    """
+    options = dict(options or {})
+    exact_standard = sampler_class.asymptotically_exact
+    outcome = SamplerCheck(build_sampler(sampler_class, options).name, exact_standard, options, seed)
+
+    def make_sampler() -> Sampler:
+        return build_sampler(sampler_class, options)
+
+    reproducibility_sde = None   # the linear-Gaussian bed's SDE, once the sampler has accepted it
+    for bed in (_LINEAR_GAUSSIAN_BED, _MIXTURE_BED):
+        try:
+            run = _run(make_sampler, bed, bed.num_samples, seed, progress)
+        except _NotRun as reason:
+            outcome.not_run.append(str(reason))
+            continue
+        reference = _reference(run.exact)
+        if not exact_standard:
+            outcome.checks.append(_trivial_answers_check(run, reference))
+        if bed is _LINEAR_GAUSSIAN_BED:
+            outcome.checks += _z_score_checks(run, exact_standard)
+            reproducibility_sde = run.sde
+        else:
+            outcome.checks.append(_floor_check(run, reference, exact_standard))
+        outcome.checks += _evidence_checks(run, exact_standard)
+    if reproducibility_sde is not None:
+        outcome.checks += _reproducibility_checks(make_sampler, seed, reproducibility_sde)
+    return outcome

@@ -1,0 +1,127 @@
+"""invdiff.testing: the checker fails the trivial answers, passes the exact sampler, and says why in words."""
+
+import pytest
+import torch
+
+from invdiff.exact import ExactPosterior
+from invdiff.posterior import Sampler, SampleResult, UnsupportedProblem
+from invdiff.problems import ProblemError
+from invdiff.testing import Check, check_sampler
+from invdiff_plugins.exact import ExactSampler
+
+
+def cpu_generator(generator: torch.Generator) -> torch.Generator:
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+
+
+class PriorDraws(Sampler):
+    """Exact prior draws: ignores the measurement."""
+
+    name = "prior_draws"
+
+    def sample(self, posterior, num_samples, *, generator, monitor):
+        return SampleResult(samples=posterior.prior.sample_clean(num_samples, generator=cpu_generator(generator)))
+
+
+class PointMass(Sampler):
+    """Every sample at the exact posterior mean: the right place, no spread."""
+
+    name = "point_mass"
+
+    def sample(self, posterior, num_samples, *, generator, monitor):
+        mean = ExactPosterior.from_posterior(posterior).mean
+        jitter = 1e-9 * torch.rand(num_samples, *mean.shape, generator=cpu_generator(generator), dtype=mean.dtype)
+        return SampleResult(samples=mean + jitter)   # the jitter only lets two seeds differ
+
+
+class ExactPriorDraws(PriorDraws):
+    name = "exact_prior_draws"
+    asymptotically_exact = True
+
+
+class GlobalRandomDraws(Sampler):
+    """Exact posterior draws from torch's global random stream instead of the generator it is given."""
+
+    name = "global_random"
+
+    def sample(self, posterior, num_samples, *, generator, monitor):
+        return SampleResult(samples=ExactPosterior.from_posterior(posterior).sample(num_samples))
+
+
+class RefusesEverything(Sampler):
+    """Refuses every problem."""
+
+    name = "refuses"
+
+    def sample(self, posterior, num_samples, *, generator, monitor):
+        raise UnsupportedProblem("refuses: this sampler handles no SDE at all")
+
+
+def failed_quantities(check) -> set[str]:
+    return {failure.quantity for failure in check.failures}
+
+
+def failed_against_the_trivial_answers(check) -> int:
+    """How many test beds' non-exact standard (half the trivial answers' distance) failed."""
+    return sum("better of prior draws" in failure.note for failure in check.failures)
+
+
+def test_a_sampler_returning_prior_draws_fails_the_non_exact_standard():
+    check = check_sampler(PriorDraws)
+    assert not check.passed, f"prior draws passed the non-exact standard:\n{check}"
+    assert failed_against_the_trivial_answers(check) == 2, f"expected the sliced Wasserstein check to fail on " \
+                                                           f"both test beds:\n{check}"
+    assert "verdict: FAIL: prior_draws: 2 of 4 judged checks failed" in str(check), str(check)
+
+
+def test_prior_draws_claiming_exactness_fail_every_exactness_check():
+    check = check_sampler(ExactPriorDraws)
+    assert {"largest mean z-score of 4 coordinates", "largest covariance z-score of 4x4 entries",
+            "sliced Wasserstein distance to 1000 exact draws"} <= failed_quantities(check), str(check)
+
+
+def test_a_point_mass_at_the_exact_mean_fails_the_non_exact_standard():
+    check = check_sampler(PointMass)
+    assert not check.passed, f"a point mass at the exact mean passed the non-exact standard:\n{check}"
+    assert failed_against_the_trivial_answers(check) == len(check.failures) == 2, \
+        f"expected the sliced Wasserstein check, and only it, to fail on both test beds:\n{check}"
+
+
+def test_the_exact_sampler_passes_and_the_report_says_what_was_checked():
+    check = check_sampler(ExactSampler, seed=3)
+    report = str(check)
+    assert check.passed, report
+    assert all(item.judged for item in check.checks), report
+    assert report.splitlines()[0] == "invdiff check: sampler exact (default options), seed 3"
+    assert report.splitlines()[-1] == "verdict: PASS: exact meets the exact standard (7 checks judged)"
+    linear = "linear-Gaussian d=4, d_y=2 (VP, 2000 samples): "
+    assert any(line.startswith(linear + "largest mean z-score of 4 coordinates ")
+               and line.endswith("(limit < 5; 2000 effective draws) ok") for line in report.splitlines()), report
+    assert "|log Z_hat - log p(y)| in nats 0 (limit < 0.3;" in report, report
+
+
+def test_a_sampler_that_ignores_its_generator_fails_reproducibility():
+    check = check_sampler(GlobalRandomDraws)
+    assert failed_quantities(check) == {"seed 0 twice, largest difference of the draws"}, str(check)
+
+
+def test_a_sampler_that_refuses_every_test_bed_fails_with_the_reasons():
+    check = check_sampler(RefusesEverything)
+    assert not check.passed and not check.checks
+    assert check.not_run == [f"{bed}: not run, the sampler refused it: VP: refuses: this sampler handles no SDE "
+                             "at all; VE: refuses: this sampler handles no SDE at all"
+                             for bed in ("linear-Gaussian d=4, d_y=2", "Gaussian mixture d=8, d_y=2")], str(check)
+    assert str(check).endswith("verdict: FAIL: refuses: 2 test bed(s) not run")
+
+
+def test_bad_options_name_the_option():
+    with pytest.raises(ProblemError, match="num_steps"):
+        check_sampler(ExactSampler, {"num_steps": 3})
+
+
+def test_check_lines_say_the_number_the_limit_and_the_outcome():
+    judged = Check("bed", "largest mean z-score", 7.25, "<", 5.0, note="10 effective draws")
+    shown = Check("bed", "largest mean z-score", 1234.5, "<", 5.0, judged=False)
+    assert not judged.passed and shown.passed and not shown.within_limit
+    assert judged.line() == "bed: largest mean z-score 7.25 (limit < 5; 10 effective draws) FAIL"
+    assert shown.line() == "bed: largest mean z-score 1234 (an exact sampler's limit < 5) not judged"
