@@ -6,15 +6,27 @@ test-bed posteriors (``invdiff.exact``) and the plugin system (``invdiff.plugins
 plugins; see ``plugins/`` for the built-ins.
 """
 
-from importlib import metadata
-
-from invdiff.plugins import hookimpl
-from invdiff.posterior import Posterior, Sampler, SampleResult, SamplerOptions, StepMonitor, sample_posterior
+from importlib import import_module, metadata
 
 try:
     __version__ = metadata.version("invdiff")
 except metadata.PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = ["hookimpl", "Posterior", "Sampler", "SampleResult", "SamplerOptions", "StepMonitor",
-           "sample_posterior", "__version__"]
+#: the names exported here and the modules that define them, imported on first use (PEP 562), so that
+#: ``import invdiff`` (and ``invdiff --help``) does not load torch
+_EXPORTS = {"hookimpl": "invdiff.plugins", "Posterior": "invdiff.posterior", "Sampler": "invdiff.posterior",
+            "SampleResult": "invdiff.posterior", "SamplerOptions": "invdiff.posterior",
+            "StepMonitor": "invdiff.posterior", "sample_posterior": "invdiff.posterior"}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'invdiff' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -56,12 +56,13 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from invdiff.plugins import PluginError
     from invdiff.posterior import UnsupportedProblem
     from invdiff.problems import ProblemError
+    from invdiff.resources import ResourceError
     from invdiff.rundir import RunFolderError
     from invdiff.sde import ScheduleError
     from invdiff.training import TrainingError
 
     return (UsageError, ProblemError, PluginError, UnsupportedProblem, TrainingError, CheckpointError, ScheduleError,
-            RunFolderError)
+            RunFolderError, ResourceError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -217,6 +218,7 @@ def _solve(arguments) -> int:
     from invdiff.plugins import load_registry
     from invdiff.posterior import sample_posterior
     from invdiff.problems import build_sampler, load_problem
+    from invdiff.resources import check_run
     from invdiff.rundir import RunFolder
 
     registry = load_registry()
@@ -239,6 +241,9 @@ def _solve(arguments) -> int:
         print(f"invdiff: note: {note}", file=sys.stderr)
     try:
         problem.to(arguments.device)
+        warning = check_run(problem.posterior, sampler, num_samples, arguments.device)  # refuses what cannot fit
+        if warning is not None and not arguments.quiet:
+            print(f"invdiff: warning: {warning}", file=sys.stderr)
         generator = torch.Generator(device=arguments.device).manual_seed(arguments.seed)
         result = sample_posterior(sampler, problem.posterior, num_samples, generator=generator,
                                   progress=not arguments.quiet)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from invdiff.operators import GaussianNoise
+from invdiff.noise import GaussianNoise
 from invdiff.posterior import Posterior, UnsupportedProblem
 from invdiff.prior import GaussianMixturePrior
 

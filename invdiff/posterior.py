@@ -14,15 +14,17 @@ import numbers
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import deepinv
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from invdiff.operators import ForwardOperator, GaussianNoise, NoiseModel, matrix_operator
+from invdiff.noise import GaussianNoise, NoiseModel
 from invdiff.prior import Prior
+
+if TYPE_CHECKING:  # the operators need deepinv, which the plugin registry should not load
+    from invdiff.operators import ForwardOperator
 
 __all__ = ["Posterior", "Sampler", "SamplerOptions", "SampleResult", "StepMonitor", "SamplingError",
            "UnsupportedProblem", "sample_posterior"]
@@ -92,6 +94,10 @@ class Posterior:
         Gaussian noise). ``measurement`` (numpy or torch, with or without the batch axis) is converted
         to ``prior.dtype``, the dtype sampling then uses. Every mismatch raises one ``ValueError``.
         """
+        import deepinv
+
+        from invdiff.operators import ForwardOperator, matrix_operator
+
         if isinstance(operator, ForwardOperator):
             if noise is not None:
                 raise ValueError("noise: this ForwardOperator already has its noise model "
@@ -137,7 +143,7 @@ def _noise_model(noise: NoiseModel | float | None) -> NoiseModel:
         return noise
     if noise is None:
         raise ValueError("noise: required with a matrix or a deepinv physics: give sigma_y (a number, Gaussian "
-                         "noise) or a NoiseModel (invdiff.operators.GaussianNoise, PoissonNoise)")
+                         "noise) or a NoiseModel (invdiff.noise.GaussianNoise, PoissonNoise)")
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real):
         raise ValueError(f"noise: expected sigma_y (a positive number) or a NoiseModel, got {type(noise).__name__}")
     return GaussianNoise(float(noise))
@@ -250,6 +256,9 @@ class Sampler(ABC):
     #: True when the samples converge to the exact posterior as the sample/particle count grows
     #: (the test suite then requires it to pass the exact-posterior checks; False means a known bias)
     asymptotically_exact: ClassVar[bool] = False
+    #: False when the sampler only runs the network forward (no backpropagation through it): the
+    #: memory estimate of ``invdiff.resources`` then counts no activations kept for the backward pass
+    needs_network_gradient: ClassVar[bool] = True
 
     def __init__(self, **options: Any):
         self.options = self.Options(**options)

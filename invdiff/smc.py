@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from invdiff.operators import GaussianNoise
+from invdiff.noise import GaussianNoise
 from invdiff.posterior import SampleResult, SamplerOptions, SamplingError
 from invdiff.sde import SDE
 

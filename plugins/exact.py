@@ -18,6 +18,7 @@ class ExactSampler(Sampler):
 
     name = "exact"
     asymptotically_exact = True
+    needs_network_gradient = False
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:

@@ -347,6 +347,7 @@ class RDMC(Sampler):
 
     name = "rdmc"
     Options = RDMCOptions
+    needs_network_gradient = False
 
     def _inner_sampler(self, target: Target) -> str:
         """The inner sampler; refuses importance weights that need a log-density the prior lacks."""

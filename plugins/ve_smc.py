@@ -52,6 +52,7 @@ class VESMC(Sampler):
     name = "ve_smc"
     Options = VESMCOptions
     asymptotically_exact = True
+    needs_network_gradient = False
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:

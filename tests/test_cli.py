@@ -276,3 +276,19 @@ def test_check_reports_the_numbers_and_a_verdict(capsys):
     assert "verdict: PASS: exact meets the exact standard" in report and "largest mean z-score" in report
     assert "sampler_options.dps.steps: unknown key" in error_of(["check", "dps", "-o", "steps=3"], capsys)
     assert "unknown sampler 'magic'" in error_of(["check", "magic"], capsys)
+
+
+def test_help_does_not_load_torch_and_listing_samplers_does_not_load_deepinv():
+    """`invdiff --help` answers without the numerical stack; `invdiff samplers` needs torch (the
+    plugins' modules import it) but not deepinv, torchvision, scikit-image or POT."""
+    script = ("import sys; from invdiff.cli import main\n"
+              "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "print(sorted(name for name in ('torch', 'numpy') if name in sys.modules))\n"
+              "main(['samplers'])\n"
+              "print(sorted(name for name in ('deepinv', 'torchvision', 'skimage', 'ot') if name in sys.modules))")
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.strip().splitlines()
+    assert lines[-1] == "[]", f"listing samplers imported {lines[-1]}"
+    loaded_by_help = next(line for line in lines if line.startswith("["))
+    assert loaded_by_help == "[]", f"--help imported {loaded_by_help}"

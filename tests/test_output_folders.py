@@ -146,3 +146,12 @@ def test_run_folder_error_names_the_empty_and_file_cases(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(RunFolderError, match="is a file, not a folder"):
         RunFolder(tmp_path / "file", overwrite=True)
+
+
+def test_a_run_too_large_for_memory_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    """--num-samples 1000000000 (about 256 GB of states) is one line naming the estimate, not an allocation."""
+    monkeypatch.setattr("invdiff.posterior.sample_posterior", lambda *args, **kwargs: pytest.fail("sampling started"))
+    error = error_of(["solve", INPAINT, "--case", "digits-gmm-box", "--sampler", "dps", "--num-samples",
+                      "1000000000", "--quiet", "--out", str(tmp_path / "run")], capsys)
+    assert "this run needs about" in error and "are available" in error, error
+    assert list(tmp_path.iterdir()) == [], "a refused run left files behind"

@@ -1,0 +1,110 @@
+"""The resource guard: memory estimates that scale with the run, refusals before sampling, long-run warnings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from invdiff.plugins import load_registry
+from invdiff.problems import build_sampler, load_problem
+from invdiff.resources import LONG_RUN_SECONDS, ResourceError, available_memory, check_run, estimate_run
+
+PROBLEMS = Path(__file__).resolve().parents[1] / "problems"
+
+
+def natural_problem(tmp_path: Path, size: int):
+    """The natural-box inpainting problem on a random ``size`` x ``size`` truth image."""
+    truth = np.random.default_rng(0).uniform(0.2, 0.8, (size, size)).astype(np.float32)
+    np.save(tmp_path / f"truth{size}.npy", truth)
+    document = {"name": f"natural{size}", "prior": "natural", "noise": {"type": "gaussian", "sigma_y": 0.02},
+                "operator": {"type": "inpainting", "mask": "box", "box": [10, 10, 12, 12]},
+                "truth": {"source": "file", "path": f"truth{size}.npy"}}
+    path = tmp_path / f"natural{size}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return load_problem(path)
+
+
+def sampler(name: str, **options):
+    return build_sampler(load_registry().get(name).sampler_class, options)
+
+
+def test_estimate_grows_linearly_with_pixels_and_samples(tmp_path):
+    dps = sampler("dps", num_steps=2)
+    small = estimate_run(natural_problem(tmp_path, 64).posterior, dps, 4)
+    large = estimate_run(natural_problem(tmp_path, 128).posterior, dps, 4)
+    doubled = estimate_run(natural_problem(tmp_path, 64).posterior, dps, 8)
+    assert large.state_bytes == 4 * small.state_bytes, "four times the pixels should hold four times the state"
+    assert 3.5 < large.activation_bytes / small.activation_bytes <= 4.0, \
+        "four times the pixels should need about four times the activations (less a fixed part per call)"
+    assert doubled.state_bytes == 2 * small.state_bytes, "twice the samples should hold twice the state"
+    assert 1.8 < doubled.activation_bytes / small.activation_bytes <= 2.0, \
+        "DPS backpropagates through all samples at once: twice the samples, about twice the activations"
+    assert large.seconds > small.seconds, "a larger image should take longer"
+
+
+def test_forward_only_samplers_need_fewer_activations(tmp_path):
+    posterior = natural_problem(tmp_path, 64).posterior
+    backward, forward = sampler("dps", num_steps=2), sampler("dps", num_steps=2)
+    forward.needs_network_gradient = False
+    assert backward.needs_network_gradient, "a sampler that says nothing is assumed to backpropagate"
+    assert not load_registry().get("ve_smc").sampler_class.needs_network_gradient, "ve_smc runs forward only"
+    with_gradient = estimate_run(posterior, backward, 4)
+    without_gradient = estimate_run(posterior, forward, 4)
+    assert without_gradient.activation_bytes < with_gradient.activation_bytes / 2, \
+        "a forward pass should keep far fewer bytes alive than the tensors saved for backpropagation"
+
+
+def test_a_2048_natural_run_with_16_samples_is_refused_before_sampling(tmp_path):
+    problem = natural_problem(tmp_path, 2048)
+    with pytest.raises(ResourceError) as error:
+        check_run(problem.posterior, sampler("dps"), 16)
+    message = str(error.value)
+    assert "\n" not in message, "the refusal should be one line"
+    assert "GB" in message and "available" in message, f"the refusal should name the estimate and the memory: {message}"
+    assert "2048x2048" in message, f"the refusal should name the image size: {message}"
+    assert problem.posterior.prior.evaluations == 0, "nothing should have been sampled"
+
+
+def test_a_billion_samples_is_refused():
+    problem = load_problem(PROBLEMS / "inpaint.yaml", "digits-box")
+    with pytest.raises(ResourceError, match="--num-samples"):
+        check_run(problem.posterior, sampler("dps", num_steps=2), 1_000_000_000)
+
+
+def test_the_suggested_batch_size_fits(tmp_path):
+    posterior = natural_problem(tmp_path, 64).posterior
+    available = 1_000_000_000
+    with pytest.raises(ResourceError, match=r"-o batch_size=\d+") as error:
+        check_run(posterior, sampler("twisted_smc", num_steps=2, num_particles=512), 4, available=available)
+    suggested = int(str(error.value).split("-o batch_size=")[1].split(")")[0])
+    assert check_run(posterior, sampler("twisted_smc", num_steps=2, num_particles=512, batch_size=suggested), 4,
+                     available=available) is None, f"the suggested batch_size {suggested} should fit"
+    with pytest.raises(ResourceError):
+        check_run(posterior, sampler("twisted_smc", num_steps=2, num_particles=512, batch_size=suggested + 1), 4,
+                  available=available)
+
+
+def test_the_digits_main_job_passes_without_a_warning():
+    problem = load_problem(PROBLEMS / "inpaint.yaml", "digits-box")
+    options = problem.config.sampler_options["twisted_smc"]
+    assert check_run(problem.posterior, sampler("twisted_smc", **options), problem.config.num_samples) is None, \
+        "the main job (31 s) should neither be refused nor warned about"
+
+
+def test_a_long_run_gets_a_one_line_warning():
+    problem = load_problem(PROBLEMS / "inpaint.yaml", "natural-box")
+    long_run = sampler("twisted_smc", num_steps=100, num_particles=10_000, batch_size=64)
+    estimate = estimate_run(problem.posterior, long_run, 16)
+    assert estimate.seconds > LONG_RUN_SECONDS, "a million network evaluations of 32x32 images should be long"
+    warning = check_run(problem.posterior, long_run, 16)
+    assert warning is not None and "\n" not in warning, "a long run should get one line of warning"
+    assert f"{estimate.network_images} network evaluations" in warning, f"the warning should say why: {warning}"
+
+
+def test_available_memory_on_the_cpu_is_at_most_the_total():
+    total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                 if line.startswith("MemTotal:"))
+    assert 0 < available_memory("cpu") <= total, "the available memory should be positive and within the total"
