@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 #: what an interrupted command leaves behind
-INTERRUPTED = {"solve": "nothing was written", "train": "the run folder holds the last checkpoint (--resume continues)",
+INTERRUPTED = {"solve": "nothing was written", "train": "the run folder keeps its last whole checkpoint, if any (--resume continues from it)",
                "samplers": "nothing was written", "check": "nothing was written"}
 
 

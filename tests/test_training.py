@@ -397,3 +397,16 @@ def test_continuing_from_a_checkpoint_beyond_the_steps_is_refused(tmp_path, conf
               continue_from=tmp_path / "first" / "tiny-digits.safetensors", progress=False)
     _assert_one_line(error, "is at step 3, beyond steps 2")
     assert not (tmp_path / "second").exists()
+
+
+def test_ctrl_c_in_the_command_is_one_line_and_exit_code_130(tmp_path, config_path, monkeypatch, capsys):
+    from invdiff.cli import main
+
+    def interrupted(state, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    assert main(["train", str(config_path), "--out", str(tmp_path / "run"), "--quiet"]) == 130
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("invdiff: interrupted;") and "\n" not in error, f"not one line: {error!r}"
+    assert not (tmp_path / "run").exists(), "the interrupted run left a folder"
