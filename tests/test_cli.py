@@ -7,27 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_helpers import VALID, error_of, write_problem
 from invdiff.cli import main
 from invdiff.problems import load_problem, problem_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 INPAINT = ROOT / "problems" / "inpaint.yaml"
 FAST = ["--num-samples", "4", "-o", "num_steps=20", "--quiet"]
-
-
-def write_problem(tmp_path, text):
-    path = tmp_path / "problem.yaml"
-    path.write_text(text)
-    return path
-
-
-VALID = """
-name: test-problem
-prior: digits_gmm
-operator: {type: inpainting, mask: random, fraction_observed: 0.5}
-noise: {type: gaussian, sigma_y: 0.05}
-truth: {source: digits, index: 3}
-"""
 
 
 def test_solve_writes_samples_summary_and_figure(tmp_path):
@@ -63,14 +49,6 @@ def test_samplers_lists_name_package_version(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["name", "package", "version"]
     assert any(line.split()[:2] == ["dps", "invdiff"] for line in lines)
-
-
-def error_of(arguments, capsys):
-    code = main(arguments)
-    error = capsys.readouterr().err.strip()
-    assert code == 2
-    assert error.startswith("invdiff: error: ") and "\n" not in error, error
-    return error
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -7,20 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import error_of
 from invdiff.cli import main
 from invdiff.rundir import MARKER, RunFolder, RunFolderError
 
 ROOT = Path(__file__).resolve().parent.parent
 INPAINT = str(ROOT / "problems" / "inpaint.yaml")
 FAST = ["--case", "digits-gmm-box", "--sampler", "dps", "--num-samples", "2", "-o", "num_steps=3", "--quiet"]
-
-
-def error_of(arguments, capsys):
-    code = main(arguments)
-    error = capsys.readouterr().err.strip()
-    assert code == 2, f"expected exit code 2 (input error), got {code}; stderr: {error}"
-    assert error.startswith("invdiff: error: ") and "\n" not in error, f"not one error line: {error!r}"
-    return error
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -11,33 +11,18 @@ import os
 import numpy as np
 import pytest
 
+from cli_helpers import VALID, error_of, write_problem
 from invdiff.cli import main
 from invdiff.problems import load_problem
 
-VALID = """
-name: test-problem
-prior: digits_gmm
-operator: {type: inpainting, mask: random, fraction_observed: 0.5}
-noise: {type: gaussian, sigma_y: 0.05}
-truth: {source: digits, index: 3}
-"""
 DIGIT_TRUTH = "truth: {source: digits, index: 3}"
 FILE_TRUTH = "truth: {source: file, path: image.npy}"
-
-
-def write_problem(tmp_path, text):
-    path = tmp_path / "problem.yaml"
-    path.write_text(text)
-    return path
 
 
 def solve_error(problem, tmp_path, capsys):
     """The one-line error of ``invdiff solve problem``, after checking the exit code and that nothing was written."""
     out = tmp_path / "run"
-    code = main(["solve", str(problem), "--sampler", "dps", "--out", str(out), "--quiet"])
-    error = capsys.readouterr().err.strip()
-    assert code == 2, f"expected exit code 2 for a bad problem, got {code}: {error}"
-    assert error.startswith("invdiff: error: ") and "\n" not in error, f"expected one error line, got: {error}"
+    error = error_of(["solve", str(problem), "--sampler", "dps", "--out", str(out), "--quiet"], capsys)
     assert not out.exists(), "a refused problem must not create the output folder"
     return error
 
