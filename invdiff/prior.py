@@ -57,9 +57,11 @@ class Prior(ABC):
         return self._score(x, t)
 
     def denoise(self, x: Tensor, t: float | Tensor) -> Tensor:
-        """Tweedie's estimate ``E[X_0 | X_t = x] = (x + sigma_t^2 s(x, t)) / lambda_t``."""
-        lambda_t = self.sde.lambda_t(t).to(x.dtype)
-        sigma_t = self.sde.sigma_t(t).to(x.dtype)
+        """Tweedie's estimate ``E[X_0 | X_t = x] = (x + sigma_t^2 s(x, t)) / lambda_t``.
+
+        ``t`` is one time, or a ``(B,)`` tensor of one time per chain where ``score`` accepts that.
+        """
+        lambda_t, sigma_t = (_per_chain(value, x) for value in (self.sde.lambda_t(t), self.sde.sigma_t(t)))
         return (x + sigma_t**2 * self.score(x, t)) / lambda_t
 
     def to(self, device: torch.device | str) -> "Prior":
@@ -88,6 +90,12 @@ class Prior(ABC):
             noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=device)
             x = mean + variance.sqrt() * noise
         return x
+
+
+def _per_chain(value: Tensor, x: Tensor) -> Tensor:
+    """A schedule value for ``x``: a scalar as it is, one value per chain ``(B,)`` shaped to broadcast over events."""
+    value = value.to(x)
+    return value.view(-1, *[1] * (x.dim() - 1)) if value.dim() == 1 else value
 
 
 class NetworkPrior(Prior):
@@ -164,8 +172,7 @@ class NetworkPrior(Prior):
 
     def _score_chunk(self, x: Tensor, times: Tensor) -> Tensor:
         output = self.network(x.to(self.network_dtype), times).to(x.dtype)
-        lambda_t = self.sde.lambda_t(times).to(x).view(-1, *[1] * (x.dim() - 1))
-        sigma_t = self.sde.sigma_t(times).to(x).view(-1, *[1] * (x.dim() - 1))
+        lambda_t, sigma_t = _per_chain(self.sde.lambda_t(times), x), _per_chain(self.sde.sigma_t(times), x)
         if self.parametrisation == "epsilon":
             score = -output / sigma_t
         elif self.parametrisation == "x0":

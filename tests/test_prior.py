@@ -96,3 +96,19 @@ def test_score_rejects_the_wrong_shape():
     prior = random_mixture(diagonal=True)
     with pytest.raises(ValueError, match=r"expects inputs of shape \(B, 1, 2, 2\)"):
         prior.score(torch.zeros(2, 4), 0.5)
+
+
+@pytest.mark.parametrize("batch", [3, 8], ids=["batch-differs-from-width", "batch-equals-width"])
+def test_score_and_denoise_take_one_time_per_chain(batch):
+    """A (B,) time vector gives each chain the result of its own scalar time (a batch of 8 on 8x8
+    images once broadcast lambda_t along the image's last axis instead of the batch)."""
+    from invdiff.checkpoints import load_prior
+
+    prior = load_prior("digits")
+    x = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    times = torch.linspace(0.1, 0.9, batch, dtype=torch.float64)
+    for method in (prior.score, prior.denoise):
+        together = method(x, times)
+        one_by_one = torch.cat([method(x[index:index + 1], float(times[index])) for index in range(batch)])
+        difference = float((together - one_by_one).abs().max())
+        assert difference < 1e-4, f"{method.__name__} with per-chain times differs by {difference:.3g} from scalar times"
