@@ -208,34 +208,48 @@ def _probe_network(prior: Prior, needs_gradient: bool, images_per_call: int,
     batch = max(2, min(images_per_call, PROBE_PIXELS // pixels))
     evaluations = prior.evaluations
     try:
-        (bytes_one, _), (bytes_batch, seconds_batch) = (_measure_call(probe, size, needs_gradient, device)
-                                                         for size in (1, batch))
+        bytes_one, bytes_batch = (_peak_bytes(probe, size, needs_gradient, device) for size in (1, batch))
+        seconds_batch = _seconds(probe, batch, needs_gradient, device)  # after the calls above: warmed up
     finally:
         prior.evaluations = evaluations
     per_image = max(bytes_batch - bytes_one, 0) / (batch - 1)
     return max(bytes_one - per_image, 0), per_image / pixels, seconds_batch / (batch * pixels)
 
 
-def _measure_call(prior: Prior, batch: int, needs_gradient: bool, device: torch.device) -> tuple[int, float]:
-    """The bytes alive at the peak of one denoiser call on ``batch`` images, and its seconds (with the
-    backward pass when ``needs_gradient``)."""
+def _probe_input(prior: Prior, batch: int, device: torch.device) -> Tensor:
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, *prior.event_shape), generator=generator).to(device)
-    start = time.perf_counter()
+    return torch.randn((batch, *prior.event_shape), generator=generator).to(device)
+
+
+def _peak_bytes(prior: Prior, batch: int, needs_gradient: bool, device: torch.device) -> int:
+    """The bytes kept for the backward pass of one denoiser call on ``batch`` images (when
+    ``needs_gradient``), or the bytes alive at the peak of its forward pass."""
+    x = _probe_input(prior, batch, device)
     if needs_gradient:
         saved = _SavedBytes()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             x.requires_grad_(True)
             denoised = prior.denoise(x, PROBE_TIME)
         torch.autograd.grad(denoised.sum(), x)
-        peak = saved.bytes
-    else:
-        with torch.no_grad(), _LiveBytes() as live:
-            prior.denoise(x, PROBE_TIME)
-        peak = live.peak
+        return saved.bytes
+    with torch.no_grad(), _LiveBytes() as live:
+        prior.denoise(x, PROBE_TIME)
+    return live.peak
+
+
+def _seconds(prior: Prior, batch: int, needs_gradient: bool, device: torch.device) -> float:
+    """The wall time of one denoiser call on ``batch`` images (with its backward pass when
+    ``needs_gradient``), without the byte counting, whose per-operation hooks would dominate it."""
+    x = _probe_input(prior, batch, device)
+    start = time.perf_counter()
+    with torch.enable_grad() if needs_gradient else torch.no_grad():
+        x.requires_grad_(needs_gradient)
+        denoised = prior.denoise(x, PROBE_TIME)
+        if needs_gradient:
+            torch.autograd.grad(denoised.sum(), x)
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
-    return peak, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 def _storage_key(tensor: Tensor) -> tuple[int, int]:
