@@ -2,10 +2,11 @@
 
 A prior that memorised its training set would draw near-copies of training images. For every
 sample the script finds the closest training image (Euclidean distance in [0, 1], over all
-training digits, or over a large pool of random training patches for ``natural``) and compares
+training digits, or over a large pool of random training patches for ``natural`` and ``natural_gmm``) and compares
 those distances with the same distances for held-out images, which are certainly not copies:
 samples at least as far from the training set as held-out images are not copies. Writes
-``benchmarks/results/prior_samples_NAME.png`` and ``.md``. Run from the repository root:
+``benchmarks/results/prior_samples_NAME.png`` and ``.md``. ``natural_gmm`` (the patch-GMM prior,
+exact) is drawn exactly rather than by reverse steps. Run from the repository root:
 
     python benchmarks/prior_samples.py digits [--samples 64 --steps 200]
 """
@@ -20,15 +21,41 @@ import torch
 
 from invdiff.checkpoints import load_prior
 from invdiff.data import digits, natural_images, random_patches
+from invdiff.checkpoints import natural_gaussian_mixture
+from invdiff.prior import GaussianMixturePrior
+from invdiff.sde import VPSDE
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def reference_sets(name: str, pool_size: int, count: int, generator: torch.Generator):
+def load(name: str):
+    """The shipped prior called ``name`` (``natural_gmm`` under the default VP SDE)."""
+    return natural_gaussian_mixture(VPSDE()) if name == "natural_gmm" else load_prior(name)
+
+
+def draw(prior, count: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Unconditional samples in [0, 1]: exact draws for a Gaussian mixture, else ``steps`` reverse steps."""
+    if isinstance(prior, GaussianMixturePrior):
+        samples = prior.sample_clean(count, generator=generator).float()
+    else:
+        samples = prior.sample(count, num_steps=steps, generator=generator)
+    return ((samples + 1) / 2).clamp(0, 1)
+
+
+def describe(name: str, prior, steps: int) -> str:
+    """The figure's title: how the prior was made and how it was sampled."""
+    if isinstance(prior, GaussianMixturePrior):
+        fit = prior.metadata["fit"]
+        return (f"prior '{name}': {fit['components']}-component Gaussian mixture (reg_covar {fit['reg_covar']:g}), "
+                f"exact draws")
+    return f"prior '{name}': {prior.settings()['training']['steps']} training steps, {steps} ancestral sampling steps"
+
+
+def reference_sets(name: str, prior, pool_size: int, count: int, generator: torch.Generator):
     """Training images (the nearest-neighbour pool) and ``count`` held-out images, in [0, 1]."""
     if name == "digits":
         return digits("train").float(), digits("test")[:count].float()
-    patch_size = load_prior(name).event_shape[-1]
+    patch_size = prior.event_shape[-1]
     training = random_patches(natural_images("train"), patch_size).sample(pool_size, generator).float()
     heldout = random_patches(natural_images("test"), patch_size).sample(count, generator).float()
     return training, heldout
@@ -53,18 +80,17 @@ def grid(images: torch.Tensor, columns: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("prior", choices=["digits", "natural"])
+    parser.add_argument("prior", choices=["digits", "natural", "natural_gmm"])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--pool", type=int, default=20000, help="training patches searched (natural only)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     arguments = parser.parse_args()
 
-    prior = load_prior(arguments.prior)
+    prior = load(arguments.prior)
     generator = torch.Generator().manual_seed(0)
-    samples = prior.sample(arguments.samples, num_steps=arguments.steps, generator=generator)
-    samples = ((samples + 1) / 2).clamp(0, 1)
-    training, heldout = reference_sets(arguments.prior, arguments.pool, arguments.samples, generator)
+    samples = draw(prior, arguments.samples, arguments.steps, generator)
+    training, heldout = reference_sets(arguments.prior, prior, arguments.pool, arguments.samples, generator)
     sample_distances, nearest = nearest_neighbours(samples, training)
     heldout_distances, _ = nearest_neighbours(heldout, training)
 
@@ -83,9 +109,7 @@ def main() -> None:
         axis.imshow(grid(images, columns), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axis.set_title(title, fontsize=10)
         axis.axis("off")
-    training_record = prior.settings()["training"]
-    figure.suptitle(f"prior '{arguments.prior}': {training_record['steps']} training steps, "
-                    f"{arguments.steps} ancestral sampling steps", fontsize=11)
+    figure.suptitle(describe(arguments.prior, prior, arguments.steps), fontsize=11)
     figure.tight_layout()
     arguments.out.mkdir(parents=True, exist_ok=True)
     figure.savefig(arguments.out / f"prior_samples_{arguments.prior}.png", dpi=110)

@@ -11,24 +11,29 @@ usually in half precision); its metadata holds one JSON document under the key `
 
 Loading reads tensors and JSON only; nothing pickled is ever executed. The shipped priors live
 in ``invdiff/priors/NAME.safetensors`` next to the training configuration that made them
-(``NAME.yaml``), and are named by ``NAME`` in problem files.
+(``NAME.yaml``), and are named by ``NAME`` in problem files. An exact Gaussian-mixture prior is
+stored the same way (architecture ``GaussianMixture``: weights, means and the upper triangles of the
+covariances); the shipped one is the patch-GMM ``natural_gmm``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
+from torch import Tensor
 
 from invdiff.networks import EpsilonNetwork, UNet
-from invdiff.prior import NetworkPrior
-from invdiff.sde import sde_from_settings
+from invdiff.prior import GaussianMixturePrior, NetworkPrior
+from invdiff.sde import SDE, sde_from_settings
 
 __all__ = ["CheckpointError", "SHIPPED_PRIORS_DIRECTORY", "shipped_priors", "save_checkpoint", "read_metadata",
-           "load_checkpoint", "load_prior"]
+           "load_checkpoint", "load_prior", "save_gaussian_mixture", "load_gaussian_mixture", "natural_gaussian_mixture",
+           "NATURAL_GMM_PATH"]
 
 FORMAT = "invdiff-prior"
 FORMAT_VERSION = 1
@@ -41,8 +46,9 @@ class CheckpointError(ValueError):
 
 
 def shipped_priors() -> list[str]:
-    """Names of the priors that ship with the package."""
-    return sorted(path.stem for path in SHIPPED_PRIORS_DIRECTORY.glob("*.safetensors"))
+    """Names of the network priors that ship with the package (``natural_gmm``, a mixture, is built by
+    ``natural_gaussian_mixture``)."""
+    return sorted(path.stem for path in SHIPPED_PRIORS_DIRECTORY.glob("*.safetensors") if path != NATURAL_GMM_PATH)
 
 
 def save_checkpoint(path: str | Path, unet: UNet, metadata: dict, dtype: torch.dtype = torch.float16) -> Path:
@@ -125,3 +131,81 @@ def load_prior(name_or_path: str | Path, batch_size: int | None = 256, clip_deno
                         tuple(document.get("data_range", (-1.0, 1.0))), name=document.get("name", path.stem),
                         metadata={"checkpoint": str(path), **described}, batch_size=batch_size,
                         clip_denoised=clip_denoised)
+
+
+# --- exact Gaussian-mixture priors in the same format ---------------------------------------------
+
+#: the file of the patch-GMM prior ``natural_gmm``, written by ``benchmarks/fit_natural_gmm.py``
+NATURAL_GMM_PATH = SHIPPED_PRIORS_DIRECTORY / "natural_gmm.safetensors"
+
+#: the ``architecture`` that a checkpoint holding a Gaussian mixture records in its metadata
+GAUSSIAN_MIXTURE_ARCHITECTURE = "GaussianMixture"
+
+
+def save_gaussian_mixture(path: str | Path, weights: Tensor, means: Tensor, covariances: Tensor,
+                          metadata: dict) -> Path:
+    """Write a full-covariance mixture to ``path`` (safetensors, float32; JSON metadata as in ``invdiff.checkpoints``).
+
+    Each covariance is symmetric, so only its upper triangle is stored (``triu_indices`` order):
+    ``d (d + 1) / 2`` numbers instead of ``d^2``, which halves the file without rounding anything
+    beyond float32.
+    """
+    path = Path(path)
+    dimension = means.shape[1]
+    upper = torch.triu_indices(dimension, dimension)
+    tensors = {"weights": torch.as_tensor(weights), "means": torch.as_tensor(means),
+               "covariances_upper": torch.as_tensor(covariances)[:, upper[0], upper[1]]}
+    tensors = {name: value.to(torch.float32).contiguous() for name, value in tensors.items()}
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": GAUSSIAN_MIXTURE_ARCHITECTURE,
+                **metadata}
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_bytes(save(tensors, metadata={"invdiff": json.dumps(document)}))
+    temporary.replace(path)
+    return path
+
+
+def load_gaussian_mixture(path: str | Path, sde: SDE) -> GaussianMixturePrior:
+    """The ``GaussianMixturePrior`` (under ``sde``) stored in ``path`` by ``save_gaussian_mixture``.
+
+    The file and its metadata are checked (format, architecture, tensor names and shapes against
+    the recorded components and event shape); anything wrong raises ``CheckpointError`` in one line.
+    """
+    document = read_metadata(path)
+    if document.get("architecture") != GAUSSIAN_MIXTURE_ARCHITECTURE:
+        raise CheckpointError(f"checkpoint '{path}' holds a {document.get('architecture')}, not a "
+                              f"{GAUSSIAN_MIXTURE_ARCHITECTURE}")
+    try:
+        tensors = load_file(str(path))
+        event_shape = tuple(int(size) for size in document["event_shape"])
+        num_components = int(document["fit"]["components"])
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"checkpoint '{path}' is corrupt: {error}") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint '{path}' lacks its event_shape or fit.components: {error!r}") from None
+    dimension = math.prod(event_shape)
+    expected = {"weights": (num_components,), "means": (num_components, dimension),
+                "covariances_upper": (num_components, dimension * (dimension + 1) // 2)}
+    found = {name: tuple(value.shape) for name, value in tensors.items()}
+    if found != expected:
+        raise CheckpointError(f"checkpoint '{path}' has tensors {found}; its metadata ({num_components} components, "
+                              f"event shape {event_shape}) needs {expected}")
+    upper = torch.triu_indices(dimension, dimension)
+    covariances = torch.zeros((num_components, dimension, dimension), dtype=torch.float64)
+    covariances[:, upper[0], upper[1]] = tensors["covariances_upper"].to(torch.float64)
+    covariances[:, upper[1], upper[0]] = tensors["covariances_upper"].to(torch.float64)
+    described = {key: document[key] for key in ("data", "fit") if key in document}
+    return GaussianMixturePrior(tensors["weights"], tensors["means"], covariances, sde, event_shape,
+                                tuple(document.get("data_range", (-1.0, 1.0))), document.get("name", Path(path).stem),
+                                {"checkpoint": str(path), **described})
+
+
+def natural_gaussian_mixture(sde: SDE) -> GaussianMixturePrior:
+    """The patch-GMM prior ``natural_gmm``: 16x16 grayscale patches of the training photographs, exact score.
+
+    The classical image prior of EPLL (Zoran and Weiss, ICCV 2011): a full-covariance Gaussian
+    mixture fitted by EM to patches at the natural prior's scales (the full patch, mean included,
+    since problems observe absolute intensities). Its metadata records the data, the fit and the
+    held-out log-likelihood that chose the number of components; refit with
+    ``python benchmarks/fit_natural_gmm.py``.
+    """
+    return load_gaussian_mixture(NATURAL_GMM_PATH, sde)

@@ -103,6 +103,19 @@ class DigitsGMMConfig(_Strict):
         return digits_gaussian_mixture(self.sde.build(), self.components, self.covariance, self.regularisation)
 
 
+class NaturalGMMConfig(_Strict):
+    """The patch-GMM prior shipped in ``invdiff/priors/natural_gmm.safetensors``: 16x16 grayscale patches of the
+    training photographs, an exact score (see ``invdiff.checkpoints.natural_gaussian_mixture``)."""
+
+    name: Literal["natural_gmm"]
+    sde: SDEConfig = VPConfig()
+
+    def build(self, base: Path = Path(".")) -> Prior:
+        from invdiff.checkpoints import natural_gaussian_mixture
+
+        return natural_gaussian_mixture(self.sde.build())
+
+
 class ShippedPriorConfig(_Strict):
     """A UNet prior trained by the project and shipped in ``invdiff/priors`` (see ``invdiff train``)."""
 
@@ -221,8 +234,8 @@ class DenoiserPriorConfig(_Strict):
                               metadata=metadata, batch_size=self.batch_size)
 
 
-PriorConfig = Annotated[Union[DigitsGMMConfig, ShippedPriorConfig, CheckpointPriorConfig, GuidedDiffusionPriorConfig,
-                              DiffusersPriorConfig, NCSNppPriorConfig, DenoiserPriorConfig],
+PriorConfig = Annotated[Union[DigitsGMMConfig, NaturalGMMConfig, ShippedPriorConfig, CheckpointPriorConfig,
+                              GuidedDiffusionPriorConfig, DiffusersPriorConfig, NCSNppPriorConfig, DenoiserPriorConfig],
                         Field(discriminator="name")]
 
 
