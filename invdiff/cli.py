@@ -250,14 +250,17 @@ def _solve(arguments) -> int:
         images, mean, std = posterior_moments(problem, result)
         summary = run_summary(problem, info, sampler, result, seed=arguments.seed, device=arguments.device,
                               num_samples=num_samples, images=images, mean=mean)
+        for collapse in summary["warnings"]:   # shown even with --quiet: it says what the samples are worth
+            print(f"invdiff: warning: {collapse}", file=sys.stderr)
         write_run(folder.staging, problem, result, summary, images, mean, std)
         folder.commit("invdiff solve")
     finally:
         folder.discard()
-    metrics = summary.get("metrics", {})
+    metrics = summary["metrics"]
     shown = ", ".join(f"{key} {value:.3f}" for key, value in metrics.items() if isinstance(value, float))
-    print(f"{info.name}: {num_samples} samples in {result.wall_time:.1f} s ({result.nfe:.0f} network evaluations "
-          f"per sample){'; ' + shown if shown else ''}\nwrote {out}/")
+    print(f"{info.name}: {num_samples} samples ({metrics['distinct_samples']} distinct) in {result.wall_time:.1f} s "
+          f"({result.network_evaluations_per_sample:.0f} network evaluations per returned sample)"
+          f"{'; ' + shown if shown else ''}\nwrote {out}/")
     return 0
 
 

@@ -4,7 +4,9 @@ Shared by ``invdiff solve`` and anything else that evaluates a sampler's output 
 that every number is computed by one function under one convention: images in [0, 1], the
 posterior mean and per-pixel standard deviation from the weighted particles when a sampler has
 them, PSNR/SSIM of the mean (``invdiff.metrics``), coverage of the 90% per-pixel intervals and,
-when the posterior is tractable, the sliced Wasserstein distance to exact draws next to its floor.
+when the posterior is tractable, the sliced Wasserstein distance to exact draws next to its floor and
+the exact posterior's own PSNR/SSIM and coverage (the ceiling). A run whose samples collapsed onto a
+few paths gets a warning (``degeneracy_warning``), recorded in the summary.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ import numpy as np
 import torch
 
 from invdiff.exact import ExactPosterior, NotTractable
-from invdiff.metrics import SSIM_CONVENTION, coverage, psnr, sliced_wasserstein, ssim
+from invdiff.metrics import SSIM_CONVENTION, coverage, distinct_samples, psnr, sliced_wasserstein, ssim
 from invdiff.plugins import SamplerInfo
 from invdiff.posterior import SampleResult
 from invdiff.problems import Problem
 
-__all__ = ["run_images", "posterior_moments", "run_summary", "write_run"]
+__all__ = ["run_images", "posterior_moments", "count_distinct_samples", "degeneracy_warning", "run_summary",
+           "write_run"]
+
+#: warn when fewer than this fraction of the returned samples are distinct
+DISTINCT_FRACTION_WARNING = 0.25
+#: warn when the final ESS of a particle sampler (before the draw of the samples) is below this fraction of K
+FINAL_ESS_FRACTION_WARNING = 0.05
 
 REPORTED_PACKAGES = ("invdiff", "torch", "numpy", "deepinv", "scikit-image", "scikit-learn", "pluggy", "pydantic")
 
@@ -66,10 +74,82 @@ def posterior_moments(problem: Problem, result: SampleResult) -> tuple[torch.Ten
     return images, mean, std
 
 
+def count_distinct_samples(result: SampleResult) -> int:
+    """Distinct returned samples: from the genealogy of a particle sampler, else by comparing the samples."""
+    return result.distinct_samples if result.distinct_samples is not None else distinct_samples(result.samples)
+
+
+def degeneracy_warning(result: SampleResult) -> str | None:
+    """One line when the samples collapsed (fewer than a quarter distinct, or a particle sampler's final
+    ESS below 5% of K): what it means and what to try; None for a healthy run."""
+    num_samples = len(result.samples)
+    distinct = count_distinct_samples(result)
+    reasons = []
+    if distinct < DISTINCT_FRACTION_WARNING * num_samples:
+        reasons.append(f"only {distinct} of the {num_samples} samples are distinct")
+    if result.particles is not None and result.ess_history:
+        num_particles, final_ess = len(result.particles), result.ess_history[-1]
+        if final_ess < FINAL_ESS_FRACTION_WARNING * num_particles:
+            reasons.append(f"the final ESS is {final_ess:.1f} of {num_particles} particles")
+    if not reasons:
+        return None
+    advice = ("try more particles (--num-particles) or another --resampling-threshold; remedies for this "
+              "collapse are being built into invdiff" if result.particles is not None
+              else "try more samples or other sampler options")
+    return (f"{' and '.join(reasons)}: the 'posterior' is close to a point estimate, so its std, coverage and "
+            f"sample spread mean little; {advice}")
+
+
+def _diagnostics(result: SampleResult) -> list[dict]:
+    """The per-step diagnostics, with each step's ``distinct_ancestors`` for particle samplers."""
+    if result.distinct_ancestors is None or len(result.distinct_ancestors) != len(result.diagnostics):
+        return result.diagnostics
+    return [{**record, "distinct_ancestors": count}
+            for record, count in zip(result.diagnostics, result.distinct_ancestors)]
+
+
+def _metrics(problem: Problem, result: SampleResult, images: torch.Tensor, mean: torch.Tensor) -> dict:
+    """``distinct_samples``, and when the truth is known PSNR/SSIM of the mean, single samples' PSNR, coverage."""
+    metrics = {"distinct_samples": count_distinct_samples(result)}
+    if problem.truth is None:
+        return metrics
+    truth = problem.truth[0].cpu()
+    sample_psnrs = [psnr(image, truth) for image in images]
+    return {
+        "psnr_posterior_mean": psnr(mean, truth),
+        "ssim_posterior_mean": ssim(mean, truth),
+        "psnr_samples_average": float(np.mean(sample_psnrs)),
+        "coverage_90": coverage(images, truth, 0.9),
+        **metrics,
+        "ssim_convention": SSIM_CONVENTION,
+    }
+
+
+def _exact_block(problem: Problem, result: SampleResult, exact: ExactPosterior, *, seed: int, num_samples: int) -> dict:
+    """Distance of the samples to exact draws next to its floor, the exact evidence, and (truth known) the
+    exact posterior's own PSNR/SSIM of the mean and coverage from as many exact draws: the ceiling."""
+    draws = torch.Generator().manual_seed(seed)
+    reference, second = exact.sample(num_samples, generator=draws), exact.sample(num_samples, generator=draws)
+    block = {
+        "sliced_wasserstein_to_exact": sliced_wasserstein(result.samples, reference),
+        "sliced_wasserstein_noise_floor": sliced_wasserstein(second, reference),
+        "log_evidence": exact.log_evidence,
+    }
+    if problem.truth is not None:
+        truth, exact_mean = problem.truth[0].cpu(), run_images(problem, exact.mean)
+        block.update({"psnr_exact_mean": psnr(exact_mean, truth), "ssim_exact_mean": ssim(exact_mean, truth),
+                      "coverage_90_exact": coverage(run_images(problem, reference), truth, 0.9)})
+    block["note"] = ("distances in the prior's native space, at this number of samples; the floor is exact vs "
+                     "exact; psnr/ssim_exact_mean and coverage_90_exact (from as many exact draws as samples) are "
+                     "what the exact posterior scores: the ceiling for the sampler's metrics")
+    return block
+
+
 def run_summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResult, *, seed: int, device: str,
                 num_samples: int, images: torch.Tensor, mean: torch.Tensor) -> dict:
-    """The summary.json document of a run: settings, versions, cost, diagnostics, metrics, exact block."""
+    """The summary.json document of a run: settings, versions, cost, diagnostics, metrics, warnings, exact block."""
     operator = problem.posterior.operator
+    warning = degeneracy_warning(result)
     summary = {
         "problem": problem.config.model_dump(mode="json"),
         "problem_file": str(problem.path),
@@ -80,38 +160,25 @@ def run_summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResu
         "num_samples": num_samples,
         "seed": seed,
         "device": device,
-        "network_evaluations_per_sample": result.nfe,
+        "network_evaluations": result.network_evaluations,
+        "network_evaluations_per_sample": result.network_evaluations_per_sample,
+        "network_evaluations_per_particle": result.network_evaluations_per_particle,
         "wall_time_seconds": result.wall_time,
         "log_evidence": result.log_evidence,
         "versions": _versions(info),
         "ess_trace": result.ess_history or None,
-        "diagnostics": result.diagnostics,
+        "diagnostics": _diagnostics(result),
         "extras": _json_scalars(result.extras),
         "image_range": [0.0, 1.0],
         "notes": problem.notes,
+        "warnings": [warning] if warning is not None else [],
+        "metrics": _metrics(problem, result, images, mean),
     }
-    if problem.truth is not None:
-        truth = problem.truth[0].cpu()
-        sample_psnrs = [psnr(image, truth) for image in images]
-        summary["metrics"] = {
-            "psnr_posterior_mean": psnr(mean, truth),
-            "ssim_posterior_mean": ssim(mean, truth),
-            "psnr_samples_average": float(np.mean(sample_psnrs)),
-            "coverage_90": coverage(images, truth, 0.9),
-            "ssim_convention": SSIM_CONVENTION,
-        }
     try:
         exact = ExactPosterior.from_posterior(problem.posterior)
     except NotTractable:
         return summary
-    draws = torch.Generator().manual_seed(seed)
-    reference, second = exact.sample(num_samples, generator=draws), exact.sample(num_samples, generator=draws)
-    summary["exact_posterior"] = {
-        "sliced_wasserstein_to_exact": sliced_wasserstein(result.samples, reference),
-        "sliced_wasserstein_noise_floor": sliced_wasserstein(second, reference),
-        "log_evidence": exact.log_evidence,
-        "note": "distances in the prior's native space, at this number of samples; the floor is exact vs exact",
-    }
+    summary["exact_posterior"] = _exact_block(problem, result, exact, seed=seed, num_samples=num_samples)
     return summary
 
 

@@ -1,4 +1,5 @@
-"""Image metrics (scikit-image) and posterior metrics (sliced Wasserstein, credible-interval coverage).
+"""Image metrics (scikit-image) and posterior metrics (sliced Wasserstein, credible-interval coverage,
+distinct samples).
 
 Conventions (DEEPINV_NOTES.md): images in ``[0, 1]`` with ``data_range=1``; SSIM as in Wang et
 al. 2004, an 11x11 Gaussian window with sigma 1.5 (``gaussian_weights=True, sigma=1.5,
@@ -14,7 +15,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import Tensor
 
-__all__ = ["psnr", "ssim", "sliced_wasserstein", "coverage", "SSIM_CONVENTION"]
+__all__ = ["psnr", "ssim", "sliced_wasserstein", "coverage", "distinct_samples", "SSIM_CONVENTION"]
 
 SSIM_CONVENTION = "scikit-image, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1"
 
@@ -65,3 +66,8 @@ def coverage(samples: Tensor, truth: Tensor, level: float = 0.9) -> float:
     upper = torch.quantile(samples.to(torch.float64), (1 + level) / 2, dim=0)
     truth = truth.to(torch.float64).reshape(lower.shape)
     return float(((truth >= lower) & (truth <= upper)).to(torch.float64).mean())
+
+
+def distinct_samples(samples: Tensor) -> int:
+    """How many of the samples ``(N, ...)`` differ from each other (exactly equal ones count once)."""
+    return int(torch.unique(samples.detach().reshape(samples.shape[0], -1), dim=0).shape[0])

@@ -177,8 +177,11 @@ class SampleResult:
 
     ``samples`` are equally weighted draws in the prior's native space, ``(N, *event_shape)``.
     Particle samplers also give their weighted ``particles`` ``(K, *event_shape)`` with normalised
-    ``log_weights`` ``(K,)`` (the samples are resampled from them) and ``log_evidence``, an
-    estimate of ``log p(y)``.
+    ``log_weights`` ``(K,)`` (the samples are resampled from them), ``log_evidence``, an
+    estimate of ``log p(y)``, and the genealogy of the samples: ``distinct_ancestors``, for each
+    step, how many distinct particles of that step the samples descend from, and
+    ``distinct_samples``, how many of the samples differ (None: count them with
+    ``invdiff.metrics.distinct_samples``).
     """
 
     samples: Tensor
@@ -189,16 +192,28 @@ class SampleResult:
     wall_time: float = 0.0
     diagnostics: list[dict[str, float]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    distinct_ancestors: list[int] | None = None
+    distinct_samples: int | None = None
 
     @property
     def nfe(self) -> float:
-        """Network evaluations per sample (per particle for particle samplers)."""
+        """Network evaluations per chain: per particle for particle samplers, else per sample."""
         count = len(self.particles) if self.particles is not None else len(self.samples)
         return self.network_evaluations / max(count, 1)
 
     @property
+    def network_evaluations_per_sample(self) -> float:
+        """Network evaluations per returned sample: the total over ``len(samples)``, whatever made them."""
+        return self.network_evaluations / max(len(self.samples), 1)
+
+    @property
+    def network_evaluations_per_particle(self) -> float | None:
+        """Network evaluations per particle, for particle samplers (else None)."""
+        return None if self.particles is None else self.network_evaluations / max(len(self.particles), 1)
+
+    @property
     def ess_history(self) -> list[float]:
-        """The effective sample size after each step, for particle samplers (else empty)."""
+        """The effective sample size at each step before resampling, for particle samplers (else empty)."""
         return [record["ess"] for record in self.diagnostics if "ess" in record]
 
 

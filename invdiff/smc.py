@@ -7,7 +7,10 @@ All weights are kept in log space and normalised, so the running evidence estima
 
 with ``W`` the normalised weights before the step (uniform right after a resampling) and ``w_t`` the
 incremental weights. Resampling is adaptive: it happens when ``ESS < threshold * K``. Every scheme
-takes ``(log_weights, num_draws, generator)`` and returns ancestor indices.
+takes ``(log_weights, num_draws, generator)`` and returns ancestor indices. Those indices are kept
+(K integers per step) to give, at the end, the genealogy of the returned samples: how many distinct
+particles of each step they descend from. A high ESS after every resampling says nothing about that;
+a genealogy that shrinks to one particle says the samples are copies of one path.
 
 The diffusion-specific part is the twisting variance ``r_t^2`` of ALGORITHMS.md section 5 (twisted
 SMC): the spread of ``x0`` given ``x_t`` added to the measurement noise variance.
@@ -26,8 +29,8 @@ from invdiff.noise import GaussianNoise
 from invdiff.posterior import SampleResult, SamplerOptions, SamplingError
 from invdiff.sde import SDE
 
-__all__ = ["effective_sample_size", "RESAMPLING_SCHEMES", "ParticleWeights", "SMCOptions", "twisting_variance",
-           "LinearGaussianSVD", "MeasurementTwist", "chunked", "weighted_result"]
+__all__ = ["effective_sample_size", "RESAMPLING_SCHEMES", "ParticleWeights", "distinct_ancestors", "SMCOptions",
+           "twisting_variance", "LinearGaussianSVD", "MeasurementTwist", "chunked", "weighted_result"]
 
 
 def effective_sample_size(log_weights: Tensor) -> Tensor:
@@ -82,7 +85,11 @@ RESAMPLING_SCHEMES: dict[str, Callable[[Tensor, int, torch.Generator], Tensor]] 
 
 
 class ParticleWeights:
-    """Normalised log-weights of K particles, the running ``log Z_hat`` and adaptive resampling."""
+    """Normalised log-weights of K particles, the running ``log Z_hat``, adaptive resampling, the ancestry.
+
+    A sampler's step calls ``reweight``, then ``resample_if_needed`` (not at a step whose weights must
+    stay with their particles), then ``end_step``, whose diagnostics go to ``monitor.step``.
+    """
 
     def __init__(self, num_particles: int, *, scheme: str = "systematic", threshold: float = 0.5,
                  generator: torch.Generator, device: torch.device | str = "cpu"):
@@ -94,6 +101,11 @@ class ParticleWeights:
         self.generator = generator
         self.log_weights = torch.full((num_particles,), -math.log(num_particles), dtype=torch.float64, device=device)
         self.log_evidence = 0.0
+        #: the weights as the last reweighting left them, before any resampling: what the diagnostics report
+        self.log_weights_before_resampling = self.log_weights
+        #: one entry per finished step: the ancestor indices of its resampling(s), or None where it kept its particles
+        self.ancestry: list[Tensor | None] = []
+        self._step_ancestors: Tensor | None = None
 
     @property
     def ess(self) -> float:
@@ -112,19 +124,53 @@ class ParticleWeights:
                                 f"{'zero' if total < 0 else 'infinity'}")
         self.log_evidence += float(total)
         self.log_weights = combined - total
+        self.log_weights_before_resampling = self.log_weights
 
     def resample_if_needed(self, *tensors: Tensor) -> tuple[tuple[Tensor, ...], bool]:
-        """Resample ``tensors`` (particles on the first axis) when ESS < threshold * K."""
+        """Resample ``tensors`` (particles on the first axis) when ESS < threshold * K.
+
+        The ancestor indices are kept for the genealogy until ``end_step`` records them.
+        """
         if self.ess >= self.threshold * self.num_particles:
             return tensors, False
         ancestors = self.resample_indices(self.log_weights, self.num_particles, self.generator)
+        # two resamplings in one step compose: new particle j descends from old particle earlier[ancestors[j]]
+        self._step_ancestors = ancestors if self._step_ancestors is None else self._step_ancestors[ancestors]
         self.log_weights = torch.full_like(self.log_weights, -math.log(self.num_particles))
         return tuple(tensor[ancestors] for tensor in tensors), True
 
-    def diagnostics(self, resampled: bool) -> dict[str, float]:
-        finite = self.log_weights[torch.isfinite(self.log_weights)]
-        return {"ess": self.ess, "resampled": float(resampled),
+    def end_step(self) -> dict[str, float]:
+        """Close a step: record its resampling (if any) in ``ancestry``; return the step's diagnostics.
+
+        ``ess`` and ``log_weight_spread`` describe the weights BEFORE resampling (right after it they
+        would read K and 0 whenever it resampled, hiding a collapse); ``resampled`` is 1.0 or 0.0.
+        """
+        resampled = self._step_ancestors is not None
+        self.ancestry.append(self._step_ancestors)
+        self._step_ancestors = None
+        log_weights = self.log_weights_before_resampling
+        finite = log_weights[torch.isfinite(log_weights)]
+        return {"ess": float(effective_sample_size(log_weights)), "resampled": float(resampled),
                 "log_weight_spread": float(finite.max() - finite.min()) if len(finite) else float("inf")}
+
+
+def distinct_ancestors(ancestry: list[Tensor | None], final_indices: Tensor) -> list[int]:
+    """The genealogy: for each step, how many distinct particles that step moved (before its resampling)
+    are ancestors of the particles ``final_indices`` (indices into the last step's particles, e.g. the
+    final draw): the number of distinct paths through that step.
+
+    ``ancestry[i]`` are the ancestor indices of step ``i``'s resampling (new particle ``j`` is a
+    copy of old particle ``ancestry[i][j]``), or None where the step kept its particles. The counts
+    can only shrink going back in time; a count of 1 means every final particle descends from one
+    particle of that step.
+    """
+    lineage = final_indices
+    counts = []
+    for ancestors in reversed(ancestry):
+        if ancestors is not None:
+            lineage = ancestors[lineage]
+        counts.append(int(torch.unique(lineage).numel()))
+    return counts[::-1]
 
 
 class SMCOptions(SamplerOptions):
@@ -221,13 +267,23 @@ def chunked(function: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, batch_s
     return tuple(torch.cat(outputs) for outputs in zip(*pieces))
 
 
-def weighted_result(particles: Tensor, weights: ParticleWeights, num_samples: int) -> SampleResult:
-    """The final result: weighted particles, ``num_samples`` draws resampled from them, ``log Z_hat``.
+def weighted_result(particles: Tensor, weights: ParticleWeights, num_samples: int, *,
+                    last_step_deterministic: bool = False) -> SampleResult:
+    """The final result: weighted particles, ``num_samples`` draws resampled from them, ``log Z_hat``, and
+    the genealogy of the draws (``distinct_ancestors`` per step, ``distinct_samples``).
 
     The draws are shuffled: systematic and stratified schemes return ancestors in order, and the
-    first few samples must be as good a pick as any.
+    first few samples must be as good a pick as any. The samples differ where their paths through the
+    last step differ. ``last_step_deterministic``: the last step moved the particles without noise
+    (``x_0 = x0_hat(t_1, x_1)``), so copies made by the resampling before it stay equal: its
+    distinct paths are those of the step before.
     """
     ancestors = weights.resample_indices(weights.log_weights, num_samples, weights.generator)
     ancestors = ancestors[torch.randperm(num_samples, generator=weights.generator, device=ancestors.device)]
+    genealogy = distinct_ancestors(weights.ancestry, ancestors)
+    if last_step_deterministic and len(genealogy) > 1:
+        genealogy[-1] = genealogy[-2]
+    distinct_samples = genealogy[-1] if genealogy else int(torch.unique(ancestors).numel())
     return SampleResult(samples=particles[ancestors], particles=particles, log_weights=weights.log_weights,
-                        log_evidence=weights.log_evidence)
+                        log_evidence=weights.log_evidence, distinct_ancestors=genealogy,
+                        distinct_samples=distinct_samples)

@@ -77,12 +77,10 @@ class TwistedSMC(Sampler):
                                  - gaussian_log_density(x, proposal_mean, variance))
                 log_twist = new_log_twist
             weights.reweight(log_increment, where)
-            resampled = False
             if index < len(grid) - 2:   # the last weights stay with the particles they weigh
-                (x, denoised, log_twist, gradient), resampled = weights.resample_if_needed(x, denoised, log_twist,
-                                                                                          gradient)
-            monitor.step(index, s, x, **weights.diagnostics(resampled))
-        return weighted_result(x, weights, num_samples)
+                (x, denoised, log_twist, gradient), _ = weights.resample_if_needed(x, denoised, log_twist, gradient)
+            monitor.step(index, s, x, **weights.end_step())
+        return weighted_result(x, weights, num_samples, last_step_deterministic=True)
 
 
 @invdiff.hookimpl

@@ -103,11 +103,10 @@ class VESMC(Sampler):
                     log_increment = gaussian_log_density(x, mean, variance) + new_log_twist - log_twist - log_proposal
                     log_twist = new_log_twist
                 weights.reweight(log_increment, where)
-                resampled = False
                 if index < len(grid) - 2:   # the last weights stay with the particles they weigh
-                    (x, score, log_twist), resampled = weights.resample_if_needed(x, score, log_twist)
-                monitor.step(index, s, x, **weights.diagnostics(resampled))
-        return weighted_result(x, weights, num_samples)
+                    (x, score, log_twist), _ = weights.resample_if_needed(x, score, log_twist)
+                monitor.step(index, s, x, **weights.end_step())
+        return weighted_result(x, weights, num_samples, last_step_deterministic=True)
 
     @staticmethod
     def _closed_form_step(svd: LinearGaussianSVD, posterior: Posterior, mean: Tensor, variance: Tensor,

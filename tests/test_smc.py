@@ -76,7 +76,7 @@ def test_resampling_is_adaptive():
     weights = ParticleWeights(4, threshold=0.5, generator=torch.Generator().manual_seed(0))
     weights.reweight(torch.tensor([0.0, 0.0, 0.0, -0.1]), where="step 1")
     (_,), resampled = weights.resample_if_needed(torch.arange(4))
-    assert not resampled and weights.diagnostics(resampled)["resampled"] == 0.0
+    assert not resampled and weights.end_step()["resampled"] == 0.0
     weights.reweight(torch.tensor([0.0, -50.0, -50.0, -50.0]), where="step 2")
     (survivors,), resampled = weights.resample_if_needed(torch.arange(4))
     assert resampled and survivors.tolist() == [0, 0, 0, 0]
