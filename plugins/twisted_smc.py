@@ -15,9 +15,15 @@ SMC over the reverse diffusion path (ALGORITHMS.md section 5), for any SDE of ``
 The weights telescope, so the weighted particles target the posterior of the discretised model as
 the number of particles grows, and their running mean estimates ``p(y)``. Cost: one network
 evaluation with backpropagation per particle per step.
+
+With ``move_steps = M > 0``, each resampling is followed by M Langevin moves of the particles
+(``invdiff.smc.ResampleMove``, with the twist's exact gradient), M more network evaluations with
+backpropagation per particle; the weights are unchanged.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -25,7 +31,8 @@ from torch import Tensor
 import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import MeasurementTwist, ParticleWeights, SMCOptions, chunked, weighted_result
+from invdiff.smc import (MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions, TargetPoint, chunked,
+                         weighted_result)
 
 
 class TwistedSMC(Sampler):
@@ -45,6 +52,16 @@ class TwistedSMC(Sampler):
             (gradient,) = torch.autograd.grad(log_twist.sum(), x)
         return denoised.detach(), log_twist.detach(), gradient
 
+    @staticmethod
+    def _target_point(posterior: Posterior, x: Tensor, t: Tensor,
+                      carried: tuple[Tensor, Tensor, Tensor]) -> TargetPoint:
+        """What a move needs from the carried ``(denoised, log_twist, gradient)``: the score is Tweedie's
+        formula solved for it, ``(lambda_t x0_hat - x) / sigma_t^2``."""
+        denoised, log_twist, gradient = carried
+        sde = posterior.prior.sde
+        score = (sde.lambda_t(t).to(x.dtype) * denoised - x) / sde.sigma_t(t).to(x.dtype) ** 2
+        return TargetPoint(score, log_twist, gradient)
+
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
         prior = posterior.prior
@@ -55,6 +72,7 @@ class TwistedSMC(Sampler):
                                   threshold=self.options.resampling_threshold, generator=generator, device=device)
 
         measurement_twist = MeasurementTwist(posterior, self.options)
+        mover = ResampleMove(posterior, self.options, measurement_twist.svd, generator)
 
         def twist(x, t):
             return chunked(lambda part: self._twist(posterior, measurement_twist, part, t), x, self.options.batch_size)
@@ -77,9 +95,15 @@ class TwistedSMC(Sampler):
                                  - gaussian_log_density(x, proposal_mean, variance))
                 log_twist = new_log_twist
             weights.reweight(log_increment, where)
+            move_diagnostics = {}
             if index < len(grid) - 2:   # the last weights stay with the particles they weigh
-                (x, denoised, log_twist, gradient), _ = weights.resample_if_needed(x, denoised, log_twist, gradient)
-            monitor.step(index, s, x, **weights.end_step())
+                (x, denoised, log_twist, gradient), resampled = weights.resample_if_needed(x, denoised, log_twist,
+                                                                                          gradient)
+                if resampled and mover.num_moves:
+                    x, (denoised, log_twist, gradient), move_diagnostics["move_acceptance"] = mover.move(
+                        x, s, (denoised, log_twist, gradient), twist, partial(self._target_point, posterior))
+                    weights.record_move()
+            monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
 
 

@@ -22,11 +22,17 @@ with the deterministic last step ``x_0 = x0_hat(t_1, x_1)`` weighted by ``p(y | 
 particles start from ``prior.terminal_sample`` with weights ``p~_T(y | x0_hat(T, x_T))``.
 The product telescopes, so the particles target the posterior as their number grows. Cost: one
 network evaluation per particle per step, no backpropagation through the network.
+
+With ``move_steps = M > 0``, each resampling is followed by M Langevin moves of the particles
+(``invdiff.smc.ResampleMove``), M more network evaluations per particle, still without
+backpropagation through the network: the proposal's twist gradient freezes the score, as the
+gradient proposal does, and the accept step corrects for that. The weights are unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Literal
 
 import torch
@@ -36,8 +42,8 @@ from torch import Tensor
 import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (LinearGaussianSVD, MeasurementTwist, ParticleWeights, SMCOptions, chunked,
-                         twisting_variance, weighted_result)
+from invdiff.smc import (LinearGaussianSVD, MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions,
+                         TargetPoint, chunked, twisting_variance, weighted_result)
 
 
 class VESMCOptions(SMCOptions):
@@ -69,6 +75,7 @@ class VESMC(Sampler):
         grid = sde.time_grid(self.options.num_steps)
         weights = ParticleWeights(num_particles, scheme=self.options.resampling,
                                   threshold=self.options.resampling_threshold, generator=generator, device=device)
+        mover = ResampleMove(posterior, self.options, svd, generator)
 
         def evaluate(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             """The score at ``x`` and the twisting at its Tweedie estimate."""
@@ -103,10 +110,28 @@ class VESMC(Sampler):
                     log_increment = gaussian_log_density(x, mean, variance) + new_log_twist - log_twist - log_proposal
                     log_twist = new_log_twist
                 weights.reweight(log_increment, where)
+                move_diagnostics = {}
                 if index < len(grid) - 2:   # the last weights stay with the particles they weigh
-                    (x, score, log_twist), _ = weights.resample_if_needed(x, score, log_twist)
-                monitor.step(index, s, x, **weights.end_step())
+                    (x, score, log_twist), resampled = weights.resample_if_needed(x, score, log_twist)
+                    if resampled and mover.num_moves:
+                        x, (score, log_twist), move_diagnostics["move_acceptance"] = mover.move(
+                            x, s, (score, log_twist), evaluate, partial(self._target_point, posterior, twist))
+                        weights.record_move()
+                monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
+
+    @staticmethod
+    def _target_point(posterior: Posterior, twist: MeasurementTwist, x: Tensor, t: Tensor,
+                      carried: tuple[Tensor, Tensor]) -> TargetPoint:
+        """What a move needs from the carried ``(score, log_twist)``: the twist gradient with the score
+        frozen, ``grad_x log p~_t(y | (x + sigma_t^2 s_bar) / lambda_t)``, which needs no network call."""
+        score, log_twist = carried
+        sde = posterior.prior.sde
+        lambda_t = sde.lambda_t(t).to(x.dtype)
+        with torch.enable_grad():
+            denoised = ((x + sde.sigma_t(t).to(x.dtype) ** 2 * score) / lambda_t).detach().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(twist.log_likelihood(denoised, t).sum(), denoised)
+        return TargetPoint(score, log_twist, gradient / lambda_t)
 
     @staticmethod
     def _closed_form_step(svd: LinearGaussianSVD, posterior: Posterior, mean: Tensor, variance: Tensor,
