@@ -184,6 +184,7 @@ def test_sampling_failure_exits_one_and_names_the_step(tmp_path, capsys):
 FAST_OPTIONS = {"dps": ["-o", "num_steps=10"], "exact": [],
                 "twisted_smc": ["-o", "num_steps=10", "--num-particles", "8"],
                 "ve_smc": ["-o", "num_steps=10", "--num-particles", "8"],
+                "mcgdiff": ["-o", "num_steps=10", "--num-particles", "8"],
                 "rdmc": ["-o", "num_steps=3", "-o", "num_chains=2", "-o", "inner_steps=2", "-o", "pool_size=8",
                          "-o", "pool_steps=5"]}
 
