@@ -13,7 +13,7 @@ from invdiff.posterior import sample_posterior
 from invdiff.problems import ProblemError, build_sampler
 from invdiff.smc import MeasurementTwist, ResampleMove, SMCOptions
 from invdiff.testing import (Z_SCORE, covariance_z_scores, discretised_model_posterior, linear_gaussian,
-                             mean_z_scores, replicate_z_scores)
+                             mean_z_scores, weighted_runs_z_scores)
 from invdiff_plugins.twisted_smc import TwistedSMC
 from invdiff_plugins.ve_smc import VESMC
 
@@ -107,25 +107,16 @@ def test_samplers_with_moves_match_the_exact_linear_gaussian_posterior(sampler):
     put Z_hat / Z 8-17 standard errors off.)"""
     posterior, _ = linear_gaussian()
     exact = discretised_model_posterior(posterior, 50)
-    means, covariances, log_evidences, acceptances = [], [], [], []
+    results, acceptances = [], []
     for seed in range(10):
         result = sample_posterior(SAMPLERS[sampler](num_steps=50, num_particles=256, resampling_threshold=1.0,
                                                     move_steps=2, move_step_size=1.0), posterior, 16,
                                   generator=torch.Generator().manual_seed(seed))
-        weights = torch.softmax(result.log_weights, 0)
-        mean = (weights[:, None] * result.particles).sum(0)
-        centred = result.particles - mean
-        means.append(mean)
-        covariances.append(((weights[:, None] * centred).T @ centred).flatten())
-        log_evidences.append(result.log_evidence)
+        results.append(result)
         acceptances += [record["move_acceptance"] for record in result.diagnostics if "move_acceptance" in record]
     assert len(acceptances) == 10 * 49, f"moves ran at {len(acceptances)} steps of 10 runs (expected 10 x 49)"
     assert min(acceptances) > 0.5, f"lowest acceptance rate {min(acceptances):.2f}"
-    z_scores = {"mean": replicate_z_scores(torch.stack(means), exact.mean),
-                "covariance": replicate_z_scores(torch.stack(covariances), exact.covariance.flatten()),
-                "Z_hat / Z": replicate_z_scores(torch.exp(torch.tensor(log_evidences) - exact.log_evidence)[:, None],
-                                                torch.ones(1, dtype=torch.float64))}
-    largest = {quantity: round(float(values.max()), 2) for quantity, values in z_scores.items()}
+    largest = weighted_runs_z_scores(results, exact)
     assert max(largest.values()) < REPLICATE_Z, f"largest z-scores over 10 runs {largest} (limit {REPLICATE_Z})"
 
 
