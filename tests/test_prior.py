@@ -110,5 +110,5 @@ def test_score_and_denoise_take_one_time_per_chain(batch):
     for method in (prior.score, prior.denoise):
         together = method(x, times)
         one_by_one = torch.cat([method(x[index:index + 1], float(times[index])) for index in range(batch)])
-        difference = float((together - one_by_one).abs().max())
-        assert difference < 1e-4, f"{method.__name__} with per-chain times differs by {difference:.3g} from scalar times"
+        difference = float((together - one_by_one).abs().max())   # float32 divided by lambda_t ~ 0.02 at t = 0.9
+        assert difference < 1e-3, f"{method.__name__} with per-chain times differs by {difference:.3g} from scalar times"
