@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 #: what an interrupted command leaves behind
-INTERRUPTED = {"solve": "nothing was written", "train": "the run folder keeps its last whole checkpoint, if any (--resume continues from it)",
+INTERRUPTED = {"solve": "nothing was written", "train": "whole checkpoints already written are kept (--resume continues from the last); a run "
+                        "that wrote none leaves no folder",
                "samplers": "nothing was written", "check": "nothing was written"}
 
 
@@ -196,8 +197,8 @@ def _particle_options(arguments, info: SamplerInfo) -> dict[str, Any]:
 
 
 def _check_seed(seed: int) -> None:
-    if not 0 <= seed < 2**64:
-        raise UsageError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}")
+    if not 0 <= seed < 2**63:   # as the problem files' seeds; seed + 1 (invdiff check) still fits torch's range
+        raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {seed}")
 
 
 def _check_sampler_option_names(problem: Problem, registry) -> None:
@@ -253,7 +254,10 @@ def _solve(arguments) -> int:
         for collapse in summary["warnings"]:   # shown even with --quiet: it says what the samples are worth
             print(f"invdiff: warning: {collapse}", file=sys.stderr)
         write_run(folder.staging, problem, result, summary, images, mean, std)
-        folder.commit("invdiff solve")
+        leftover = folder.commit()
+        if leftover is not None:
+            print(f"invdiff: warning: the replaced run could not be deleted completely; it is in {leftover}",
+                  file=sys.stderr)
     finally:
         folder.discard()
     metrics = summary["metrics"]

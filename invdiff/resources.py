@@ -173,9 +173,11 @@ def _held_states(sampler: Sampler, num_samples: int) -> int:
 
 
 def _network_images(sampler: Sampler, num_samples: int) -> int:
-    """Images passed through the network over the run: chains x steps x calls per step, plus the pool's draws."""
+    """Images passed through the network over the run: chains x steps x calls per step, plus the pool's draws.
+
+    Resample-move's ``move_steps`` are counted as if every step resampled (an upper bound)."""
     inner_steps = _option(sampler, "inner_steps")
-    calls_per_step = inner_steps + 1 if inner_steps else 1
+    calls_per_step = (inner_steps + 1 if inner_steps else 1) + (_option(sampler, "move_steps") or 0)
     pool = (_option(sampler, "pool_size") or 0) * (_option(sampler, "pool_steps") or 0)
     return max(sampler.num_steps, 1) * _chains(sampler, num_samples) * calls_per_step + pool
 

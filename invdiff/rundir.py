@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["RunFolderError", "RunFolder", "MARKER"]
+__all__ = ["RunFolderError", "RunFolder", "MARKER", "make_folders", "remove_empty"]
 
 #: the file that marks a folder as an invdiff run (JSON: what wrote it and which files)
 MARKER = ".invdiff-run.json"
@@ -32,7 +32,23 @@ def _umask_permissions() -> int:
     return 0o777 & ~mask
 
 
-def _remove_empty(folders: list[Path]) -> None:
+def make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created, outermost first (raises ``OSError``
+    after removing what it created)."""
+    created: list[Path] = []
+    for path in [*reversed(folder.parents), folder]:
+        if path.exists():
+            continue
+        try:
+            path.mkdir()
+        except OSError:
+            remove_empty(created)
+            raise
+        created.append(path)
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
     """Remove ``folders`` (outermost first) from the innermost out, stopping at one that is not empty."""
     for folder in reversed(folders):
         try:
@@ -41,11 +57,11 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _owned_files(folder: Path) -> set[str] | None:
-    """The files the marker of ``folder`` lists, or None when ``folder`` is not an invdiff run."""
+def _owned_files(folder: Path, kind: str) -> set[str] | None:
+    """The files the marker of ``folder`` lists, or None when ``folder`` is not an invdiff run of ``kind``."""
     try:
         marker = json.loads((folder / MARKER).read_text())
-        return set(marker["files"])
+        return set(marker["files"]) if marker["kind"] == kind else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -58,16 +74,17 @@ class RunFolder:
     removes the staging folder (and parent folders it created) when the run does not complete.
     """
 
-    def __init__(self, out: Path, overwrite: bool):
+    def __init__(self, out: Path, overwrite: bool, kind: str = "invdiff solve"):
         self.out = Path(out)
         self.overwrite = overwrite
+        self.kind = kind
         self._check_destination()
         self._created_parents = self._make_parents()
         try:
             self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
             self.staging.chmod(_umask_permissions())
         except OSError as error:
-            _remove_empty(self._created_parents)
+            remove_empty(self._created_parents)
             raise RunFolderError(f"--out: cannot create a folder in {self.out.parent}: "
                                  f"{error.strerror or error}") from None
 
@@ -88,10 +105,10 @@ class RunFolder:
         self._check_replaceable()
 
     def _check_replaceable(self) -> None:
-        owned = _owned_files(self.out)
+        owned = _owned_files(self.out, self.kind)
         if owned is None:
-            raise RunFolderError(f"--overwrite: {self.out} was not written by invdiff (no {MARKER}); "
-                                 f"--overwrite replaces only invdiff runs: choose another --out")
+            raise RunFolderError(f"--overwrite: {self.out} was not written by {self.kind} (no {MARKER} of that "
+                                 f"kind); --overwrite replaces only such runs: choose another --out")
         foreign = sorted(entry.name for entry in self.out.iterdir() if entry.name not in owned | {MARKER})
         if foreign:
             raise RunFolderError(f"--overwrite: {self.out} holds files invdiff did not write ({', '.join(foreign[:3])}"
@@ -99,22 +116,20 @@ class RunFolder:
 
     def _make_parents(self) -> list[Path]:
         """Create the missing parent folders of ``out``; returns those created, outermost first."""
-        created: list[Path] = []
-        for parent in reversed(self.out.parents):
-            if parent.exists():
-                continue
-            try:
-                parent.mkdir()
-            except OSError as error:
-                _remove_empty(created)
-                raise RunFolderError(f"--out: cannot create folder {parent}: {error.strerror or error}") from None
-            created.append(parent)
-        return created
+        try:
+            return make_folders(self.out.parent)
+        except OSError as error:
+            raise RunFolderError(f"--out: cannot create folder {error.filename}: {error.strerror or error}") from None
 
-    def commit(self, kind: str) -> None:
-        """Mark the staging folder as a run of ``kind`` and move it onto ``out`` (replacing an old run)."""
+    def commit(self) -> Path | None:
+        """Mark the staging folder as a run and move it onto ``out`` (replacing an old run).
+
+        Returns None, or the folder holding the old run when it could not be deleted after the new
+        run was in place (nothing is lost; the caller says so).
+        """
         files = sorted(entry.name for entry in self.staging.iterdir())
-        (self.staging / MARKER).write_text(json.dumps({"written_by": "invdiff", "kind": kind, "files": files}) + "\n")
+        (self.staging / MARKER).write_text(json.dumps({"written_by": "invdiff", "kind": self.kind,
+                                                       "files": files}) + "\n")
         old = None
         if self.out.exists():
             if not self.overwrite:
@@ -124,16 +139,18 @@ class RunFolder:
             self.out.rename(old / self.out.name)
         try:
             self.staging.rename(self.out)
-        except OSError:
-            if old is not None:  # put the old run back where it was
+        except BaseException:  # Ctrl-C included: put the old run back where it was
+            if old is not None:
                 (old / self.out.name).rename(self.out)
                 old.rmdir()
             raise
-        if old is not None:
-            shutil.rmtree(old)
+        if old is None:
+            return None
+        shutil.rmtree(old, ignore_errors=True)
+        return old if old.exists() else None
 
     def discard(self) -> None:
         """Remove the staging folder and the parent folders this run created (when still empty)."""
         if self.staging.exists():
             shutil.rmtree(self.staging)
-        _remove_empty(self._created_parents)
+        remove_empty(self._created_parents)

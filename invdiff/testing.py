@@ -43,7 +43,8 @@ from torch import Tensor
 
 from invdiff.exact import ExactPosterior
 from invdiff.metrics import sliced_wasserstein
-from invdiff.operators import GaussianNoise, matrix_operator
+from invdiff.noise import GaussianNoise
+from invdiff.operators import matrix_operator
 from invdiff.posterior import Posterior, Sampler, SampleResult, UnsupportedProblem, sample_posterior
 from invdiff.prior import GaussianMixturePrior, GaussianPrior
 from invdiff.problems import build_sampler

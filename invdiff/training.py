@@ -47,6 +47,7 @@ from invdiff.checkpoints import save_checkpoint
 from invdiff.data import DIGITS_SPLIT, NATURAL_SPLIT, digits, natural_images, random_patches
 from invdiff.networks import EpsilonNetwork, UNet
 from invdiff.problems import SDEConfig, VPConfig, _Strict, format_validation_error
+from invdiff.rundir import make_folders, remove_empty
 from invdiff.yamlfile import YAMLFileError, read_mapping
 
 __all__ = ["TrainingError", "TrainingConfig", "load_training_config", "train"]
@@ -192,16 +193,16 @@ def _check_output_folder(out: Path, name: str, resume: bool) -> None:
                             "resume); choose another --out, a run overwrites no files")
 
 
-def _prepare_output_folder(out: Path) -> bool:
-    """Create ``out`` if needed (with the umask's permissions) and prove it writable; whether it was created."""
-    created = not out.is_dir()
+def _prepare_output_folder(out: Path) -> list[Path]:
+    """Create ``out`` and its missing parents (with the umask's permissions) and prove it writable;
+    returns the folders created, outermost first."""
+    created: list[Path] = []
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        created = make_folders(out)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as error:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        remove_empty(created)
         raise TrainingError(f"--out '{out}' cannot be written: {error.strerror}") from None
     return created
 
@@ -224,16 +225,15 @@ def _append_line(path: Path, line: str) -> None:
 
 
 @contextlib.contextmanager
-def _cleaned_up_on_failure(out: Path, name: str, created: bool):
-    """On any exception (Ctrl-C included) remove the partial files of ``out``, and ``out`` if it was
-    created and is still empty."""
+def _cleaned_up_on_failure(out: Path, name: str, created: list[Path]):
+    """On any exception (Ctrl-C included) remove the partial files of ``out``, and the folders this run
+    created while they are still empty."""
     try:
         yield
     except BaseException:
         for path in (out / "state.pt", out / f"{name}.safetensors", out / "log.jsonl"):
             _partial(path).unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        remove_empty(created)
         raise
 
 

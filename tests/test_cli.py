@@ -142,7 +142,7 @@ def test_existing_output_is_never_silently_overwritten(tmp_path, capsys):
     assert "exists; choose another --out or pass --overwrite" in error
     assert (out / "keep.txt").read_text() == "precious"
     error = error_of(["solve", str(INPAINT), "--sampler", "dps", "--out", str(out), "--overwrite", *FAST], capsys)
-    assert "was not written by invdiff" in error     # --overwrite replaces only invdiff's own runs
+    assert "was not written by invdiff solve" in error     # --overwrite replaces only invdiff's own runs
     assert (out / "keep.txt").read_text() == "precious"
     assert [path.name for path in tmp_path.iterdir()] == ["run"]   # no staging folder left behind
 
@@ -152,8 +152,8 @@ def test_bad_option_syntax_and_device(tmp_path, capsys):
                                                      "--out", str(tmp_path / "a")], capsys)
     assert "--option scale: malformed YAML at line 1, column 4" in error_of(
         ["solve", str(INPAINT), "--sampler", "dps", "-o", "scale=[1,", "--out", str(tmp_path / "a")], capsys)
-    for seed in (str(2**64), "-1"):
-        assert "--seed must be an integer from 0 to 2**64 - 1" in error_of(
+    for seed in (str(2**63), "-1"):
+        assert "--seed must be an integer from 0 to 2**63 - 1" in error_of(
             ["solve", str(INPAINT), "--sampler", "dps", "--seed", seed, "--out", str(tmp_path / "a")], capsys)
     assert not (tmp_path / "a").exists()
     import torch

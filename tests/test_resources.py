@@ -108,3 +108,10 @@ def test_available_memory_on_the_cpu_is_at_most_the_total():
     total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                  if line.startswith("MemTotal:"))
     assert 0 < available_memory("cpu") <= total, "the available memory should be positive and within the total"
+
+
+def test_resample_move_steps_are_counted_as_network_evaluations():
+    problem = load_problem(PROBLEMS / "inpaint.yaml", "digits-gmm-box")
+    plain = estimate_run(problem.posterior, sampler("twisted_smc", num_steps=10, num_particles=8), 8)
+    moving = estimate_run(problem.posterior, sampler("twisted_smc", num_steps=10, num_particles=8, move_steps=3), 8)
+    assert moving.network_images == 4 * plain.network_images, "3 moves per step are 3 more network calls per particle"

@@ -410,3 +410,13 @@ def test_ctrl_c_in_the_command_is_one_line_and_exit_code_130(tmp_path, config_pa
     error = capsys.readouterr().err.strip()
     assert error.startswith("invdiff: interrupted;") and "\n" not in error, f"not one line: {error!r}"
     assert not (tmp_path / "run").exists(), "the interrupted run left a folder"
+
+
+def test_an_interrupted_first_run_also_removes_the_parent_folders_it_created(tmp_path, config_path, monkeypatch):
+    def interrupted(state, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny(config_path), tmp_path / "new" / "deeper" / "run", progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny.yaml"], "folders were left behind"
