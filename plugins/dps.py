@@ -20,10 +20,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch import Tensor
 from pydantic import Field
 
 import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, SamplerOptions, StepMonitor
+from invdiff.smc import chunked
 
 
 class DPSOptions(SamplerOptions):
@@ -32,6 +34,8 @@ class DPSOptions(SamplerOptions):
     step_rule: Literal["residual_norm", "kernel_variance"] = Field(
         "residual_norm", description="residual_norm: the paper's scale * grad ||y - G(x0_hat)||; "
         "kernel_variance: scale * reverse-step variance * grad log p(y | x0_hat)")
+    batch_size: int | None = Field(None, ge=1, description="most chains per gradient (memory budget; each "
+                                   "chain's gradient is its own, so the result does not depend on it)")
 
 
 class DPS(Sampler):
@@ -42,26 +46,32 @@ class DPS(Sampler):
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
-        prior, measurement = posterior.prior, posterior.measurement
+        prior = posterior.prior
         dtype, device = posterior.dtype, posterior.device
         grid = prior.sde.time_grid(self.options.num_steps)
         x = prior.terminal_sample(num_samples, generator=generator, dtype=dtype, device=device)
         for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
-            with torch.enable_grad():
-                x_grad = x.detach().requires_grad_(True)
-                denoised = prior.denoise(x_grad, t)
-                residual_norm = (measurement - posterior.operator.forward(denoised)).flatten(1).norm(dim=1)
-                if self.options.step_rule == "residual_norm":
-                    objective = -residual_norm.sum()
-                else:
-                    objective = posterior.log_likelihood(denoised).sum()
-                (gradient,) = torch.autograd.grad(objective, x_grad)
-            mean, variance = prior.sde.reverse_kernel(x, denoised.detach(), t, s)
+            denoised, gradient, residual_norm = chunked(lambda part: self._guidance(posterior, part, t), x,
+                                                        self.options.batch_size)
+            mean, variance = prior.sde.reverse_kernel(x, denoised, t, s)
             step_size = self.options.scale * (variance if self.options.step_rule == "kernel_variance" else 1.0)
             noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=device)
             x = mean + variance.sqrt() * noise + step_size * gradient
-            monitor.step(index, s, x, residual_norm=residual_norm.detach().mean())
+            monitor.step(index, s, x, residual_norm=residual_norm.mean())
         return SampleResult(samples=x.detach())
+
+    def _guidance(self, posterior: Posterior, x: Tensor, t) -> tuple[Tensor, Tensor, Tensor]:
+        """Tweedie's estimate at ``x``, the guidance gradient of the step rule, and each chain's residual norm."""
+        with torch.enable_grad():
+            x_grad = x.detach().requires_grad_(True)
+            denoised = posterior.prior.denoise(x_grad, t)
+            residual_norm = (posterior.measurement - posterior.operator.forward(denoised)).flatten(1).norm(dim=1)
+            if self.options.step_rule == "residual_norm":
+                objective = -residual_norm.sum()
+            else:
+                objective = posterior.log_likelihood(denoised).sum()
+            (gradient,) = torch.autograd.grad(objective, x_grad)
+        return denoised.detach(), gradient, residual_norm.detach()
 
 
 @invdiff.hookimpl
