@@ -62,8 +62,8 @@ def test_samplers_lists_name_package_version(capsys):
     (VALID.replace("truth: {source: digits, index: 3}", ""), "give a truth"),
     (VALID + "sampler_options: {dps: {scale: 0}}", "sampler_options.dps.scale: Input should be greater than 0"),
     (VALID + "sampler_options: {dps: {scale: .inf}}", "sampler_options.dps.scale: Input should be a finite number"),
-    (VALID + "sampler_options: {dps: {steps: 10}}", "sampler_options.dps.steps: unknown key; allowed: num_steps, "
-                                                    "scale, step_rule"),
+    (VALID + "sampler_options: {dps: {steps: 10}}", "sampler_options.dps.steps: unknown key; allowed: batch_size, "
+                                                    "num_steps, scale, step_rule"),
 ])
 def test_bad_problem_files_get_one_line_errors_and_write_nothing(tmp_path, capsys, text, expected):
     out = tmp_path / "run"
