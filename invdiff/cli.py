@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 #: what an interrupted command leaves behind
-INTERRUPTED = {"solve": "nothing was written", "train": "whole checkpoints already written are kept (--resume continues from the last); a run "
-                        "that wrote none leaves no folder",
-               "samplers": "nothing was written", "check": "nothing was written"}
+INTERRUPTED = {"solve": "nothing was written", "samplers": "nothing was written", "check": "nothing was written",
+               "train": "whole checkpoints already written are kept (--resume continues from the last); a run "
+                        "that wrote none leaves no folder"}
 
 
 class UsageError(ValueError):
@@ -197,7 +197,9 @@ def _particle_options(arguments, info: SamplerInfo) -> dict[str, Any]:
 
 
 def _check_seed(seed: int) -> None:
-    if not 0 <= seed < 2**63:   # as the problem files' seeds; seed + 1 (invdiff check) still fits torch's range
+    from invdiff.problems import SEED_LIMIT
+
+    if not 0 <= seed < SEED_LIMIT:
         raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {seed}")
 
 

@@ -48,8 +48,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+#: seeds are below this bound everywhere (problem files and --seed): ``seed + 1`` still fits torch's generators
+SEED_LIMIT = 2**63
 #: a seed for ``torch.Generator.manual_seed``
-Seed = Annotated[int, Field(ge=0, lt=2**63, description="a random seed, 0 <= seed < 2**63")]
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT, description="a random seed, 0 <= seed < 2**63")]
 #: the steps of a discrete (DDPM) schedule; the cap keeps a typo from filling the memory with the schedule
 NumTimesteps = Annotated[int, Field(ge=1, le=100_000)]
 

@@ -69,9 +69,10 @@ def _owned_files(folder: Path, kind: str) -> set[str] | None:
 class RunFolder:
     """The destination ``out`` of one run and its staging folder.
 
-    ``RunFolder(out, overwrite)`` checks the destination and creates the staging folder at once
-    (raising ``RunFolderError``); write files into ``staging``, then ``commit(kind)``; ``discard()``
-    removes the staging folder (and parent folders it created) when the run does not complete.
+    ``RunFolder(out, overwrite, kind)`` checks the destination and creates the staging folder at once
+    (raising ``RunFolderError``); write files into ``staging``, then ``commit()``, which marks the run
+    as one of ``kind`` (``--overwrite`` replaces only runs of the same kind); ``discard()`` removes the
+    staging folder (and parent folders it created) when the run does not complete.
     """
 
     def __init__(self, out: Path, overwrite: bool, kind: str = "invdiff solve"):
