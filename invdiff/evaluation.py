@@ -93,8 +93,8 @@ def degeneracy_warning(result: SampleResult) -> str | None:
             reasons.append(f"the final ESS is {final_ess:.1f} of {num_particles} particles")
     if not reasons:
         return None
-    advice = ("try more particles (--num-particles) or another --resampling-threshold; remedies for this "
-              "collapse are being built into invdiff" if result.particles is not None
+    advice = ("try independent runs (-o num_runs=N: samples from N runs share no path), resample-move "
+              "(-o move_steps=3) or more particles (--num-particles)" if result.particles is not None
               else "try more samples or other sampler options")
     return (f"{' and '.join(reasons)}: the 'posterior' is close to a point estimate, so its std, coverage and "
             f"sample spread mean little; {advice}")

@@ -6,7 +6,16 @@ All weights are kept in log space and normalised, so the running evidence estima
     log Z_hat = sum_t log sum_k W_{t-1}^k w_t^k,
 
 with ``W`` the normalised weights before the step (uniform right after a resampling) and ``w_t`` the
-incremental weights. Resampling is adaptive: it happens when ``ESS < threshold * K``. Every scheme
+incremental weights. Resampling is adaptive: it happens when ``ESS < threshold * K``.
+
+Independent runs (``num_runs = R``): ``R`` particle systems of ``K`` particles each, advanced together
+(one network batch) but weighted, resampled and counted separately, so no resampling ever copies a
+particle of one run into another. The returned samples are spread evenly over the runs and each run
+has weight ``1/R`` (not its ``Z_hat``): as ``K`` grows every run's weighted particles target the
+posterior, so the equal mixture does too, while the runs' paths stay independent. Weighting runs by
+their ``Z_hat`` instead would give the ``R K``-particle estimate back, and with it one run's collapse
+wherever ``Z_hat``'s spread is large (image dimension). ``log Z_hat`` is the mean of the runs' ``Z_hat``
+(unbiased, like each run's). Every scheme
 takes ``(log_weights, num_draws, generator)`` and returns ancestor indices. Those indices are kept
 (K integers per step) to give, at the end, the genealogy of the returned samples: how many distinct
 particles of each step they descend from. A high ESS after every resampling says nothing about that;
@@ -33,19 +42,20 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from invdiff.noise import GaussianNoise
 from invdiff.posterior import SampleResult, SamplerOptions, SamplingError
 from invdiff.prior import GaussianMixturePrior
 from invdiff.sde import SDE
+from invdiff.spectral import LinearGaussianSVD
 
 __all__ = ["effective_sample_size", "RESAMPLING_SCHEMES", "ParticleWeights", "distinct_ancestors", "SMCOptions",
-           "twisting_variance", "LinearGaussianSVD", "MeasurementTwist", "TargetPoint", "ResampleMove", "chunked",
+           "particle_weights",
+           "twisting_variance", "MeasurementTwist", "TargetPoint", "ResampleMove", "chunked",
            "weighted_result"]
 
 
-def effective_sample_size(log_weights: Tensor) -> Tensor:
-    """``(sum w)^2 / sum w^2`` of unnormalised log-weights, between 1 and K."""
-    return torch.exp(2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0))
+def effective_sample_size(log_weights: Tensor, dim: int = 0) -> Tensor:
+    """``(sum w)^2 / sum w^2`` of unnormalised log-weights along ``dim``, between 1 and K."""
+    return torch.exp(2 * torch.logsumexp(log_weights, dim) - torch.logsumexp(2 * log_weights, dim))
 
 
 def _weights(log_weights: Tensor) -> Tensor:
@@ -95,22 +105,27 @@ RESAMPLING_SCHEMES: dict[str, Callable[[Tensor, int, torch.Generator], Tensor]] 
 
 
 class ParticleWeights:
-    """Normalised log-weights of K particles, the running ``log Z_hat``, adaptive resampling, the ancestry.
+    """Log-weights of ``num_runs`` independent runs of K particles (run ``r`` holds particles ``r K`` to
+    ``r K + K - 1``), each run's normalised; the runs' ``log Z_hat``; adaptive resampling within each run;
+    the ancestry.
 
     A sampler's step calls ``reweight``, then ``resample_if_needed`` (not at a step whose weights must
     stay with their particles), then ``end_step``, whose diagnostics go to ``monitor.step``.
     """
 
-    def __init__(self, num_particles: int, *, scheme: str = "systematic", threshold: float = 0.5,
+    def __init__(self, num_particles: int, *, num_runs: int = 1, scheme: str = "systematic", threshold: float = 0.5,
                  generator: torch.Generator, device: torch.device | str = "cpu"):
         if scheme not in RESAMPLING_SCHEMES:
             raise ValueError(f"unknown resampling scheme '{scheme}'; allowed: {', '.join(RESAMPLING_SCHEMES)}")
         self.num_particles = num_particles
+        self.num_runs = num_runs
         self.resample_indices = RESAMPLING_SCHEMES[scheme]
         self.threshold = threshold
         self.generator = generator
-        self.log_weights = torch.full((num_particles,), -math.log(num_particles), dtype=torch.float64, device=device)
-        self.log_evidence = 0.0
+        self.log_weights = torch.full((num_runs * num_particles,), -math.log(num_particles), dtype=torch.float64,
+                                      device=device)
+        #: each run's running log Z_hat, shape (num_runs,)
+        self.run_log_evidence = torch.zeros(num_runs, dtype=torch.float64, device=device)
         #: the weights as the last reweighting left them, before any resampling: what the diagnostics report
         self.log_weights_before_resampling = self.log_weights
         #: one entry per finished step: the ancestor indices of its resampling(s), or None where it kept its particles
@@ -121,35 +136,68 @@ class ParticleWeights:
         self._step_moved = False
 
     @property
+    def total_particles(self) -> int:
+        """``num_runs * K``: the particles a sampler moves."""
+        return self.num_runs * self.num_particles
+
+    @property
+    def log_evidence(self) -> float:
+        """``log Z_hat``: the log of the mean of the runs' ``Z_hat``."""
+        return float(torch.logsumexp(self.run_log_evidence, 0) - math.log(self.num_runs))
+
+    def add_log_evidence(self, constant: float) -> None:
+        """Multiply every run's ``Z_hat`` by ``exp(constant)`` (a factor no particle's weight carries)."""
+        self.run_log_evidence += constant
+
+    @property
+    def pooled_log_weights(self) -> Tensor:
+        """The weights of all particles as one normalised system: run ``r``'s weights times ``1/R``."""
+        return self.log_weights - math.log(self.num_runs)
+
+    def _by_run(self, log_weights: Tensor) -> Tensor:
+        return log_weights.view(self.num_runs, self.num_particles)
+
+    @property
     def ess(self) -> float:
-        return float(effective_sample_size(self.log_weights))
+        """The ESS of the pooled weights, between ``num_runs`` and ``num_runs * K``."""
+        return float(effective_sample_size(self.pooled_log_weights))
 
     def reweight(self, log_increments: Tensor, where: str) -> None:
         """Multiply the weights by ``exp(log_increments)``; ``where`` names the step in errors."""
         log_increments = log_increments.detach().to(torch.float64)
         if torch.isnan(log_increments).any():
             count = int(torch.isnan(log_increments).sum())
-            raise SamplingError(f"NaN in {count} of {self.num_particles} incremental weights at {where}")
-        combined = self.log_weights + log_increments
-        total = torch.logsumexp(combined, 0)
-        if not torch.isfinite(total):
-            raise SamplingError(f"weight degeneracy at {where}: every particle has weight "
-                                f"{'zero' if total < 0 else 'infinity'}")
-        self.log_evidence += float(total)
-        self.log_weights = combined - total
+            raise SamplingError(f"NaN in {count} of {self.total_particles} incremental weights at {where}")
+        combined = self._by_run(self.log_weights + log_increments)
+        totals = torch.logsumexp(combined, 1)
+        if not torch.isfinite(totals).all():
+            run = int((~torch.isfinite(totals)).nonzero()[0])
+            which = f" in run {run + 1} of {self.num_runs}" if self.num_runs > 1 else ""
+            raise SamplingError(f"weight degeneracy at {where}: every particle{which} has weight "
+                                f"{'zero' if totals[run] < 0 else 'infinity'}")
+        self.run_log_evidence += totals
+        self.log_weights = (combined - totals[:, None]).flatten()
         self.log_weights_before_resampling = self.log_weights
 
     def resample_if_needed(self, *tensors: Tensor) -> tuple[tuple[Tensor, ...], bool]:
-        """Resample ``tensors`` (particles on the first axis) when ESS < threshold * K.
+        """Resample, within each run whose ESS < threshold * K, ``tensors`` (particles on the first axis).
 
         The ancestor indices are kept for the genealogy until ``end_step`` records them.
         """
-        if self.ess >= self.threshold * self.num_particles:
+        by_run = self._by_run(self.log_weights)
+        runs = (effective_sample_size(by_run, 1) < self.threshold * self.num_particles).nonzero().flatten().tolist()
+        if not runs:
             return tensors, False
-        ancestors = self.resample_indices(self.log_weights, self.num_particles, self.generator)
+        ancestors = torch.arange(self.total_particles, device=self.log_weights.device)
+        log_weights = by_run.clone()
+        for run in runs:
+            first = run * self.num_particles
+            ancestors[first:first + self.num_particles] = first + self.resample_indices(
+                by_run[run], self.num_particles, self.generator)
+            log_weights[run] = -math.log(self.num_particles)
         # two resamplings in one step compose: new particle j descends from old particle earlier[ancestors[j]]
         self._step_ancestors = ancestors if self._step_ancestors is None else self._step_ancestors[ancestors]
-        self.log_weights = torch.full_like(self.log_weights, -math.log(self.num_particles))
+        self.log_weights = log_weights.flatten()
         return tuple(tensor[ancestors] for tensor in tensors), True
 
     def record_move(self) -> None:
@@ -160,18 +208,21 @@ class ParticleWeights:
         """Close a step: record its resampling (if any) in ``ancestry`` and its move in ``moved``; return
         the step's diagnostics.
 
-        ``ess`` and ``log_weight_spread`` describe the weights BEFORE resampling (right after it they
-        would read K and 0 whenever it resampled, hiding a collapse); ``resampled`` is 1.0 or 0.0.
+        ``ess`` (of the pooled weights) and ``log_weight_spread`` (the largest within a run) describe the
+        weights BEFORE resampling (right after it they would read K and 0 whenever it resampled, hiding a
+        collapse); ``resampled`` is 1.0 if any run resampled, else 0.0.
         """
         resampled = self._step_ancestors is not None
         self.ancestry.append(self._step_ancestors)
         self.moved.append(self._step_moved)
         self._step_ancestors = None
         self._step_moved = False
-        log_weights = self.log_weights_before_resampling
-        finite = log_weights[torch.isfinite(log_weights)]
-        return {"ess": float(effective_sample_size(log_weights)), "resampled": float(resampled),
-                "log_weight_spread": float(finite.max() - finite.min()) if len(finite) else float("inf")}
+        log_weights = self._by_run(self.log_weights_before_resampling)
+        finite = torch.isfinite(log_weights)
+        spread = torch.where(finite.any(1), torch.where(finite, log_weights, -torch.inf).amax(1)
+                             - torch.where(finite, log_weights, torch.inf).amin(1), torch.inf)
+        return {"ess": float(effective_sample_size(log_weights.flatten() - math.log(self.num_runs))),
+                "resampled": float(resampled), "log_weight_spread": float(spread.max())}
 
 
 def distinct_ancestors(ancestry: list[Tensor | None], final_indices: Tensor) -> list[int]:
@@ -197,7 +248,10 @@ class SMCOptions(SamplerOptions):
     """Options every diffusion SMC sampler shares."""
 
     num_steps: int = Field(100, ge=1, description="reverse steps on the SDE's time grid")
-    num_particles: int | None = Field(None, ge=1, description="particles K (default: the number of samples)")
+    num_particles: int | None = Field(None, ge=1, description="particles K of each run (default: the number of "
+                                      "samples divided by num_runs, rounded up)")
+    num_runs: int = Field(1, ge=1, description="independent runs of num_particles each, advanced in one batch; the "
+                          "samples are spread evenly over them, each run weighted 1/num_runs")
     resampling: Literal["systematic", "multinomial", "stratified", "residual"] = "systematic"
     resampling_threshold: float = Field(0.5, ge=0, le=1, description="resample when ESS < threshold * K")
     twisting: Literal["tweedie", "capped", "none"] = Field(
@@ -210,6 +264,14 @@ class SMCOptions(SamplerOptions):
     move_step_size: float = Field(0.05, gt=0, le=1, description="c of the moves' step h = c sigma_t^2 / (1 + ||A||^2)")
 
 
+def particle_weights(options: SMCOptions, num_samples: int, *, generator: torch.Generator,
+                     device: torch.device | str) -> ParticleWeights:
+    """The weights of a run with these options: ``num_runs`` runs of ``num_particles`` particles each."""
+    num_particles = options.num_particles or -(-num_samples // options.num_runs)
+    return ParticleWeights(num_particles, num_runs=options.num_runs, scheme=options.resampling,
+                           threshold=options.resampling_threshold, generator=generator, device=device)
+
+
 def twisting_variance(sde: SDE, t: float | Tensor, options: SMCOptions) -> float:
     """``r_t^2``, the variance of ``x0`` given ``x_t`` in the prior's units, by the options' rule."""
     if options.twisting == "none":
@@ -220,52 +282,16 @@ def twisting_variance(sde: SDE, t: float | Tensor, options: SMCOptions) -> float
     return spread
 
 
-class LinearGaussianSVD:
-    """``y = A x + offset + N(0, sigma_y^2 I)`` with the singular value decomposition ``A = U diag(S) V^T``.
-
-    Built once from the operator's dense matrix (``ForwardOperator.matrix``), so only for events of
-    at most ``MAX_DIMENSION`` values. In the rotated coordinates ``V^T x`` and ``U^T y`` every
-    Gaussian computation of the twisted samplers is diagonal.
-    """
-
-    MAX_DIMENSION = 4096
-
-    def __init__(self, matrix: Tensor, offset: Tensor, sigma_y: float):
-        left, singular_values, right_transposed = torch.linalg.svd(matrix, full_matrices=True)
-        self.left, self.right = left, right_transposed.T            # U (m, m), V (d, d)
-        self.singular_values = torch.zeros(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-        self.singular_values[:len(singular_values)] = singular_values  # S padded to m (rows beyond d: 0)
-        self.offset, self.sigma_y = offset, sigma_y
-
-    @classmethod
-    def from_posterior(cls, posterior) -> "LinearGaussianSVD | None":
-        """The decomposition, or None for a non-linear operator, non-Gaussian noise or a large event."""
-        operator, prior = posterior.operator, posterior.prior
-        if not (operator.linear and isinstance(operator.noise, GaussianNoise)
-                and math.prod(prior.event_shape) <= cls.MAX_DIMENSION):
-            return None
-        matrix, offset = operator.matrix(prior.event_shape, device=posterior.measurement.device)
-        return cls(matrix, offset, operator.noise.sigma_y)
-
-    def rotated_residual(self, measurement: Tensor, clean: Tensor) -> Tensor:
-        """``U^T (y - clean)`` for a batch of noise-free measurements ``clean``: shape ``(B, m)``."""
-        residual = (measurement - clean).flatten(1).to(self.left.dtype)
-        return residual @ self.left
-
-    def log_likelihood(self, measurement: Tensor, clean: Tensor, spread: float) -> Tensor:
-        """``log N(y; clean, sigma_y^2 I + spread A A^T)`` per batch element."""
-        variances = self.sigma_y**2 + spread * self.singular_values**2
-        rotated = self.rotated_residual(measurement, clean)
-        return -0.5 * ((rotated**2 / variances).sum(1) + torch.log(2 * math.pi * variances).sum())
-
-
 class MeasurementTwist:
     """The twisting functions ``log p~_t(y | x)`` evaluated at a denoised estimate (ALGORITHMS.md section 5).
 
-    Linear operator with Gaussian noise (and a small enough event): ``N(y; G(x0_hat),
-    sigma_y^2 I + r_t^2 A A^T)``, the predictive density of ``y`` if ``x0`` given ``x_t`` had
-    covariance ``r_t^2 I``. Otherwise the scalar form ``sigma_y^2 + s^2 r_t^2`` (``s`` the operator's
-    input scale; right for masks), and for non-Gaussian noise the plain likelihood at ``x0_hat``.
+    Linear operator with Gaussian noise: ``N(y; G(x0_hat), sigma_y^2 I + r_t^2 A A^T)``, the predictive
+    density of ``y`` if ``x0`` given ``x_t`` had covariance ``r_t^2 I``, computed in the operator's
+    singular basis (``invdiff.spectral.LinearGaussianSVD``: masks, circular blurs and circular
+    downsampling at any size, other linear operators up to ``DenseSVD.MAX_DIMENSION`` values). A linear
+    operator with no known structure above that size gets the scalar form ``sigma_y^2 + s^2 r_t^2``
+    (``s`` the operator's input scale), exact only where ``A A^T = s^2 I`` on the measurement; non-Gaussian
+    noise gets the plain likelihood at ``x0_hat``.
     """
 
     def __init__(self, posterior, options: SMCOptions):
@@ -400,13 +426,23 @@ def weighted_result(particles: Tensor, weights: ParticleWeights, num_samples: in
     last step differ. ``last_step_deterministic``: the last step moved the particles without noise
     (``x_0 = x0_hat(t_1, x_1)``), so copies made by the resampling before it stay equal: its
     distinct paths are those of the step before, unless that step moved them apart (resample-move).
+    With independent runs the draws are spread evenly over the runs (the first ``num_samples mod R``
+    runs give one more), each run's drawn from its own weights, and ``log_weights`` are the pooled ones.
     """
-    ancestors = weights.resample_indices(weights.log_weights, num_samples, weights.generator)
+    draws_per_run, extra = divmod(num_samples, weights.num_runs)
+    pieces = []
+    for run in range(weights.num_runs):
+        count = draws_per_run + (run < extra)
+        if count:
+            first = run * weights.num_particles
+            run_log_weights = weights.log_weights[first:first + weights.num_particles]
+            pieces.append(first + weights.resample_indices(run_log_weights, count, weights.generator))
+    ancestors = torch.cat(pieces)
     ancestors = ancestors[torch.randperm(num_samples, generator=weights.generator, device=ancestors.device)]
     genealogy = distinct_ancestors(weights.ancestry, ancestors)
     if last_step_deterministic and len(genealogy) > 1 and not weights.moved[-2]:
         genealogy[-1] = genealogy[-2]
     distinct_samples = genealogy[-1] if genealogy else int(torch.unique(ancestors).numel())
-    return SampleResult(samples=particles[ancestors], particles=particles, log_weights=weights.log_weights,
+    return SampleResult(samples=particles[ancestors], particles=particles, log_weights=weights.pooled_log_weights,
                         log_evidence=weights.log_evidence, distinct_ancestors=genealogy,
                         distinct_samples=distinct_samples)

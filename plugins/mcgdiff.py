@@ -3,8 +3,8 @@ Bayesian linear inverse problems", ICLR 2024 (arXiv:2308.07983). Written from AL
 ("MCGdiff"), which says where the reference code (gabrielvc/mcg_diff) must not be followed.
 
 A particle filter for a linear operator with Gaussian noise, run in the operator's singular basis
-``A = U S V^T`` (``invdiff.smc.LinearGaussianSVD``; the operator is affine, ``G(x) = A x + b``, so
-``b`` is taken off ``y``):
+``A = U S V^T`` (``invdiff.spectral.LinearGaussianSVD``, as transforms; the operator is affine,
+``G(x) = A x + b``, so ``b`` is taken off ``y``):
 
 * ``xbar = V^T x``; the observed coordinates (``s_i > 0``) see ``ybar_i = (U^T (y - b))_i / s_i
   = xbar0_i + rho_i eps_i``, ``rho_i = sigma_y / s_i``. With ``c_t = sigma_t^2 / lambda_t^2``, the
@@ -34,10 +34,11 @@ Exactness as the particles grow: the posterior ``p_theta(x0) N(ybar; xbar0, rho^
 prior (the chain's x0-law) provided the chain reproduces the forward noising, ``p_theta(x_t | x0) =
 q(x_t | x0)`` (an exact score on a fine grid), since the potential sits at ``t_j`` rather than at
 ``0``. At the sizes of ``invdiff check`` that condition is not met well enough (see
-``asymptotically_exact``), so the sampler declares the non-exact standard. Cost: one network forward per particle per step, no backpropagation. Only events of at most
-``LinearGaussianSVD.MAX_DIMENSION`` values (a dense SVD); the structured path without an SVD (masks,
-circular blurs, decimation: ALGORITHMS.md) is a follow-up. The shared options ``twisting`` and
-``twisting_cap`` are not used: MCGdiff's twist is the exact bridge above.
+``asymptotically_exact``), so the sampler declares the non-exact standard. Cost: one network forward per
+particle per step and two transforms (``V^T``, ``V``; FFTs for blurs and downsampling), no
+backpropagation. Masks, circular blurs and circular downsampling at any size; other linear operators
+on events of at most ``DenseSVD.MAX_DIMENSION`` values (a dense SVD). The shared options ``twisting``
+and ``twisting_cap`` are not used: MCGdiff's twist is the exact bridge above.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ import invdiff
 from invdiff.noise import GaussianNoise
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem
 from invdiff.sde import SDE
-from invdiff.smc import LinearGaussianSVD, ParticleWeights, SMCOptions, chunked, weighted_result
+from invdiff.smc import SMCOptions, chunked, particle_weights, weighted_result
+from invdiff.spectral import DenseSVD, LinearGaussianSVD
 
 #: singular values below this fraction of the largest are taken as zero (their entries of U^T y are noise)
 RANK_TOLERANCE = 1e-6
@@ -70,10 +72,9 @@ class SpectralObservation:
     def __init__(self, svd: LinearGaussianSVD, measurement: Tensor, sde: SDE, grid: Tensor):
         singular_values = svd.singular_values
         rank = int((singular_values > RANK_TOLERANCE * singular_values.max()).sum()) if len(singular_values) else 0
-        residual = measurement.flatten().to(svd.left.dtype) - svd.offset.to(measurement.device)
-        rotated = residual @ svd.left                                              # U^T (y - b), (m,)
+        rotated = svd.rotate_measurement(measurement - svd.offset)[0]              # U^T (y - b), (m,)
         device = rotated.device
-        self.right = svd.right                                                     # V, (d, d)
+        self.svd = svd
         self.rank = rank
         self.singular_values = singular_values[:rank]
         self.ybar = rotated[:rank] / self.singular_values
@@ -139,26 +140,24 @@ class MCGdiff(Sampler):
             raise UnsupportedProblem(f"mcgdiff needs a linear operator; '{operator.name}' is not linear")
         if not isinstance(operator.noise, GaussianNoise):
             raise UnsupportedProblem(f"mcgdiff needs Gaussian noise, got {operator.noise.settings().get('type')}")
-        dimension = math.prod(prior.event_shape)
-        if dimension > LinearGaussianSVD.MAX_DIMENSION:
-            raise UnsupportedProblem(f"mcgdiff needs a dense SVD of the operator, so events of at most "
-                                     f"{LinearGaussianSVD.MAX_DIMENSION} values; this prior has {dimension}")
         svd = LinearGaussianSVD.from_posterior(posterior)
+        if svd is None:
+            raise UnsupportedProblem(f"mcgdiff needs the operator's singular basis: a mask, circular blur or circular "
+                                     f"downsampling, or another linear operator on events of at most "
+                                     f"{DenseSVD.MAX_DIMENSION} values; this prior has {math.prod(prior.event_shape)}")
         return SpectralObservation(svd, posterior.measurement, prior.sde, grid)
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
         prior = posterior.prior
         dtype, device = posterior.dtype, posterior.device
-        num_particles = self.options.num_particles or num_samples
         num_steps = self.options.num_steps
         grid = prior.sde.time_grid(num_steps)
         observation = self._spectral_observation(posterior, grid)
-        weights = ParticleWeights(num_particles, scheme=self.options.resampling,
-                                  threshold=self.options.resampling_threshold, generator=generator, device=device)
+        weights = particle_weights(self.options, num_samples, generator=generator, device=device)
 
         def to_image(rotated: Tensor) -> Tensor:
-            return (rotated @ observation.right.T).to(dtype).reshape(num_particles, *prior.event_shape)
+            return observation.svd.image(rotated).to(dtype)
 
         def look_ahead(x: Tensor, position: int) -> tuple[Tensor, Tensor, Tensor]:
             """The reverse kernel from grid position ``position`` (its mean rotated, its variance) and the
@@ -166,12 +165,12 @@ class MCGdiff(Sampler):
             t, s = grid[position], grid[position + 1]
             (denoised,) = chunked(lambda part: (prior.denoise(part, t),), x, self.options.batch_size)
             mean, kernel_variance = prior.sde.reverse_kernel(x, denoised, t, s)
-            rotated_mean = mean.flatten(1).to(observation.right.dtype) @ observation.right
+            rotated_mean = observation.svd.rotate_image(mean)
             return rotated_mean, kernel_variance, self._log_weight(observation, x, rotated_mean, kernel_variance,
                                                                     position)
 
         with torch.no_grad():
-            rotated, log_start = self._start(observation, num_particles, prior.sde.terminal_std(), generator)
+            rotated, log_start = self._start(observation, weights.total_particles, prior.sde.terminal_std(), generator)
             x = to_image(rotated)
             weights.reweight(log_start, where=f"the initial weights (t={float(grid[0]):.4g})")
             rotated_mean, kernel_variance, log_increment = look_ahead(x, 0)
@@ -184,7 +183,7 @@ class MCGdiff(Sampler):
                                                           f"(t={float(grid[index + 2]):.4g})")
                     (x, rotated_mean), _ = weights.resample_if_needed(x, rotated_mean)
                 monitor.step(index, grid[index + 1], x, **weights.end_step())
-        weights.log_evidence += observation.evidence_correction()
+        weights.add_log_evidence(observation.evidence_correction())
         # the last kernel (to t = 0) has no noise, so the last step's copies stay equal
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
 
@@ -192,9 +191,9 @@ class MCGdiff(Sampler):
     def _start(observation: SpectralObservation, num_particles: int, terminal_std: float,
                generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Rotated draws from ``N(0, q^2 I)`` times the first factors, and the log of their normaliser."""
-        right = observation.right
-        rotated = terminal_std * torch.randn((num_particles, right.shape[0]), generator=generator,
-                                             dtype=right.dtype, device=right.device)
+        singular_values = observation.singular_values
+        rotated = terminal_std * torch.randn((num_particles, observation.svd.dimension), generator=generator,
+                                             dtype=singular_values.dtype, device=singular_values.device)
         rank, prior_variance = observation.rank, terminal_std**2
         variance, target = observation.variance(0), observation.target(0)
         posterior_variance = prior_variance * variance / (prior_variance + variance)
@@ -210,7 +209,7 @@ class MCGdiff(Sampler):
         for the step from ``position`` (``t_{n+1}``) to ``position + 1`` (``t_n``)."""
         rank = observation.rank
         steered = observation.steered(position + 1)
-        rotated = x.flatten(1).to(observation.right.dtype) @ observation.right[:, :rank]
+        rotated = observation.svd.rotate_image(x)[:, :rank]
         predictive = _gaussian_log_density(observation.target(position + 1), rotated_mean[:, :rank],
                                            kernel_variance.to(rotated.dtype) + observation.variance(position + 1))
         previous = _gaussian_log_density(rotated, observation.target(position), observation.variance(position))

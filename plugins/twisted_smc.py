@@ -31,7 +31,7 @@ from torch import Tensor
 import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions, TargetPoint, chunked,
+from invdiff.smc import (MeasurementTwist, ResampleMove, SMCOptions, TargetPoint, chunked, particle_weights,
                          weighted_result)
 
 
@@ -66,10 +66,8 @@ class TwistedSMC(Sampler):
                monitor: StepMonitor) -> SampleResult:
         prior = posterior.prior
         dtype, device = posterior.dtype, posterior.device
-        num_particles = self.options.num_particles or num_samples
         grid = prior.sde.time_grid(self.options.num_steps)
-        weights = ParticleWeights(num_particles, scheme=self.options.resampling,
-                                  threshold=self.options.resampling_threshold, generator=generator, device=device)
+        weights = particle_weights(self.options, num_samples, generator=generator, device=device)
 
         measurement_twist = MeasurementTwist(posterior, self.options)
         mover = ResampleMove(posterior, self.options, measurement_twist.svd, generator)
@@ -77,7 +75,7 @@ class TwistedSMC(Sampler):
         def twist(x, t):
             return chunked(lambda part: self._twist(posterior, measurement_twist, part, t), x, self.options.batch_size)
 
-        x = prior.terminal_sample(num_particles, generator=generator, dtype=dtype, device=device)
+        x = prior.terminal_sample(weights.total_particles, generator=generator, dtype=dtype, device=device)
         denoised, log_twist, gradient = twist(x, grid[0])
         weights.reweight(log_twist, where=f"the initial weights (t={float(grid[0]):.4g})")
         for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):

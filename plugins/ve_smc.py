@@ -11,10 +11,11 @@ seed's case), so the twisted proposal
 
 needs no backpropagation through the network. For a linear operator with Gaussian noise it is
 Gaussian in closed form, computed in the rotated coordinates of the operator's SVD
-(``invdiff.smc.LinearGaussianSVD``); otherwise it is the gradient step
-``N(m + v grad_x log p~_s(y | (x_t + sigma_s^2 s_bar) / lambda_s), v)``. The weights use the exact proposal
-density and the twisting at the true Tweedie estimate of the new state, whose network call is the
-one that drives the next step:
+(``invdiff.spectral.LinearGaussianSVD``: transforms, so masks, circular blurs and circular
+downsampling at any size, other linear operators up to ``DenseSVD.MAX_DIMENSION`` values); otherwise it
+is the gradient step ``N(m + v grad_x log p~_s(y | (x_t + sigma_s^2 s_bar) / lambda_s), v)``. The
+weights use the exact proposal density and the twisting at the true Tweedie estimate of the new state,
+whose network call is the one that drives the next step:
 
     w = N(x_s; m, v) p~_s(y | x0_hat(s, x_s)) / [p~_t(y | x_t) q(x_s | x_t)],
 
@@ -42,14 +43,16 @@ from torch import Tensor
 import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (LinearGaussianSVD, MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions,
-                         TargetPoint, chunked, twisting_variance, weighted_result)
+from invdiff.smc import (MeasurementTwist, ResampleMove, SMCOptions, TargetPoint, chunked, particle_weights,
+                         twisting_variance, weighted_result)
+from invdiff.spectral import DenseSVD, LinearGaussianSVD
 
 
 class VESMCOptions(SMCOptions):
     proposal: Literal["auto", "closed_form", "gradient"] = Field(
-        "auto", description="closed_form (linear operator, Gaussian noise, events up to 4096 values), "
-        "gradient, or auto: closed_form where it applies")
+        "auto", description="closed_form (Gaussian noise and a mask, circular blur or circular downsampling "
+        f"of any size, or another linear operator on events up to {DenseSVD.MAX_DIMENSION} values), gradient, or "
+        "auto: closed_form where it applies")
 
 
 class VESMC(Sampler):
@@ -65,16 +68,15 @@ class VESMC(Sampler):
         prior = posterior.prior
         sde = prior.sde
         dtype, device = posterior.dtype, posterior.device
-        num_particles = self.options.num_particles or num_samples
         twist = MeasurementTwist(posterior, self.options)
         svd = twist.svd
         if self.options.proposal == "closed_form" and svd is None:
-            raise UnsupportedProblem("ve_smc proposal closed_form needs a linear operator with Gaussian noise and "
-                                     f"at most {LinearGaussianSVD.MAX_DIMENSION} values per image")
+            raise UnsupportedProblem("ve_smc proposal closed_form needs a linear operator with Gaussian noise: a mask, "
+                                     "circular blur or circular downsampling, or another one on events of at most "
+                                     f"{DenseSVD.MAX_DIMENSION} values")
         closed_form = svd is not None and self.options.proposal != "gradient"
         grid = sde.time_grid(self.options.num_steps)
-        weights = ParticleWeights(num_particles, scheme=self.options.resampling,
-                                  threshold=self.options.resampling_threshold, generator=generator, device=device)
+        weights = particle_weights(self.options, num_samples, generator=generator, device=device)
         mover = ResampleMove(posterior, self.options, svd, generator)
 
         def evaluate(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,7 +88,7 @@ class VESMC(Sampler):
             return chunked(one_chunk, x, self.options.batch_size)
 
         with torch.no_grad():
-            x = prior.terminal_sample(num_particles, generator=generator, dtype=dtype, device=device)
+            x = prior.terminal_sample(weights.total_particles, generator=generator, dtype=dtype, device=device)
             score, log_twist = evaluate(x, grid[0])
             weights.reweight(log_twist, where=f"the initial weights (t={float(grid[0]):.4g})")
             for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
@@ -140,10 +142,9 @@ class VESMC(Sampler):
         """Draw from ``N(x; mean, v) N(y; A (x + shift) / lambda_s + b, sigma_y^2 I + spread A A^T)``
         normalised, and return the draw with its log-density; all is diagonal in the coordinates
         ``V^T x`` and ``U^T y``."""
-        shape, dtype = mean.shape, mean.dtype
-        rotated_mean = mean.flatten(1).to(svd.right.dtype) @ svd.right                  # V^T m, (B, d)
+        rotated_mean = svd.rotate_image(mean)                                            # V^T m, (B, d)
         shifted = posterior.operator.forward(frozen_shift / lambda_s)                    # A shift / lambda_s + b
-        rotated_target = svd.rotated_residual(posterior.measurement, shifted)
+        rotated_target = svd.rotate_measurement(posterior.measurement - shifted)
         rank = min(len(svd.singular_values), rotated_mean.shape[1])
         singular = svd.singular_values[:rank] / lambda_s
         noise_variances = svd.sigma_y**2 + spread * svd.singular_values[:rank] ** 2
@@ -157,8 +158,7 @@ class VESMC(Sampler):
         rotated_draw = proposal_mean + noise / precision.sqrt()
         log_density = (-0.5 * (noise**2).sum(1) + 0.5 * torch.log(precision).sum()
                        - 0.5 * rotated_mean.shape[1] * math.log(2 * math.pi))
-        draw = (rotated_draw @ svd.right.T).to(dtype).reshape(shape)
-        return draw, log_density.to(dtype)
+        return svd.image(rotated_draw).to(mean.dtype), log_density.to(mean.dtype)
 
     @staticmethod
     def _gradient_step(twist: MeasurementTwist, x: Tensor, mean: Tensor, variance: Tensor, frozen_shift: Tensor,

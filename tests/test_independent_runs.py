@@ -1,0 +1,89 @@
+"""Independent runs of the particle samplers (option ``num_runs``): runs never exchange particles, the
+samples are spread evenly over them, ``log Z_hat`` is the log of the runs' mean ``Z_hat``, and the
+pooled weighted particles stay exact as the particles per run grow."""
+
+import math
+
+import pytest
+import torch
+
+from invdiff.posterior import sample_posterior
+from invdiff.smc import ParticleWeights, SMCOptions, particle_weights, weighted_result
+from invdiff.testing import discretised_model_posterior, linear_gaussian, weighted_runs_z_scores
+from invdiff_plugins.twisted_smc import TwistedSMC
+from invdiff_plugins.ve_smc import VESMC
+
+#: with 10 replicates the z-score follows Student's t with 9 degrees of freedom: P(|t| > 6) = 2e-4
+REPLICATE_Z = 6.0
+
+
+def _weights(num_particles: int, num_runs: int, seed: int = 0) -> ParticleWeights:
+    return ParticleWeights(num_particles, num_runs=num_runs, generator=torch.Generator().manual_seed(seed))
+
+
+def test_each_run_is_weighted_and_resampled_on_its_own():
+    weights = _weights(num_particles=6, num_runs=3)
+    generator = torch.Generator().manual_seed(1)
+    increments = 4 * torch.randn(18, generator=generator, dtype=torch.float64)
+    weights.reweight(increments, "a step")
+    by_run = weights.log_weights.view(3, 6)
+    assert torch.allclose(torch.logsumexp(by_run, 1), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    run_totals = torch.logsumexp(increments.view(3, 6) - math.log(6), 1)
+    assert torch.allclose(weights.run_log_evidence, run_totals)
+    assert weights.log_evidence == pytest.approx(float(torch.logsumexp(run_totals, 0) - math.log(3)))
+
+    labels = torch.arange(18)
+    (resampled,), happened = weights.resample_if_needed(labels)
+    assert happened
+    assert all(resampled[run * 6:(run + 1) * 6].div(6, rounding_mode="floor").eq(run).all() for run in range(3)), \
+        f"a resampling copied particles across runs: {resampled.tolist()}"
+
+
+def test_only_the_runs_that_need_it_resample():
+    weights = _weights(num_particles=4, num_runs=2)
+    flat_then_peaked = torch.tensor([0.0, 0.0, 0.0, 0.0, 50.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    weights.reweight(flat_then_peaked, "a step")
+    (labels,), happened = weights.resample_if_needed(torch.arange(8))
+    assert happened
+    assert labels[:4].tolist() == [0, 1, 2, 3] and labels[4:].tolist() == [4, 4, 4, 4]
+    assert torch.allclose(weights.log_weights, torch.full((8,), -math.log(4), dtype=torch.float64))
+
+
+def test_samples_are_spread_evenly_over_the_runs():
+    weights = _weights(num_particles=5, num_runs=4)
+    weights.reweight(torch.randn(20, generator=torch.Generator().manual_seed(2), dtype=torch.float64), "a step")
+    weights.end_step()
+    particles = torch.arange(20, dtype=torch.float64)[:, None]
+    result = weighted_result(particles, weights, num_samples=10)
+    runs = result.samples[:, 0].long().div(5, rounding_mode="floor")
+    assert sorted(torch.bincount(runs, minlength=4).tolist()) == [2, 2, 3, 3]
+    assert torch.allclose(torch.logsumexp(result.log_weights, 0), torch.zeros((), dtype=torch.float64))
+
+
+def test_particles_per_run_default_to_the_samples_shared_out():
+    generator = torch.Generator()
+    assert particle_weights(SMCOptions(num_runs=4), 10, generator=generator, device="cpu").num_particles == 3
+    assert particle_weights(SMCOptions(num_runs=4, num_particles=7), 10, generator=generator,
+                            device="cpu").total_particles == 28
+
+
+@pytest.mark.parametrize("sampler", [TwistedSMC, VESMC], ids=["twisted_smc", "ve_smc"])
+def test_one_sample_per_run_gives_distinct_paths(sampler):
+    """However the weights collapse within a run, samples from different runs share no ancestor."""
+    posterior, _ = linear_gaussian(sigma_y=0.05)
+    result = sample_posterior(sampler(num_steps=20, num_particles=8, num_runs=16), posterior, 16,
+                              generator=torch.Generator().manual_seed(0))
+    assert result.particles.shape == (128, 4)
+    assert result.distinct_samples == 16 and result.distinct_ancestors[0] == 16
+
+
+@pytest.mark.parametrize("sampler", [TwistedSMC, VESMC], ids=["twisted_smc", "ve_smc"])
+def test_pooled_runs_match_the_exact_linear_gaussian_posterior(sampler):
+    """Pooled weighted mean, covariance and Z_hat / Z of 10 independent calls (4 runs of K = 128 each)
+    within REPLICATE_Z standard errors of the exact values of the 60-step model."""
+    posterior, _ = linear_gaussian()
+    exact = discretised_model_posterior(posterior, 60)
+    results = [sample_posterior(sampler(num_steps=60, num_particles=128, num_runs=4), posterior, 8,
+                                generator=torch.Generator().manual_seed(seed)) for seed in range(10)]
+    largest = weighted_runs_z_scores(results, exact)
+    assert max(largest.values()) < REPLICATE_Z, f"largest z-scores over 10 calls {largest} (limit {REPLICATE_Z})"
