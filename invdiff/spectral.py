@@ -331,7 +331,7 @@ class CircularFilterSVD(LinearGaussianSVD):
         self_part = torch.cat([self_first.reshape(batch, channels, groups_self, 1),
                                self_null.reshape(batch, channels, groups_self, width_self - 1)], -1)
         pair_part = torch.cat([pair_first.reshape(batch, channels, groups_pairs, 2),
-                               pair_null.reshape(batch, channels, groups_pairs, -1)], -1)
+                               pair_null.reshape(batch, channels, groups_pairs, self.pair_right.shape[-1] - 2)], -1)
         coordinates = torch.zeros((batch, channels, self.image_basis.rows * self.image_basis.columns),
                                   dtype=torch.float64, device=rotated.device)
         coordinates[..., self.self_columns] = torch.einsum("bcqi,cqij->bcqj", self_part, self.self_right)
