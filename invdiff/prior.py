@@ -16,7 +16,7 @@ from torch import Tensor
 
 from invdiff.sde import SDE
 
-__all__ = ["Prior", "NetworkPrior", "PARAMETRISATIONS", "GaussianMixturePrior", "GaussianPrior"]
+__all__ = ["Prior", "NetworkPrior", "PriorDenoiser", "PARAMETRISATIONS", "GaussianMixturePrior", "GaussianPrior"]
 
 #: what a network may predict from ``(x_t, t)``: the noise, the clean image, or the score
 PARAMETRISATIONS = ("epsilon", "x0", "score")
@@ -64,6 +64,15 @@ class Prior(ABC):
         lambda_t, sigma_t = (_per_chain(value, x) for value in (self.sde.lambda_t(t), self.sde.sigma_t(t)))
         return (x + sigma_t**2 * self.score(x, t)) / lambda_t
 
+    def as_denoiser(self, image_scale: float | None = None, image_offset: float | None = None) -> "PriorDenoiser":
+        """This prior as a deepinv denoiser ``D(image, sigma)`` on images ``image = image_scale * x + image_offset``.
+
+        The default map sends ``data_range`` onto [0, 1] (``[-1, 1]``: ``image = (x + 1) / 2``), the
+        map the problem files give every operator; see ``PriorDenoiser``. It is the inverse of
+        ``invdiff.loaders.denoiser_prior``.
+        """
+        return PriorDenoiser(self, image_scale, image_offset)
+
     def to(self, device: torch.device | str) -> "Prior":
         """Move the prior's tensors to ``device`` (in place); returns ``self``."""
         return self
@@ -90,6 +99,61 @@ class Prior(ABC):
             noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=device)
             x = mean + variance.sqrt() * noise
         return x
+
+
+class PriorDenoiser(torch.nn.Module):
+    """Tweedie's denoiser of a prior in deepinv's convention: ``D(image, sigma) = E[clean | clean + sigma n = image]``.
+
+    Images are ``image = image_scale * x + image_offset`` for ``x`` in the prior's native space;
+    ``sigma`` is a number, or one per batch element, in image units. In native units the noise
+    is ``r = sigma / image_scale``, and ``x + r n`` is ``x_t / lambda_t`` at the diffusion time ``t``
+    with ``sigma_t / lambda_t = r`` (found by bisection, for any SDE); so
+    ``E[x | x + r n = z] = prior.denoise(lambda_t z, t)`` (Tweedie: Robbins 1956, Efron 2011). Exact
+    when the prior's score is (the Gaussian and mixture priors); ``sigma = 0`` returns the image
+    unchanged without calling the network, and noise beyond ``sigma_T / lambda_T`` is denoised at
+    ``T``. Each call with ``B`` images costs ``B`` network evaluations, counted by the prior.
+    Gradients flow to ``image``.
+    """
+
+    #: bisection steps for the diffusion time: the interval [0, T] shrinks to T / 2^60
+    BISECTION_STEPS = 60
+
+    def __init__(self, prior: "Prior", image_scale: float | None = None, image_offset: float | None = None):
+        super().__init__()
+        low, high = prior.data_range
+        self.prior = prior
+        self.image_scale = 1.0 / (high - low) if image_scale is None else float(image_scale)
+        self.image_offset = -low / (high - low) if image_offset is None else float(image_offset)
+        if not self.image_scale > 0:
+            raise ValueError(f"image_scale must be > 0, got {self.image_scale}")
+
+    def diffusion_time(self, sigma: Tensor) -> Tensor:
+        """The times ``t`` (float64, shape of ``sigma``) with ``sigma_t / lambda_t = sigma / image_scale``."""
+        sde = self.prior.sde
+        target = torch.as_tensor(sigma, dtype=torch.float64) / self.image_scale
+        low, high = torch.zeros_like(target), torch.full_like(target, sde.T)
+        for _ in range(self.BISECTION_STEPS):
+            middle = (low + high) / 2
+            below = sde.sigma_t(middle).to(target) / sde.lambda_t(middle).to(target) < target
+            low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+        return high
+
+    def forward(self, image: Tensor, sigma: float | Tensor) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=image.device).flatten()
+        if sigma.numel() not in (1, image.shape[0]) or (sigma < 0).any():
+            raise ValueError(f"sigma must be one non-negative number or one per image ({image.shape[0]}), "
+                             f"got {sigma.numel()} values, smallest {float(sigma.min()):.3g}")
+        native = (image.to(self.prior.dtype) - self.image_offset) / self.image_scale
+        levels, which = torch.unique(sigma.expand(image.shape[0]), return_inverse=True)
+        denoised = torch.zeros_like(native)
+        for index, (level, time) in enumerate(zip(levels, self.diffusion_time(levels))):
+            chosen = which == index
+            if level > 0:
+                lambda_t = self.prior.sde.lambda_t(time).to(native)
+                denoised[chosen] = self.prior.denoise(lambda_t * native[chosen], time)
+            else:
+                denoised[chosen] = native[chosen]
+        return (self.image_scale * denoised + self.image_offset).to(image.dtype)
 
 
 def _per_chain(value: Tensor, x: Tensor) -> Tensor:
