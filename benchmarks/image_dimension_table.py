@@ -44,7 +44,7 @@ def _particle_configs(steps: int, particles: int, runs: int) -> dict[str, tuple[
     each with and without resample-move."""
     each = particles // runs
     one = {"num_steps": steps, "num_particles": particles}
-    split = {"num_steps": steps, "num_runs": runs, "num_particles": each}
+    split = {"num_steps": steps, "num_runs": runs, "num_particles": particles}
     configs = {}
     for sampler in ("twisted_smc", "ve_smc"):
         configs[f"{sampler} K={particles}"] = (sampler, one)

@@ -22,7 +22,7 @@ the machine's load of the moment); on a GPU small calls are bound by kernel laun
 no time estimate there.
 
 What a sampler asks of the network is read from its options by their conventional names:
-``num_particles`` per run of ``num_runs`` (default: the samples shared out over the runs), ``num_chains`` per sample, ``inner_steps``
+``num_particles`` (default: the number of samples, rounded up to a multiple of ``num_runs``), ``num_chains`` per sample, ``inner_steps``
 (network calls per chain and step, plus one to start the chains), ``pool_size`` and
 ``pool_steps`` (prior draws for a warm start), ``batch_size`` or ``chunk_size`` (images per call),
 ``num_steps``. A sampler class declares ``needs_network_gradient = False`` when it only calls the
@@ -165,7 +165,7 @@ def _option(sampler: Sampler, name: str):
 def _chains(sampler: Sampler, num_samples: int) -> int:
     """The states the sampler moves: its particles (default: the samples) times its inner chains per state."""
     runs = _option(sampler, "num_runs") or 1
-    particles = runs * (_option(sampler, "num_particles") or -(-num_samples // runs))
+    particles = runs * -(-(_option(sampler, "num_particles") or num_samples) // runs)
     return particles * (_option(sampler, "num_chains") or 1)
 
 

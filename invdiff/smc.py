@@ -39,7 +39,7 @@ import math
 from typing import Callable, Literal, NamedTuple
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from invdiff.posterior import SampleResult, SamplerOptions, SamplingError
@@ -248,10 +248,10 @@ class SMCOptions(SamplerOptions):
     """Options every diffusion SMC sampler shares."""
 
     num_steps: int = Field(100, ge=1, description="reverse steps on the SDE's time grid")
-    num_particles: int | None = Field(None, ge=1, description="particles K of each run (default: the number of "
-                                      "samples divided by num_runs, rounded up)")
-    num_runs: int = Field(1, ge=1, description="independent runs of num_particles each, advanced in one batch; the "
-                          "samples are spread evenly over them, each run weighted 1/num_runs")
+    num_particles: int | None = Field(None, ge=1, description="particles K in all, a multiple of num_runs (default: "
+                                      "the number of samples, rounded up to a multiple of num_runs)")
+    num_runs: int = Field(1, ge=1, description="independent runs sharing the particles equally, advanced in one "
+                          "batch; the samples are spread evenly over them, each run weighted 1/num_runs")
     resampling: Literal["systematic", "multinomial", "stratified", "residual"] = "systematic"
     resampling_threshold: float = Field(0.5, ge=0, le=1, description="resample when ESS < threshold * K")
     twisting: Literal["tweedie", "capped", "none"] = Field(
@@ -263,12 +263,20 @@ class SMCOptions(SamplerOptions):
                             "particle after each resampling (0: none); each costs one network evaluation per particle")
     move_step_size: float = Field(0.05, gt=0, le=1, description="c of the moves' step h = c sigma_t^2 / (1 + ||A||^2)")
 
+    @model_validator(mode="after")
+    def _runs_share_the_particles(self) -> "SMCOptions":
+        if self.num_particles is not None and self.num_particles % self.num_runs:
+            raise ValueError(f"num_particles ({self.num_particles}) must be a multiple of num_runs ({self.num_runs}): "
+                             f"each run gets num_particles / num_runs")
+        return self
+
 
 def particle_weights(options: SMCOptions, num_samples: int, *, generator: torch.Generator,
                      device: torch.device | str) -> ParticleWeights:
-    """The weights of a run with these options: ``num_runs`` runs of ``num_particles`` particles each."""
-    num_particles = options.num_particles or -(-num_samples // options.num_runs)
-    return ParticleWeights(num_particles, num_runs=options.num_runs, scheme=options.resampling,
+    """The weights of a sampling run with these options: ``num_particles`` (default: the samples) shared
+    equally by ``num_runs`` runs, rounded up to a multiple of ``num_runs``."""
+    per_run = -(-(options.num_particles or num_samples) // options.num_runs)
+    return ParticleWeights(per_run, num_runs=options.num_runs, scheme=options.resampling,
                            threshold=options.resampling_threshold, generator=generator, device=device)
 
 

@@ -60,18 +60,20 @@ def test_samples_are_spread_evenly_over_the_runs():
     assert torch.allclose(torch.logsumexp(result.log_weights, 0), torch.zeros((), dtype=torch.float64))
 
 
-def test_particles_per_run_default_to_the_samples_shared_out():
+def test_the_runs_share_the_particles():
     generator = torch.Generator()
     assert particle_weights(SMCOptions(num_runs=4), 10, generator=generator, device="cpu").num_particles == 3
-    assert particle_weights(SMCOptions(num_runs=4, num_particles=7), 10, generator=generator,
-                            device="cpu").total_particles == 28
+    shared = particle_weights(SMCOptions(num_runs=4, num_particles=28), 10, generator=generator, device="cpu")
+    assert (shared.num_particles, shared.total_particles) == (7, 28)
+    with pytest.raises(ValueError, match=r"num_particles \(30\) must be a multiple of num_runs \(4\)"):
+        SMCOptions(num_runs=4, num_particles=30)
 
 
 @pytest.mark.parametrize("sampler", [TwistedSMC, VESMC], ids=["twisted_smc", "ve_smc"])
 def test_one_sample_per_run_gives_distinct_paths(sampler):
     """However the weights collapse within a run, samples from different runs share no ancestor."""
     posterior, _ = linear_gaussian(sigma_y=0.05)
-    result = sample_posterior(sampler(num_steps=20, num_particles=8, num_runs=16), posterior, 16,
+    result = sample_posterior(sampler(num_steps=20, num_particles=128, num_runs=16), posterior, 16,
                               generator=torch.Generator().manual_seed(0))
     assert result.particles.shape == (128, 4)
     assert result.distinct_samples == 16 and result.distinct_ancestors[0] == 16
@@ -79,11 +81,11 @@ def test_one_sample_per_run_gives_distinct_paths(sampler):
 
 @pytest.mark.parametrize("sampler", [TwistedSMC, VESMC], ids=["twisted_smc", "ve_smc"])
 def test_pooled_runs_match_the_exact_linear_gaussian_posterior(sampler):
-    """Pooled weighted mean, covariance and Z_hat / Z of 10 independent calls (4 runs of K = 128 each)
+    """Pooled weighted mean, covariance and Z_hat / Z of 10 independent calls (512 particles in 4 runs)
     within REPLICATE_Z standard errors of the exact values of the 60-step model."""
     posterior, _ = linear_gaussian()
     exact = discretised_model_posterior(posterior, 60)
-    results = [sample_posterior(sampler(num_steps=60, num_particles=128, num_runs=4), posterior, 8,
+    results = [sample_posterior(sampler(num_steps=60, num_particles=512, num_runs=4), posterior, 8,
                                 generator=torch.Generator().manual_seed(seed)) for seed in range(10)]
     largest = weighted_runs_z_scores(results, exact)
     assert max(largest.values()) < REPLICATE_Z, f"largest z-scores over 10 calls {largest} (limit {REPLICATE_Z})"
