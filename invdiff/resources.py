@@ -213,7 +213,7 @@ def _probe_network(prior: Prior, needs_gradient: bool, images_per_call: int,
     evaluations = prior.evaluations
     try:
         bytes_one, bytes_batch = (_peak_bytes(probe, size, needs_gradient, device) for size in (1, batch))
-        seconds_batch = _seconds(probe, batch, needs_gradient, device)  # after the calls above: warmed up
+        seconds_batch = network_call_seconds(probe, batch, needs_gradient, device)  # after the calls above: warmed up
     finally:
         prior.evaluations = evaluations
     per_image = max(bytes_batch - bytes_one, 0) / (batch - 1)
@@ -241,7 +241,7 @@ def _peak_bytes(prior: Prior, batch: int, needs_gradient: bool, device: torch.de
     return live.peak
 
 
-def _seconds(prior: Prior, batch: int, needs_gradient: bool, device: torch.device) -> float:
+def network_call_seconds(prior: Prior, batch: int, needs_gradient: bool, device: torch.device) -> float:
     """The wall time of one denoiser call on ``batch`` images (with its backward pass when
     ``needs_gradient``), without the byte counting, whose per-operation hooks would dominate it."""
     x = _probe_input(prior, batch, device)
