@@ -1,4 +1,5 @@
-"""The ``invdiff`` command: ``samplers``, ``solve PROBLEM.yaml --sampler NAME``, ``check NAME``, ``train CONFIG.yaml``.
+"""The ``invdiff`` command: ``samplers``, ``solve PROBLEM.yaml --sampler NAME``, ``check NAME``, ``train CONFIG.yaml``,
+``bench CONFIG.yaml --out DIR``.
 
 Input mistakes (problem file, sampler name or options, output folder, device) print one line
 ``invdiff: error: ...`` and exit with code 2 before anything is written; a sampling failure (NaN)
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,7 @@ __all__ = ["main"]
 
 #: what an interrupted command leaves behind
 INTERRUPTED = {"solve": "nothing was written", "samplers": "nothing was written", "check": "nothing was written",
+               "bench": "the cells already computed are kept in DIR/cells; the same command continues",
                "train": "whole checkpoints already written are kept (--resume continues from the last); a run "
                         "that wrote none leaves no folder"}
 
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _input_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean bad input: one line, exit code 2 (imported here, after the command ran)."""
+    from invdiff.bench import BenchError
     from invdiff.checkpoints import CheckpointError
     from invdiff.plugins import PluginError
     from invdiff.posterior import UnsupportedProblem
@@ -63,7 +67,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from invdiff.training import TrainingError
 
     return (UsageError, ProblemError, PluginError, UnsupportedProblem, TrainingError, CheckpointError, ScheduleError,
-            RunFolderError, ResourceError)
+            RunFolderError, ResourceError, BenchError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,6 +105,18 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0, help="seed of the sampler's draws (default 0)")
     check.add_argument("--quiet", action="store_true", help="no progress bars")
     check.set_defaults(handler=_check)
+
+    bench = commands.add_parser("bench", help="run a benchmark matrix (samplers x cases x images x seeds), resumable")
+    bench.add_argument("config", type=Path, help="a benchmark YAML file (see benchmarks/quick.yaml)")
+    bench.add_argument("--out", required=True, help="output folder: cells/ (the cache), results, tables, figures")
+    bench.add_argument("--samplers", help="'all' (every registered sampler) or NAME,NAME,...: replaces the "
+                       "configuration's samplers")
+    bench.add_argument("--force", action="store_true", help="recompute every cell, cached or not")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to sample (default cpu)")
+    bench.add_argument("--ray", metavar="auto|ADDRESS", help="run each cell as a Ray task (pip install "
+                       "'invdiff[ray]'): auto = the running cluster, else a local one")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(handler=_bench)
 
     training = commands.add_parser("train", help="train a UNet prior by denoising score matching (resumable)")
     training.add_argument("config", type=Path, help="a training YAML file (see invdiff/priors/*.yaml)")
@@ -270,3 +286,16 @@ def _solve(arguments) -> int:
     return 0
 
 
+def _bench(arguments) -> int:
+    from invdiff.bench import BenchFolder, load_bench, run_bench
+
+    _check_device(arguments.device)
+    bench = load_bench(arguments.config, arguments.samplers, arguments.device)  # every check before any work
+    folder = BenchFolder(Path(arguments.out))
+    start = time.perf_counter()
+    rows, _ = run_bench(bench, folder, force=arguments.force, progress=not arguments.quiet,
+                        ray_address=arguments.ray)
+    not_run = sum(row["status"] != "ok" for row in rows)
+    print(f"{len(rows)} cells ({not_run} not run: see tables.md) in {time.perf_counter() - start:.1f} s\n"
+          f"wrote {arguments.out}/tables.md, results.csv, results.json, tuning.md, figures/")
+    return 0

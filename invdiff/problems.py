@@ -34,15 +34,15 @@ from invdiff.prior import NetworkPrior, Prior, digits_gaussian_mixture
 from invdiff.sde import SDE, VESDE, VPSDE, DDPMSchedule
 from invdiff.yamlfile import YAMLFileError, file_problem, read_mapping
 
-__all__ = ["ProblemError", "ProblemConfig", "Problem", "load_problem", "problem_cases", "build_sampler",
-           "format_validation_error"]
+__all__ = ["ProblemError", "ProblemConfig", "Problem", "StrictModel", "load_problem", "load_problem_config",
+           "problem_cases", "build_sampler", "format_validation_error"]
 
 
 class ProblemError(ValueError):
     """A problem file (or a sampler option) is wrong; the message names the field and what is allowed."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     """The base of every problem-file model: an unknown key, or an infinite or NaN number, is an error."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -58,7 +58,7 @@ NumTimesteps = Annotated[int, Field(ge=1, le=100_000)]
 
 # --- SDEs -------------------------------------------------------------------------------------------
 
-class VPConfig(_Strict):
+class VPConfig(StrictModel):
     type: Literal["vp"] = "vp"
     beta_min: float = Field(0.1, gt=0)
     beta_max: float = Field(20.0, gt=0)
@@ -68,7 +68,7 @@ class VPConfig(_Strict):
         return VPSDE(self.beta_min, self.beta_max, self.T)
 
 
-class VEConfig(_Strict):
+class VEConfig(StrictModel):
     type: Literal["ve"]
     sigma_min: float = Field(0.01, gt=0)
     sigma_max: float = Field(50.0, gt=0)
@@ -77,7 +77,7 @@ class VEConfig(_Strict):
         return VESDE(self.sigma_min, self.sigma_max)
 
 
-class DDPMConfig(_Strict):
+class DDPMConfig(StrictModel):
     type: Literal["ddpm"]
     num_timesteps: NumTimesteps = 1000
     beta_start: float = Field(1e-4, gt=0, lt=1)
@@ -92,7 +92,7 @@ SDEConfig = Annotated[Union[VPConfig, VEConfig, DDPMConfig], Field(discriminator
 
 # --- priors -----------------------------------------------------------------------------------------
 
-class DigitsGMMConfig(_Strict):
+class DigitsGMMConfig(StrictModel):
     """A Gaussian mixture fitted to the 8x8 training digits: an image-like prior with an exact score."""
 
     name: Literal["digits_gmm"]
@@ -105,7 +105,7 @@ class DigitsGMMConfig(_Strict):
         return digits_gaussian_mixture(self.sde.build(), self.components, self.covariance, self.regularisation)
 
 
-class NaturalGMMConfig(_Strict):
+class NaturalGMMConfig(StrictModel):
     """The patch-GMM prior shipped in ``invdiff/priors/natural_gmm.safetensors``: 16x16 grayscale patches of the
     training photographs, an exact score (see ``invdiff.checkpoints.natural_gaussian_mixture``)."""
 
@@ -118,7 +118,7 @@ class NaturalGMMConfig(_Strict):
         return natural_gaussian_mixture(self.sde.build())
 
 
-class ShippedPriorConfig(_Strict):
+class ShippedPriorConfig(StrictModel):
     """A UNet prior trained by the project and shipped in ``invdiff/priors`` (see ``invdiff train``)."""
 
     name: Literal["digits", "natural"]
@@ -131,7 +131,7 @@ class ShippedPriorConfig(_Strict):
         return load_prior(self.name, batch_size=self.batch_size, clip_denoised=self.clip_denoised)
 
 
-class CheckpointPriorConfig(_Strict):
+class CheckpointPriorConfig(StrictModel):
     """A UNet prior from an invdiff checkpoint file (``invdiff train`` writes them)."""
 
     name: Literal["checkpoint"]
@@ -145,7 +145,7 @@ class CheckpointPriorConfig(_Strict):
         return load_prior(base / self.path, batch_size=self.batch_size, clip_denoised=self.clip_denoised)
 
 
-class GuidedDiffusionPriorConfig(_Strict):
+class GuidedDiffusionPriorConfig(StrictModel):
     """A guided-diffusion / DPS UNet ``.pt`` file (see ``invdiff.loaders.load_guided_diffusion``)."""
 
     name: Literal["guided_diffusion"]
@@ -161,7 +161,7 @@ class GuidedDiffusionPriorConfig(_Strict):
                                      batch_size=self.batch_size)
 
 
-class DiffusersPriorConfig(_Strict):
+class DiffusersPriorConfig(StrictModel):
     """A diffusers ``UNet2DModel`` folder (see ``invdiff.loaders.load_diffusers_unet``)."""
 
     name: Literal["diffusers"]
@@ -174,7 +174,7 @@ class DiffusersPriorConfig(_Strict):
         return load_diffusers_unet(base / self.path, batch_size=self.batch_size)
 
 
-class NCSNppPriorConfig(_Strict):
+class NCSNppPriorConfig(StrictModel):
     """EDM ``SongUNet`` weights in deepinv's ``NCSNpp`` (see ``invdiff.loaders.load_ncsnpp``)."""
 
     name: Literal["ncsnpp"]
@@ -197,7 +197,7 @@ class NCSNppPriorConfig(_Strict):
         return load_ncsnpp(base / self.path, **arguments)
 
 
-class DenoiserPriorConfig(_Strict):
+class DenoiserPriorConfig(StrictModel):
     """A deepinv denoiser ``D(x, sigma)`` as a prior through Tweedie's formula (any image size).
 
     ``model`` is a class of ``deepinv.models`` (e.g. ``DRUNet``, ``DnCNN``, ``TVDenoiser``);
@@ -243,7 +243,7 @@ PriorConfig = Annotated[Union[DigitsGMMConfig, NaturalGMMConfig, ShippedPriorCon
 
 # --- operators --------------------------------------------------------------------------------------
 
-class InpaintingConfig(_Strict):
+class InpaintingConfig(StrictModel):
     type: Literal["inpainting"]
     mask: Literal["box", "random"]
     box: tuple[int, int, int, int] | None = Field(None, description="top, left, height, width of the missing box")
@@ -281,7 +281,7 @@ class InpaintingConfig(_Strict):
                                                                               "mask_seed": self.mask_seed})
 
 
-class GaussianBlurConfig(_Strict):
+class GaussianBlurConfig(StrictModel):
     type: Literal["gaussian_blur"]
     sigma: float = Field(gt=0, description="kernel standard deviation in pixels")
 
@@ -289,7 +289,7 @@ class GaussianBlurConfig(_Strict):
         return operator_library.gaussian_blur(shape, noise, sigma=self.sigma)
 
 
-class MotionBlurConfig(_Strict):
+class MotionBlurConfig(StrictModel):
     type: Literal["motion_blur"]
     kernel_size: int = Field(ge=3)
     kernel_seed: Seed = 0
@@ -300,7 +300,7 @@ class MotionBlurConfig(_Strict):
                                             length=self.length)
 
 
-class SuperResolutionConfig(_Strict):
+class SuperResolutionConfig(StrictModel):
     type: Literal["super_resolution"]
     factor: Literal[2, 4]
     filter: Literal["bicubic", "bilinear", "gaussian"] = "bicubic"
@@ -315,7 +315,7 @@ OperatorConfig = Annotated[Union[InpaintingConfig, GaussianBlurConfig, MotionBlu
                            Field(discriminator="type")]
 
 
-class GaussianNoiseConfig(_Strict):
+class GaussianNoiseConfig(StrictModel):
     type: Literal["gaussian"]
     sigma_y: float = Field(gt=0, description="standard deviation, for images in [0, 1]")
 
@@ -323,7 +323,7 @@ class GaussianNoiseConfig(_Strict):
         return operator_library.GaussianNoise(self.sigma_y)
 
 
-class PoissonNoiseConfig(_Strict):
+class PoissonNoiseConfig(StrictModel):
     type: Literal["poisson"]
     gain: float = Field(gt=0)
 
@@ -336,18 +336,18 @@ NoiseConfig = Annotated[Union[GaussianNoiseConfig, PoissonNoiseConfig], Field(di
 
 # --- ground truth -----------------------------------------------------------------------------------
 
-class DigitsTruthConfig(_Strict):
+class DigitsTruthConfig(StrictModel):
     source: Literal["digits"]
     index: int = Field(ge=0)
     split: Literal["test", "train"] = "test"
 
 
-class FileTruthConfig(_Strict):
+class FileTruthConfig(StrictModel):
     source: Literal["file"]
     path: str = Field(description="an image file (PNG, JPEG, TIFF) or a .npy array in [0, 1]")
 
 
-class NaturalTruthConfig(_Strict):
+class NaturalTruthConfig(StrictModel):
     """A square crop of a held-out photograph (never trained on), downscaled by ``scale`` first."""
 
     source: Literal["natural"]
@@ -361,7 +361,7 @@ class NaturalTruthConfig(_Strict):
 TruthConfig = Annotated[Union[DigitsTruthConfig, NaturalTruthConfig, FileTruthConfig], Field(discriminator="source")]
 
 
-class ProblemConfig(_Strict):
+class ProblemConfig(StrictModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     prior: PriorConfig
@@ -584,12 +584,17 @@ def load_problem(path: str | Path, case: str | None = None) -> Problem:
     first); the problem's name becomes ``NAME-CASE``.
     """
     path = Path(path)
+    return build_problem(load_problem_config(path, case), path)
+
+
+def load_problem_config(path: str | Path, case: str | None = None) -> ProblemConfig:
+    """Read and validate one case of a problem file without building it (``load_problem``'s first half)."""
+    path = Path(path)
     raw = _select_case(_read_problem_file(path), case, path)
     try:
-        config = ProblemConfig.model_validate(raw)
+        return ProblemConfig.model_validate(raw)
     except ValidationError as error:
         raise ProblemError(f"{path.name}: {format_validation_error(error, model=ProblemConfig)}") from None
-    return build_problem(config, path)
 
 
 def problem_cases(path: str | Path) -> list[str]:

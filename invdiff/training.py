@@ -46,7 +46,7 @@ from tqdm import tqdm
 from invdiff.checkpoints import save_checkpoint
 from invdiff.data import DIGITS_SPLIT, NATURAL_SPLIT, digits, natural_images, random_patches
 from invdiff.networks import EpsilonNetwork, UNet
-from invdiff.problems import SDEConfig, VPConfig, _Strict, format_validation_error
+from invdiff.problems import SDEConfig, StrictModel, VPConfig, format_validation_error
 from invdiff.rundir import make_folders, remove_empty
 from invdiff.yamlfile import YAMLFileError, read_mapping
 
@@ -60,7 +60,7 @@ class TrainingError(ValueError):
     """A training configuration or run folder is wrong; the message says what and what is allowed."""
 
 
-class DigitsData(_Strict):
+class DigitsData(StrictModel):
     source: Literal["digits"]
 
     def describe(self) -> dict:
@@ -77,7 +77,7 @@ class DigitsData(_Strict):
         return (1, 8, 8)
 
 
-class NaturalData(_Strict):
+class NaturalData(StrictModel):
     source: Literal["natural"]
     patch_size: int = Field(32, ge=8)
     scales: tuple[int, ...] = (1, 2, 4)
@@ -98,14 +98,14 @@ class NaturalData(_Strict):
         return (1, self.patch_size, self.patch_size)
 
 
-class NetworkConfig(_Strict):
+class NetworkConfig(StrictModel):
     channels: int = Field(32, ge=8)
     channel_multipliers: tuple[int, ...] = (1, 2, 2)
     blocks_per_level: int = Field(1, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     data: Annotated[Union[DigitsData, NaturalData], Field(discriminator="source")]
     sde: SDEConfig = VPConfig()

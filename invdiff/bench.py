@@ -1,0 +1,570 @@
+"""``invdiff bench CONFIG.yaml --out DIR``: samplers x problem cases x images x seeds, from one YAML file.
+
+A benchmark configuration names problem files (and which of their cases), the methods to compare
+(registered samplers with options, and the classical reconstructions of ``invdiff.baselines``), the
+images per prior (``test`` images for the tables, separate ``validation`` images for tuning), the
+seeds (replicates per image) and the number of samples::
+
+    name: quick
+    problems:
+      - {file: ../problems/inpaint.yaml, cases: [digits-gmm-box]}   # no cases: every case of the file
+    images:                                                          # per prior name of the cases
+      digits_gmm:
+        test: [{source: digits, index: 0}, {source: digits, index: 1}]
+        validation: [{source: digits, index: 100}]
+    samplers:
+      dps: {options: {num_steps: 50}, tune: {scale: [0.5, 1, 2]}}   # tune: a grid, chosen on validation
+      dps-small: {sampler: dps, options: {num_steps: 20}}            # a label may name a sampler
+      exact:
+    baselines:
+      pseudo_inverse:
+      tv: {tune: {regularisation: [0.001, 0.01, 0.1]}}
+    seeds: [0, 1]
+    num_samples: 16                                                  # default: each case's own
+
+One **cell** is (problem case, image, method with its resolved options, seed); ``run_cell`` is a pure
+function of its JSON spec, so it runs in-process or as a Ray task alike. Its result is cached in
+``DIR/cells/<key>.json``, the key a hash of what determines it (the problem with the image, the
+sampler's name, version and every option, the seed, the number of samples, the device and
+invdiff's version), so a rerun computes only missing cells. Options: the problem file's
+``sampler_options`` for that case, updated by the configuration's ``options``, updated by the
+tuned values. A ``tune`` grid (the product over its options) runs on the validation images only,
+per case; the value with the best mean PSNR of the posterior mean (seeds averaged per image first)
+is used for the test cells. The reports are written by ``invdiff.bench_report``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, ValidationError
+
+from invdiff.problems import (SEED_LIMIT, FileTruthConfig, ProblemConfig, ProblemError, StrictModel, TruthConfig,
+                              build_problem, build_sampler, format_validation_error, load_problem_config, problem_cases)
+from invdiff.rundir import MARKER, make_folders
+from invdiff.yamlfile import YAMLFileError, read_mapping
+
+__all__ = ["BenchError", "BenchConfig", "Bench", "load_bench", "run_cell", "cell_key", "BenchFolder", "run_bench",
+           "Cost"]
+
+#: the classical reconstructions a configuration may list under ``baselines``
+BASELINES = ("pseudo_inverse", "tv")
+#: what ``BenchFolder`` writes, and so the only names it ever replaces
+OUTPUTS = ("cells", "figures", "results.csv", "results.json", "tables.md", "tuning.md", "tuning.json")
+BENCH_KIND = "invdiff bench"
+
+
+class BenchError(ValueError):
+    """A benchmark configuration or its output folder is wrong; one line naming what and what is allowed."""
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+class ProblemEntry(StrictModel):
+    file: str = Field(description="a problem file, relative to the configuration")
+    cases: list[str] | None = Field(None, min_length=1, description="its cases to run (default: every case)")
+
+
+class ImageSet(StrictModel):
+    test: list[TruthConfig] = Field(min_length=1)
+    validation: list[TruthConfig] = []
+
+
+class MethodEntry(StrictModel):
+    sampler: str | None = Field(None, description="a registered sampler (default: the entry's label)")
+    options: dict[str, Any] = {}
+    tune: dict[str, list[Any]] = Field({}, description="option -> values tried on the validation images")
+
+
+class TVOptions(StrictModel):
+    """``invdiff.baselines.tv_reconstruction``'s parameters."""
+
+    regularisation: float = Field(0.01, gt=0)
+    iterations: int = Field(300, ge=1)
+
+
+class PseudoInverseOptions(StrictModel):
+    pass
+
+
+BASELINE_OPTIONS = {"pseudo_inverse": PseudoInverseOptions, "tv": TVOptions}
+
+
+class BenchConfig(StrictModel):
+    name: str = Field("bench", pattern=r"^[A-Za-z0-9_.-]+$")
+    problems: list[ProblemEntry] = Field(min_length=1)
+    images: dict[str, ImageSet] = Field({}, description="per prior name; default: each case's own truth")
+    samplers: dict[str, MethodEntry | None] = {}
+    baselines: dict[str, MethodEntry | None] = {}
+    seeds: list[int] = Field([0], min_length=1)
+    num_samples: int | None = Field(None, ge=1)
+    cpus_per_cell: int = Field(1, ge=1, description="CPUs a Ray task asks for (--ray)")
+
+    def model_post_init(self, context) -> None:
+        for seed in self.seeds:
+            if not 0 <= seed < SEED_LIMIT:
+                raise ValueError(f"seeds: {seed} is not an integer from 0 to 2**63 - 1")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the tables: a sampler (``kind`` 'sampler') or a baseline, its fixed options and tuning grid."""
+
+    label: str
+    kind: str
+    name: str
+    options: dict[str, Any]
+    tune: dict[str, list[Any]]
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every combination of the tuned values (one empty combination when nothing is tuned)."""
+        return [dict(zip(self.tune, values)) for values in itertools.product(*self.tune.values())]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One problem case: its validated config (with the case's own truth) and its test/validation truths."""
+
+    file: Path
+    name: str
+    config: ProblemConfig
+    test: list[dict]
+    validation: list[dict]
+
+
+@dataclass(frozen=True)
+class Bench:
+    config: BenchConfig
+    cases: list[Case]
+    methods: list[Method]
+    device: str
+
+
+def _options_error(method: Method, case: Case, error: ProblemError) -> BenchError:
+    return BenchError(f"samplers.{method.label} on {case.config.name}: {error}")
+
+
+def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu") -> Bench:
+    """Read and check a benchmark configuration, without running anything; every mistake is a ``BenchError``.
+
+    ``samplers``: ``all`` (every registered sampler) or comma-separated names, replacing the
+    configuration's list (a name it configures keeps its entry; others take the problem files' options).
+    """
+    from invdiff.plugins import PluginError, load_registry
+
+    path = Path(path)
+    try:
+        raw = read_mapping(path, "benchmark configuration")
+        config = BenchConfig.model_validate(raw)
+    except YAMLFileError as error:
+        raise BenchError(str(error)) from None
+    except ValidationError as error:
+        raise BenchError(f"{path.name}: {format_validation_error(error, model=BenchConfig)}") from None
+    registry = load_registry()
+    entries = dict(config.samplers)
+    if samplers is not None:
+        names = sorted(registry.samplers) if samplers == "all" else [name.strip() for name in samplers.split(",")]
+        entries = {name: entries.get(name) for name in names if name}
+    methods = []
+    for label, entry in entries.items():
+        entry = entry or MethodEntry()
+        name = entry.sampler or label
+        try:
+            registry.get(name)
+        except PluginError as error:
+            raise BenchError(f"{path.name}: samplers.{label}: {error}") from None
+        methods.append(Method(label, "sampler", name, dict(entry.options), dict(entry.tune)))
+    for name, entry in config.baselines.items():
+        entry = entry or MethodEntry()
+        if name not in BASELINES:
+            raise BenchError(f"{path.name}: baselines.{name}: unknown baseline; allowed: {', '.join(BASELINES)}")
+        if entry.sampler is not None:
+            raise BenchError(f"{path.name}: baselines.{name}.sampler: a baseline names no sampler; allowed keys: "
+                             f"options, tune")
+        methods.append(Method(name, "baseline", name, dict(entry.options), dict(entry.tune)))
+    if not methods:
+        raise BenchError(f"{path.name}: no methods: give samplers (registered names, or --samplers all) and/or "
+                         f"baselines ({', '.join(BASELINES)})")
+    for method in methods:
+        for option, values in method.tune.items():
+            if not values:
+                raise BenchError(f"{path.name}: samplers.{method.label}.tune.{option}: an empty grid; give values")
+    labels = [method.label for method in methods]
+    if len(set(labels)) < len(labels):
+        raise BenchError(f"{path.name}: a method label is given twice among samplers and baselines "
+                         f"({', '.join(sorted({label for label in labels if labels.count(label) > 1}))}); "
+                         f"rename one (samplers.LABEL: {{sampler: NAME}})")
+    cases = [case for entry in config.problems for case in _cases(path, entry, config)]
+    names = [case.config.name for case in cases]
+    if len(set(names)) < len(names):
+        raise BenchError(f"{path.name}: problems: a case is listed twice "
+                         f"({', '.join(sorted({name for name in names if names.count(name) > 1}))})")
+    for case in cases:
+        for method in methods:
+            if method.tune and not case.validation:
+                raise BenchError(f"{path.name}: {method.label} tunes {', '.join(method.tune)} but the prior "
+                                 f"'{case.config.prior.name}' of {case.config.name} has no validation images; give "
+                                 f"images.{case.config.prior.name}.validation (never the test images)")
+            for candidate in method.grid():
+                try:
+                    resolve_options(method, case, candidate, registry)  # a bad option or value is refused here
+                except BenchError as error:
+                    raise BenchError(f"{path.name}: {error}") from None
+    return Bench(config, cases, methods, device)
+
+
+def _cases(config_path: Path, entry: ProblemEntry, config: BenchConfig) -> list[Case]:
+    file = (config_path.parent / entry.file).resolve()
+    cases = []
+    try:
+        names = entry.cases or problem_cases(file) or [None]
+        configs = [load_problem_config(file, name) for name in names]
+    except ProblemError as error:
+        raise BenchError(f"{config_path.name}: problems: {error}") from None
+    for name, config_of_case in zip(names, configs):
+        images = config.images.get(config_of_case.prior.name)
+        if images is None:
+            test, validation = [config_of_case.truth], []
+            if config_of_case.truth is None:
+                raise BenchError(f"{config_path.name}: {config_of_case.name} has no truth; give "
+                                 f"images.{config_of_case.prior.name}.test")
+        else:
+            test, validation = images.test, images.validation
+        cases.append(Case(file, name or "", config_of_case, [_truth(truth, config_path) for truth in test],
+                          [_truth(truth, config_path) for truth in validation]))
+    return cases
+
+
+def _truth(truth, config_path: Path) -> dict:
+    """A truth spec as JSON; a file is made absolute (the configuration's paths are relative to it)."""
+    if isinstance(truth, FileTruthConfig):
+        truth = truth.model_copy(update={"path": str((config_path.parent / truth.path).resolve())})
+    return truth.model_dump(mode="json")
+
+
+def resolve_options(method: Method, case: Case, tuned: dict[str, Any], registry) -> dict[str, Any]:
+    """Every option of ``method`` on ``case`` (defaults included): problem file < configuration < tuned values."""
+    if method.kind == "baseline":
+        try:
+            return BASELINE_OPTIONS[method.name](**{**method.options, **tuned}).model_dump(mode="json")
+        except ValidationError as error:
+            raise BenchError(f"baselines.{method.label}: {format_validation_error(error)}") from None
+    info = registry.get(method.name)
+    options = {**case.config.sampler_options.get(method.name, {}), **method.options, **tuned}
+    try:
+        return build_sampler(info.sampler_class, options).options.model_dump(mode="json")
+    except ProblemError as error:
+        raise _options_error(method, case, error) from None
+
+
+# --- cells ------------------------------------------------------------------------------------------
+
+#: problem fields that do not change a cell's result (so not part of its key)
+UNKEYED_PROBLEM_FIELDS = ("name", "description", "num_samples", "sampler_options")
+
+
+def cell_key(spec: dict) -> str:
+    """A hash of what determines the cell's result (not its label, role or position in the matrix)."""
+    unkeyed = UNKEYED_PROBLEM_FIELDS + (("prior",) if spec["kind"] == "baseline" else ())  # they ignore the prior
+    problem = {key: value for key, value in spec["problem"].items() if key not in unkeyed}
+    keyed = {"problem": problem, "kind": spec["kind"], "sampler": spec["sampler"], "version": spec["version"],
+             "options": spec["options"], "seed": spec["seed"], "num_samples": spec["num_samples"],
+             "device": spec["device"], "invdiff": spec["invdiff_version"]}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _cell_specs(bench: Bench, case: Case, method: Method, options: dict, role: str, registry) -> list[dict]:
+    """The cells of one method with fixed options on the ``role`` images of a case."""
+    version = metadata.version("invdiff") if method.kind == "baseline" else registry.get(method.name).version
+    seeds = [None] if method.kind == "baseline" else bench.config.seeds
+    num_samples = None if method.kind == "baseline" else bench.config.num_samples or case.config.num_samples
+    truths = case.test if role == "test" else case.validation
+    specs = []
+    for (index, truth), seed in itertools.product(enumerate(truths), seeds):
+        problem = {**case.config.model_dump(mode="json"), "truth": truth}
+        spec = {"problem": problem, "problem_file": str(case.file), "case": case.name, "role": role,
+                "image_index": index, "method": method.label, "kind": method.kind, "sampler": method.name,
+                "version": version, "options": options, "seed": seed, "num_samples": num_samples,
+                "device": bench.device, "invdiff_version": metadata.version("invdiff")}
+        spec["cell"] = cell_key(spec)
+        specs.append(spec)
+    return specs
+
+
+class Cost:
+    """What the computation inside ``with Cost(device) as cost:`` took: wall time, process CPU time (every
+    thread) and peak memory above what was in use before: on a GPU ``torch.cuda.max_memory_allocated``, on
+    the CPU the peak resident set (Linux: the peak ``VmHWM``, reset through ``/proc/self/clear_refs``;
+    ``None`` where that is not possible)."""
+
+    def __init__(self, device: str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.peak_memory_bytes: int | None = None
+
+    @staticmethod
+    def _status(field: str) -> int:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+        return int(match.group(1)) * 1024
+
+    def __enter__(self) -> "Cost":
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.memory_before = torch.cuda.memory_allocated()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+                self.memory_before = self._status("VmRSS")
+            except (OSError, AttributeError):
+                self.memory_before = None
+        self.cpu_start, self.wall_start = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.wall_time_seconds = time.perf_counter() - self.wall_start
+        self.cpu_time_seconds = time.process_time() - self.cpu_start
+        if self.cuda:
+            self.peak_memory_bytes = torch.cuda.max_memory_allocated() - self.memory_before
+        elif self.memory_before is not None:
+            self.peak_memory_bytes = self._status("VmHWM") - self.memory_before
+
+    def fields(self) -> dict:
+        return {"wall_time_seconds": self.wall_time_seconds, "cpu_time_seconds": self.cpu_time_seconds,
+                "peak_memory_bytes": self.peak_memory_bytes}
+
+
+def run_cell(spec: dict) -> dict:
+    """Compute one cell (a pure function of its spec): its status, metrics, cost and the images of its estimate.
+
+    ``status`` is ``ok``, ``unsupported`` (the sampler refuses the problem, with the reason) or ``failed``
+    (sampling produced NaN or infinity); a problem that cannot be built raises ``ProblemError``. The cost
+    (wall and CPU time, peak memory) is that of the sampling or reconstruction alone, not of the metrics.
+    """
+    from invdiff.posterior import SamplingError, UnsupportedProblem
+
+    config = ProblemConfig.model_validate(spec["problem"])
+    problem = build_problem(config, Path(spec["problem_file"])).to(spec["device"])
+    try:
+        result = _run_baseline(problem, spec) if spec["kind"] == "baseline" else _run_sampler(problem, spec)
+    except UnsupportedProblem as error:
+        return {"status": "unsupported", "message": str(error)}
+    except SamplingError as error:
+        return {"status": "failed", "message": str(error)}
+    result["images"] = {name: image.to(torch.float64).cpu().numpy().round(5).tolist()
+                        for name, image in result["images"].items()}
+    return {"status": "ok", "message": "", **result}
+
+
+def _run_baseline(problem, spec: dict) -> dict:
+    from invdiff.baselines import pseudo_inverse, tv_reconstruction
+    from invdiff.metrics import psnr, ssim
+
+    operator, measurement = problem.posterior.operator, problem.posterior.measurement
+    with Cost(spec["device"]) as cost:
+        if spec["sampler"] == "tv":
+            estimate = tv_reconstruction(operator, measurement, spec["options"]["regularisation"],
+                                         spec["options"]["iterations"])[0]
+        else:
+            estimate = pseudo_inverse(operator, measurement)[0]
+    truth = problem.truth[0]
+    return {"psnr_posterior_mean": psnr(estimate, truth), "ssim_posterior_mean": ssim(estimate, truth),
+            "network_evaluations_per_sample": 0, **cost.fields(), "images": _problem_images(problem, estimate, None)}
+
+
+def _run_sampler(problem, spec: dict) -> dict:
+    from invdiff.evaluation import posterior_moments, run_summary
+    from invdiff.plugins import load_registry
+    from invdiff.posterior import sample_posterior
+
+    info = load_registry().get(spec["sampler"])
+    sampler = build_sampler(info.sampler_class, spec["options"])
+    generator = torch.Generator(device=spec["device"]).manual_seed(spec["seed"])
+    with Cost(spec["device"]) as cost:
+        result = sample_posterior(sampler, problem.posterior, spec["num_samples"], generator=generator)
+    images, mean, std = posterior_moments(problem, result)
+    summary = run_summary(problem, info, sampler, result, seed=spec["seed"], device=spec["device"],
+                          num_samples=spec["num_samples"], images=images, mean=mean)
+    metrics = {key: value for key, value in summary["metrics"].items() if key != "ssim_convention"}
+    exact = summary.get("exact_posterior", {})
+    return {**metrics, "posterior_std_average": float(std.mean()),
+            "network_evaluations_per_sample": result.network_evaluations_per_sample, **cost.fields(),
+            "log_evidence": result.log_evidence, "log_evidence_exact": exact.get("log_evidence"),
+            **{key: value for key, value in exact.items() if key not in ("note", "log_evidence")},
+            "warnings": " ".join(summary["warnings"]), "versions": summary["versions"],
+            "images": _problem_images(problem, mean, std)}
+
+
+def _problem_images(problem, estimate: torch.Tensor, std: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The truth, the measurement (when image-shaped), the estimate and its per-pixel std, for the figures."""
+    images = {"truth": problem.truth[0].cpu(), "mean": estimate.detach().cpu()}
+    measurement = problem.posterior.measurement[0].detach().cpu()
+    if measurement.dim() == 3:
+        images["measurement"] = measurement
+    if std is not None:
+        images["std"] = std
+    return images
+
+
+# --- the output folder ------------------------------------------------------------------------------
+
+class BenchFolder:
+    """The output folder of a benchmark: new, empty, or one that ``invdiff bench`` wrote (its marker), so
+    that a rerun continues it. Never the working directory or a parent of it, never a symbolic link;
+    only the names in ``OUTPUTS`` are ever written in it, each file replaced by a rename."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        if not str(out).strip():
+            raise BenchError("--out is empty; name a folder, e.g. --out runs/bench")
+        if Path.cwd().resolve().is_relative_to(self.out.resolve()):
+            raise BenchError(f"--out {out}: that is the working directory or one of its parents; a benchmark "
+                             f"needs a folder of its own, e.g. --out runs/bench")
+        if self.out.is_symlink():
+            raise BenchError(f"--out {out}: is a symbolic link; name a folder")
+        if self.out.exists():
+            self._check_existing()
+        else:
+            try:
+                make_folders(self.out)
+            except OSError as error:
+                raise BenchError(f"--out: cannot create folder {error.filename}: {error.strerror or error}") from None
+        try:
+            (self.out / "cells").mkdir(exist_ok=True)
+            self.write(MARKER, json.dumps({"written_by": "invdiff", "kind": BENCH_KIND, "files": list(OUTPUTS)}))
+        except OSError as error:
+            raise BenchError(f"--out {out}: cannot write there: {error.strerror or error}") from None
+
+    def _check_existing(self) -> None:
+        if not self.out.is_dir():
+            raise BenchError(f"--out {self.out}: is a file, not a folder; choose another --out")
+        try:
+            kind = json.loads((self.out / MARKER).read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind != BENCH_KIND and any(self.out.iterdir()):
+            raise BenchError(f"--out {self.out}: exists and was not written by invdiff bench (no {MARKER} of that "
+                             f"kind); choose a new or empty folder")
+
+    def write(self, name: str, text: str) -> None:
+        """Write ``text`` to ``name`` inside the folder, replacing the file at once (a rename)."""
+        path = self.out / name
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        partial.write_text(text)
+        os.replace(partial, path)
+
+    def cached(self, key: str) -> dict | None:
+        try:
+            return json.loads((self.out / "cells" / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def store(self, spec: dict, result: dict) -> None:
+        self.write(f"cells/{spec['cell']}.json", json.dumps({"spec": spec, "result": result}))
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+def _compute(folder: BenchFolder, specs: list[dict], force: bool, progress: bool, ray_address: str | None,
+             cpus_per_cell: int, device: str, what: str) -> dict[str, dict]:
+    """The results of ``specs`` by cell key: from the cache, the rest computed (in-process or on Ray)."""
+    results = {}
+    missing = []
+    for spec in specs:
+        cached = None if force else folder.cached(spec["cell"])
+        if cached is not None:
+            results[spec["cell"]] = cached["result"]
+        elif spec["cell"] not in {other["cell"] for other in missing}:
+            missing.append(spec)
+    if ray_address is not None:
+        for spec, result in zip(missing, _compute_on_ray(missing, ray_address, cpus_per_cell, device)):
+            folder.store(spec, result)
+            results[spec["cell"]] = result
+        return results
+    from tqdm import tqdm
+
+    for spec in tqdm(missing, desc=what, unit="cell", disable=not progress or not missing):
+        results[spec["cell"]] = run_cell(spec)
+        folder.store(spec, results[spec["cell"]])  # stored at once: an interrupted benchmark continues from here
+    return results
+
+
+def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str):
+    """Each cell as a Ray task with ``cpus`` CPUs (and a GPU on ``cuda``); ``address``: ``auto`` (the running
+    cluster, else a local one) or a cluster's address. Results in the order of ``specs``."""
+    try:
+        import ray
+    except ImportError:
+        raise BenchError('--ray: ray is not installed; pip install "invdiff[ray]"') from None
+    if not ray.is_initialized():  # auto: the running cluster, else a local one
+        ray.init(address=None if address == "auto" else address, include_dashboard=False, log_to_driver=False)
+    task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0)
+    return ray.get([task.remote(spec) for spec in specs])
+
+
+def _score(specs: list[dict], results: dict[str, dict]) -> float | None:
+    """Mean over images of the seed-averaged PSNR of the posterior mean; None when a cell did not run."""
+    per_image: dict[int, list[float]] = {}
+    for spec in specs:
+        result = results[spec["cell"]]
+        if result["status"] != "ok":
+            return None
+        per_image.setdefault(spec["image_index"], []).append(result["psnr_posterior_mean"])
+    return sum(sum(values) / len(values) for values in per_image.values()) / len(per_image)
+
+
+def run_bench(bench: Bench, folder: BenchFolder, *, force: bool = False, progress: bool = True,
+              ray_address: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Tune on the validation images, run the test cells, write the reports; returns (rows, tuning records)."""
+    from invdiff.bench_report import write_reports
+    from invdiff.plugins import load_registry
+
+    registry = load_registry()
+    tuned = [(case, method) for case in bench.cases for method in bench.methods if method.tune]
+    candidates = {(case.name, case.file, method.label): [
+        (values, _cell_specs(bench, case, method, resolve_options(method, case, values, registry), "validation",
+                             registry)) for values in method.grid()] for case, method in tuned}
+    validation_specs = [spec for grid in candidates.values() for _, specs in grid for spec in specs]
+    results = _compute(folder, validation_specs, force, progress, ray_address, bench.config.cpus_per_cell,
+                       bench.device, "tuning")
+    tuning, chosen = [], {}
+    for (case_name, file, label), grid in candidates.items():
+        scores = [(values, _score(specs, results)) for values, specs in grid]
+        valid = [(values, score) for values, score in scores if score is not None]
+        best = max(valid, key=lambda pair: pair[1])[0] if valid else grid[0][0]
+        chosen[(case_name, file, label)] = best
+        problem = next(case.config.name for case in bench.cases if case.name == case_name and case.file == file)
+        tuning.append({"problem": problem, "method": label, "chosen": best, "validation_images": len(grid[0][1]),
+                       "grid": [{"values": values, "mean_psnr": score} for values, score in scores]})
+    test_specs = []
+    for case in bench.cases:
+        for method in bench.methods:
+            values = chosen.get((case.name, case.file, method.label), {})
+            test_specs += _cell_specs(bench, case, method, resolve_options(method, case, values, registry), "test",
+                                      registry)
+    results.update(_compute(folder, test_specs, force, progress, ray_address, bench.config.cpus_per_cell,
+                            bench.device, "cells"))
+    rows = [_row(spec, results[spec["cell"]]) for spec in validation_specs + test_specs]
+    write_reports(folder, bench, rows, tuning)
+    return rows, tuning
+
+
+def _row(spec: dict, result: dict) -> dict:
+    """One cell as a flat record: where it sits in the matrix, its inputs and its results."""
+    return {"problem": spec["problem"]["name"], "problem_file": spec["problem_file"], "case": spec["case"],
+            "prior": spec["problem"]["prior"]["name"], "role": spec["role"], "image_index": spec["image_index"],
+            "truth": spec["problem"]["truth"], "method": spec["method"], "kind": spec["kind"],
+            "sampler": spec["sampler"], "version": spec["version"], "options": spec["options"], "seed": spec["seed"],
+            "num_samples": spec["num_samples"], "device": spec["device"], "invdiff_version": spec["invdiff_version"],
+            "cell": spec["cell"], **result}

@@ -1,0 +1,173 @@
+"""``invdiff bench``: a tiny matrix runs and reports, the cache, tuning on validation images only, bad configs."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import invdiff.bench
+from cli_helpers import error_of
+from invdiff.bench import BenchFolder, load_bench, run_bench
+from invdiff.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+INPAINT = ROOT / "problems" / "inpaint.yaml"
+
+#: digits-gmm-box (exact posterior known) with exact and DPS at 5 steps, 2 test images, 2 seeds
+TINY = f"""
+name: tiny
+problems:
+  - {{file: {INPAINT}, cases: [digits-gmm-box]}}
+images:
+  digits_gmm:
+    test: [{{source: digits, index: 7}}, {{source: digits, index: 1}}]
+samplers:
+  exact:
+  dps: {{options: {{num_steps: 5}}}}
+baselines:
+  pseudo_inverse:
+seeds: [0, 1]
+num_samples: 8
+"""
+
+
+def write_config(tmp_path, text, name="bench.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def rows_of(out, role="test"):
+    return [row for row in json.loads((out / "results.json").read_text())["rows"] if row["role"] == role]
+
+
+def test_tiny_matrix_writes_every_output_with_the_cells_of_solve(tmp_path):
+    out = tmp_path / "out"
+    assert main(["bench", str(write_config(tmp_path, TINY)), "--out", str(out), "--quiet"]) == 0
+    rows = rows_of(out)
+    # 2 images x 2 seeds per sampler, one row per image for the deterministic baseline
+    assert sorted((row["method"], row["image_index"], row["seed"]) for row in rows) == sorted(
+        [(method, image, seed) for method in ("exact", "dps") for image in (0, 1) for seed in (0, 1)]
+        + [("pseudo_inverse", image, None) for image in (0, 1)])
+    assert all(row["status"] == "ok" for row in rows)
+    for row in rows:
+        if row["kind"] == "sampler":
+            assert row["sliced_wasserstein_to_exact"] > 0 and row["sliced_wasserstein_noise_floor"] > 0
+            assert 0 <= row["coverage_90"] <= 1 and row["distinct_samples"] == 8
+            assert row["cpu_time_seconds"] > 0 and row["versions"]["invdiff"] and row["version"]
+    assert {row["network_evaluations_per_sample"] for row in rows if row["method"] == "dps"} == {5}
+    assert {row["options"]["num_steps"] for row in rows if row["method"] == "dps"} == {5}
+    with (out / "results.csv").open() as file:
+        assert len(list(csv.DictReader(file))) == len(rows)
+    tables = (out / "tables.md").read_text()
+    assert "## inpaint-digits-gmm-box" in tables and "| exact posterior (ceiling) |" in tables
+    assert "| dps |" in tables and "| pseudo_inverse |" in tables and "## Ranking" in tables
+    assert {path.name for path in (out / "figures").iterdir()} == {"inpaint-digits-gmm-box.png",
+                                                                  "inpaint-digits-gmm-box-psnr-nfe.png"}
+    # a cell is what `invdiff solve` computes for the same problem, image (index 7: the file's), seed and options
+    assert main(["solve", str(INPAINT), "--case", "digits-gmm-box", "--sampler", "dps", "-o", "num_steps=5",
+                 "--num-samples", "8", "--seed", "1", "--out", str(tmp_path / "solve"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "solve" / "summary.json").read_text())
+    cell = next(row for row in rows if row["method"] == "dps" and row["image_index"] == 0 and row["seed"] == 1)
+    assert cell["psnr_posterior_mean"] == summary["metrics"]["psnr_posterior_mean"]
+    assert cell["sliced_wasserstein_to_exact"] == summary["exact_posterior"]["sliced_wasserstein_to_exact"]
+    assert cell["psnr_exact_mean"] == summary["exact_posterior"]["psnr_exact_mean"]
+
+
+def test_a_rerun_computes_nothing_and_force_recomputes_everything(tmp_path, monkeypatch):
+    config, out = write_config(tmp_path, TINY), tmp_path / "out"
+    assert main(["bench", str(config), "--out", str(out), "--quiet"]) == 0
+    first = rows_of(out)
+    calls = []
+    original = invdiff.bench.run_cell
+    monkeypatch.setattr(invdiff.bench, "run_cell", lambda spec: calls.append(spec) or original(spec))
+    assert main(["bench", str(config), "--out", str(out), "--quiet"]) == 0
+    assert calls == [] and rows_of(out) == first
+    assert main(["bench", str(config), "--out", str(out), "--quiet", "--force"]) == 0
+    assert len(calls) == len(first) == len(list((out / "cells").iterdir()))
+    assert [row["psnr_posterior_mean"] for row in rows_of(out)] == [row["psnr_posterior_mean"] for row in first]
+    # a changed option is a new cell; the others are still cached
+    calls.clear()
+    assert main(["bench", str(write_config(tmp_path, TINY.replace("num_steps: 5", "num_steps: 6"))), "--out",
+                 str(out), "--quiet"]) == 0
+    assert {spec["sampler"] for spec in calls} == {"dps"} and len(calls) == 4
+
+
+def _tuning_config(validation: list[int], test: list[int]) -> str:
+    """TV's regularisation tuned over 0.001, 0.01, 0.1 (50 iterations). Measured PSNR on digits-gmm-box:
+    digit 7 is best at 0.1 (12.40 dB against 11.52 at 0.01); digits 0 and 1 are best at 0.01."""
+    return f"""
+problems: [{{file: {INPAINT}, cases: [digits-gmm-box]}}]
+images:
+  digits_gmm:
+    test: {[{"source": "digits", "index": index} for index in test]}
+    validation: {[{"source": "digits", "index": index} for index in validation]}
+baselines:
+  tv: {{options: {{iterations: 50}}, tune: {{regularisation: [0.001, 0.01, 0.1]}}}}
+"""
+
+
+def test_tuning_chooses_on_the_validation_images_only(tmp_path):
+    out = tmp_path / "out"
+    bench = load_bench(write_config(tmp_path, _tuning_config(validation=[7], test=[0])))
+    rows, tuning = run_bench(bench, BenchFolder(out), progress=False)
+    (record,) = tuning
+    assert record["chosen"] == {"regularisation": 0.1}
+    scores = {point["values"]["regularisation"]: point["mean_psnr"] for point in record["grid"]}
+    assert max(scores, key=scores.get) == 0.1 and len(rows_of(out, "validation")) == 3
+    (test_row,) = rows_of(out)
+    assert test_row["options"]["regularisation"] == 0.1 and test_row["truth"]["index"] == 0
+    assert "regularisation=0.1" in (out / "tuning.md").read_text()
+    # on the test image itself the best value is another one: choosing there would have picked it
+    on_test = load_bench(write_config(tmp_path, _tuning_config(validation=[0], test=[7]), "on_test.yaml"))
+    _, (record_on_test,) = run_bench(on_test, BenchFolder(out), progress=False)
+    assert record_on_test["chosen"] == {"regularisation": 0.01}
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("  exact:\n", "  exactt:\n"), "samplers.exactt: unknown sampler 'exactt'; available:"),
+    (("cases: [digits-gmm-box]", "cases: [nope]"), "unknown case 'nope'; allowed: digits-box"),
+    (("num_steps: 5", "num_stepz: 5"), "num_stepz: unknown key; allowed: batch_size, num_steps"),
+    (("dps: {options: {num_steps: 5}}", "dps: {tune: {scale: [1, -1]}}"), "has no validation images"),
+    (("  pseudo_inverse:\n", "  wiener:\n"), "baselines.wiener: unknown baseline; allowed: pseudo_inverse, tv"),
+    (("seeds: [0, 1]", "seeds: [0, 1]\ncolour: red"), "colour: unknown key; allowed: baselines"),
+    ((str(INPAINT), str(INPAINT.with_name("missing.yaml"))), "missing.yaml does not exist"),
+    (("{source: digits, index: 7}", "{source: digitz}"), "images.digits_gmm.test.0.source: unknown value 'digitz'"),
+])
+def test_a_bad_config_is_one_line_and_exit_2_before_any_work(tmp_path, capsys, change, expected):
+    config = write_config(tmp_path, TINY.replace(*change))
+    assert expected in error_of(["bench", str(config), "--out", str(tmp_path / "out")], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unsafe_out_is_refused(tmp_path, capsys, monkeypatch):
+    config = write_config(tmp_path, TINY)
+    monkeypatch.chdir(tmp_path)
+    assert "working directory or one of its parents" in error_of(["bench", str(config), "--out", "."], capsys)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert "was not written by invdiff bench" in error_of(["bench", str(config), "--out", "mine"], capsys)
+    assert "is a file" in error_of(["bench", str(config), "--out", "bench.yaml"], capsys)
+    assert [path.name for path in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+#: the fields that measure the machine, not the sampler: they differ between any two runs
+TIMINGS = ("wall_time_seconds", "cpu_time_seconds", "peak_memory_bytes")
+
+
+def test_ray_tasks_give_the_cells_of_an_in_process_run(tmp_path):
+    """A local Ray instance with two workers runs the tiny matrix; every metric equals the in-process one."""
+    ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'invdiff[ray]'")
+    config = write_config(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [0]"))
+    assert main(["bench", str(config), "--out", str(tmp_path / "local"), "--quiet"]) == 0
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main(["bench", str(config), "--out", str(tmp_path / "ray"), "--quiet", "--ray", "auto"]) == 0
+    finally:
+        ray.shutdown()
+    local, on_ray = rows_of(tmp_path / "local"), rows_of(tmp_path / "ray")
+    assert len(local) == len(on_ray) == 6
+    for first, second in zip(local, on_ray):
+        assert {key: value for key, value in first.items() if key not in TIMINGS} == \
+            {key: value for key, value in second.items() if key not in TIMINGS}
