@@ -9,7 +9,8 @@ import pytest
 
 from cli_helpers import VALID, error_of, write_problem
 from invdiff.cli import main
-from invdiff.problems import load_problem, problem_cases
+from invdiff.plugins import load_registry
+from invdiff.problems import build_sampler, load_problem, load_problem_config, problem_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 INPAINT = ROOT / "problems" / "inpaint.yaml"
@@ -182,9 +183,9 @@ def test_sampling_failure_exits_one_and_names_the_step(tmp_path, capsys):
 
 
 FAST_OPTIONS = {"dps": ["-o", "num_steps=10"], "exact": [],
-                "twisted_smc": ["-o", "num_steps=10", "--num-particles", "8"],
-                "ve_smc": ["-o", "num_steps=10", "--num-particles", "8"],
-                "mcgdiff": ["-o", "num_steps=10", "--num-particles", "8"],
+                "twisted_smc": ["-o", "num_steps=10", "-o", "num_runs=2", "--num-particles", "8"],
+                "ve_smc": ["-o", "num_steps=10", "-o", "num_runs=2", "--num-particles", "8"],
+                "mcgdiff": ["-o", "num_steps=10", "-o", "num_runs=2", "--num-particles", "8"],
                 "rdmc": ["-o", "num_steps=3", "-o", "num_chains=2", "-o", "inner_steps=2", "-o", "pool_size=8",
                          "-o", "pool_steps=5"],
                 "ddrm": ["-o", "num_steps=5"], "diffpir": ["-o", "num_steps=5"], "deepinv_dps": ["-o", "num_steps=5"]}
@@ -236,6 +237,15 @@ def test_every_shipped_problem_runs_with_every_built_in_sampler(tmp_path, capsys
         arrays = np.load(out / "samples.npz")
         assert arrays["particles"].shape[0] == 8 and arrays["log_weights"].shape == (8,)
         assert summary["log_evidence"] is not None and len(summary["ess_trace"]) == 10
+
+
+@pytest.mark.parametrize("problem, case", PROBLEM_CASES)
+def test_every_shipped_sampler_configuration_is_valid(problem, case):
+    """The options a problem file gives each sampler build (the fast run above overrides some of them)."""
+    config = load_problem_config(ROOT / "problems" / problem, case)
+    registry = load_registry()
+    for name, options in config.sampler_options.items():
+        build_sampler(registry.get(name).sampler_class, options)
 
 
 def test_unknown_case_lists_the_cases(tmp_path, capsys):
