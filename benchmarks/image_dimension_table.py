@@ -13,7 +13,14 @@ Run from the repository root (one thread; the exact cases take about 15 minutes,
 about 40):
 
     OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py [--cases natural-gmm-box ...]
-        [--configs "twisted_smc 64 runs x 4" ...] [--seeds 0 1] [--out benchmarks/results]
+        [--configs "twisted_smc 64 runs x 4" ...] [--seeds 0 1] [--out benchmarks/results] [--name NAME]
+
+The shipped results (``benchmarks/results/image_dimension_exact.md``, ``image_dimension_unet.md``):
+
+    OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py --name image_dimension_exact
+    OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py --name image_dimension_unet \
+        --cases natural-box natural-random natural-gaussian --configs dps "twisted_smc K=64" \
+        "twisted_smc 16 runs x 4" "twisted_smc 16 runs x 4, moves" "ve_smc 16 runs x 4, moves" "mcgdiff 16 runs x 4"
 """
 
 from __future__ import annotations
