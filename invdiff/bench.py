@@ -509,7 +509,9 @@ def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str):
         raise BenchError('--ray: ray is not installed; pip install "invdiff[ray]"') from None
     if not ray.is_initialized():  # auto: the running cluster, else a local one
         ray.init(address=None if address == "auto" else address, include_dashboard=False, log_to_driver=False)
-    task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0)
+    threads = {name: str(cpus) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}  # the task's CPUs, not the node's
+    task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0,
+                                        runtime_env={"env_vars": threads})
     return ray.get([task.remote(spec) for spec in specs])
 
 
