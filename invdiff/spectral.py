@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import deepinv
 import torch
 from torch import Tensor
 
@@ -77,6 +76,8 @@ class LinearGaussianSVD:
         """The decomposition of the posterior's operator: structured for masks, circular blurs and circular
         downsampling (any size), dense for other linear operators up to ``DenseSVD.MAX_DIMENSION`` values;
         None for a non-linear operator, non-Gaussian noise, or a large event with no known structure."""
+        import deepinv   # here, not at the top: listing the samplers (which import this module) needs no deepinv
+
         operator, event_shape = posterior.operator, tuple(posterior.prior.event_shape)
         if not (operator.linear and isinstance(operator.noise, GaussianNoise)):
             return None
