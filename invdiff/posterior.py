@@ -226,11 +226,9 @@ class StepMonitor:
         self.num_steps = num_steps
         self.diagnostics: list[dict[str, float]] = []
         self.callback = callback
+        self.progress = progress and num_steps > 0
+        #: the progress bar, drawn at the first step: a sampler that refuses the problem before it prints one line
         self.bar = None
-        if progress and num_steps > 0:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=num_steps, desc=sampler_name, unit="step", leave=False)
 
     def step(self, index: int, time: float | Tensor, state: Tensor, **diagnostics: float | Tensor) -> None:
         """Record step ``index`` (0-based) that reached diffusion time ``time`` with ``state``.
@@ -248,6 +246,10 @@ class StepMonitor:
                 raise SamplingError(f"{self.sampler_name}: diagnostic '{name}' is {value} "
                                     f"at step {index + 1}/{self.num_steps} (t={float(time):.4g})")
         self.diagnostics.append(record)
+        if self.progress and self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.num_steps, desc=self.sampler_name, unit="step", leave=False)
         if self.bar is not None:
             self.bar.update(1)
             shown = {name: f"{value:.3g}" for name, value in record.items() if name not in ("step", "time")}

@@ -248,6 +248,14 @@ def test_every_shipped_sampler_configuration_is_valid(problem, case):
         build_sampler(registry.get(name).sampler_class, options)
 
 
+def test_a_sampler_refusing_the_problem_prints_only_its_line(tmp_path, capsys):
+    """Without --quiet too: the progress bar is drawn at the first step, not before a refusal."""
+    error = error_of(["solve", str(ROOT / "problems" / "superres.yaml"), "--sampler", "ddrm", "--out",
+                      str(tmp_path / "run")], capsys)
+    assert "ddrm needs an operator with a singular value decomposition" in error
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_case_lists_the_cases(tmp_path, capsys):
     error = error_of(["solve", str(INPAINT), "--case", "faces", "--sampler", "dps", "--out", str(tmp_path / "r")],
                      capsys)
