@@ -19,6 +19,9 @@ evaluation with backpropagation per particle per step.
 With ``move_steps = M > 0``, each resampling is followed by M Langevin moves of the particles
 (``invdiff.smc.ResampleMove``, with the twist's exact gradient), M more network evaluations with
 backpropagation per particle; the weights are unchanged.
+
+With ``num_runs = R > 1`` the particles form R independent runs (``invdiff.smc``: weighted and
+resampled apart, the samples spread over them, each run weighted 1/R).
 """
 
 from __future__ import annotations

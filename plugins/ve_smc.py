@@ -28,6 +28,9 @@ With ``move_steps = M > 0``, each resampling is followed by M Langevin moves of 
 (``invdiff.smc.ResampleMove``), M more network evaluations per particle, still without
 backpropagation through the network: the proposal's twist gradient freezes the score, as the
 gradient proposal does, and the accept step corrects for that. The weights are unchanged.
+
+With ``num_runs = R > 1`` the particles form R independent runs (``invdiff.smc``: weighted and
+resampled apart, the samples spread over them, each run weighted 1/R).
 """
 
 from __future__ import annotations
