@@ -21,6 +21,8 @@ The shipped results (``benchmarks/results/image_dimension_exact.md``, ``image_di
     OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py --name image_dimension_unet \
         --cases natural-box natural-random natural-gaussian --configs dps "twisted_smc K=64" \
         "twisted_smc 16 runs x 4" "twisted_smc 16 runs x 4, moves" "ve_smc 16 runs x 4, moves" "mcgdiff 16 runs x 4"
+    OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py --name image_dimension_unet_x4 \
+        --cases natural-x4 --configs dps "twisted_smc K=64" "twisted_smc 16 runs x 4, moves"
 """
 
 from __future__ import annotations
