@@ -21,8 +21,8 @@ The shipped results (``benchmarks/results/image_dimension_exact.md``, ``image_di
     OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py --name image_dimension_unet \
         --cases natural-box natural-random natural-gaussian --configs dps "twisted_smc K=64" \
         "twisted_smc 16 runs x 4" "twisted_smc 16 runs x 4, moves" "ve_smc 16 runs x 4, moves" "mcgdiff 16 runs x 4"
-    OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py --name image_dimension_unet_x4 \
-        --cases natural-x4 --configs dps "twisted_smc K=64" "twisted_smc 16 runs x 4, moves"
+    OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py --name image_dimension_unet_more \
+        --cases natural-motion natural-x2 natural-x4 --configs dps "twisted_smc K=64" "twisted_smc 16 runs x 4, moves"
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXACT_CASES = {"natural-gmm-box": "inpaint.yaml", "natural-gmm-random": "inpaint.yaml",
                "natural-gmm-gaussian": "deblur.yaml", "natural-gmm-x2": "superres.yaml"}
 UNET_CASES = {"natural-box": "inpaint.yaml", "natural-random": "inpaint.yaml", "natural-gaussian": "deblur.yaml",
-              "natural-x4": "superres.yaml"}
+              "natural-motion": "deblur.yaml", "natural-x2": "superres.yaml", "natural-x4": "superres.yaml"}
 CASES = {**EXACT_CASES, **UNET_CASES}
 MOVES = {"move_steps": 3, "move_step_size": 0.2}
 
