@@ -51,7 +51,7 @@ from pydantic import Field, ValidationError
 
 from invdiff.problems import (SEED_LIMIT, FileTruthConfig, ProblemConfig, ProblemError, StrictModel, TruthConfig,
                               build_problem, build_sampler, format_validation_error, load_problem_config, problem_cases)
-from invdiff.rundir import MARKER, make_folders
+from invdiff.rundir import MARKER, RunFolderError, check_destination, make_folders, owned_files
 from invdiff.yamlfile import YAMLFileError, read_mapping
 
 __all__ = ["BenchError", "BenchConfig", "Bench", "load_bench", "run_cell", "cell_key", "BenchFolder", "run_bench",
@@ -428,14 +428,14 @@ class BenchFolder:
         self.out = Path(out)
         if not str(out).strip():
             raise BenchError("--out is empty; name a folder, e.g. --out runs/bench")
-        if Path.cwd().resolve().is_relative_to(self.out.resolve()):
-            raise BenchError(f"--out {out}: that is the working directory or one of its parents; a benchmark "
-                             f"needs a folder of its own, e.g. --out runs/bench")
-        if self.out.is_symlink():
-            raise BenchError(f"--out {out}: is a symbolic link; name a folder")
-        if self.out.exists():
-            self._check_existing()
-        else:
+        try:
+            check_destination(self.out, "a benchmark", "runs/bench")
+        except RunFolderError as error:
+            raise BenchError(str(error)) from None
+        if self.out.exists() and owned_files(self.out, BENCH_KIND) is None and any(self.out.iterdir()):
+            raise BenchError(f"--out {self.out}: exists and was not written by invdiff bench (no {MARKER} of that "
+                             f"kind); choose a new or empty folder")
+        if not self.out.exists():
             try:
                 make_folders(self.out)
             except OSError as error:
@@ -445,17 +445,6 @@ class BenchFolder:
             self.write(MARKER, json.dumps({"written_by": "invdiff", "kind": BENCH_KIND, "files": list(OUTPUTS)}))
         except OSError as error:
             raise BenchError(f"--out {out}: cannot write there: {error.strerror or error}") from None
-
-    def _check_existing(self) -> None:
-        if not self.out.is_dir():
-            raise BenchError(f"--out {self.out}: is a file, not a folder; choose another --out")
-        try:
-            kind = json.loads((self.out / MARKER).read_text()).get("kind")
-        except (OSError, ValueError, AttributeError):
-            kind = None
-        if kind != BENCH_KIND and any(self.out.iterdir()):
-            raise BenchError(f"--out {self.out}: exists and was not written by invdiff bench (no {MARKER} of that "
-                             f"kind); choose a new or empty folder")
 
     def write(self, name: str, text: str) -> None:
         """Write ``text`` to ``name`` inside the folder, replacing the file at once (a rename)."""

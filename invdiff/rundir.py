@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["RunFolderError", "RunFolder", "MARKER", "make_folders", "remove_empty"]
+__all__ = ["RunFolderError", "RunFolder", "MARKER", "check_destination", "owned_files", "make_folders", "remove_empty"]
 
 #: the file that marks a folder as an invdiff run (JSON: what wrote it and which files)
 MARKER = ".invdiff-run.json"
@@ -57,7 +57,19 @@ def remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _owned_files(folder: Path, kind: str) -> set[str] | None:
+def check_destination(out: Path, purpose: str, example: str) -> None:
+    """Refuse an output folder ``out`` that is the working directory or one of its parents, a symbolic link
+    or a file (``RunFolderError``, one line; ``purpose`` and ``example`` complete it: "a run", "runs/my-run")."""
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise RunFolderError(f"--out {out}: that is the working directory or one of its parents; {purpose} "
+                             f"needs a folder of its own, e.g. --out {example}")
+    if out.is_symlink():
+        raise RunFolderError(f"--out {out}: is a symbolic link; name a folder")
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out}: is a file, not a folder; choose another --out")
+
+
+def owned_files(folder: Path, kind: str) -> set[str] | None:
     """The files the marker of ``folder`` lists, or None when ``folder`` is not an invdiff run of ``kind``."""
     try:
         marker = json.loads((folder / MARKER).read_text())
@@ -90,23 +102,15 @@ class RunFolder:
                                  f"{error.strerror or error}") from None
 
     def _check_destination(self) -> None:
-        out = self.out
-        resolved = out.resolve()
-        if Path.cwd().resolve().is_relative_to(resolved):
-            raise RunFolderError(f"--out {out}: that is the working directory or one of its parents; a run "
-                                 f"needs a folder of its own, e.g. --out runs/my-run")
-        if out.is_symlink():
-            raise RunFolderError(f"--out {out}: is a symbolic link; name a folder")
-        if not out.exists():
+        check_destination(self.out, "a run", "runs/my-run")
+        if not self.out.exists():
             return
-        if not out.is_dir():
-            raise RunFolderError(f"--out {out}: is a file, not a folder; choose another --out")
         if not self.overwrite:
-            raise RunFolderError(f"output folder {out} exists; choose another --out or pass --overwrite")
+            raise RunFolderError(f"output folder {self.out} exists; choose another --out or pass --overwrite")
         self._check_replaceable()
 
     def _check_replaceable(self) -> None:
-        owned = _owned_files(self.out, self.kind)
+        owned = owned_files(self.out, self.kind)
         if owned is None:
             raise RunFolderError(f"--overwrite: {self.out} was not written by {self.kind} (no {MARKER} of that "
                                  f"kind); --overwrite replaces only such runs: choose another --out")
