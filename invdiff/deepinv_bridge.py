@@ -28,7 +28,7 @@ import copy
 from abc import abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -128,6 +128,9 @@ class DeepinvSampler(Sampler):
     """
 
     asymptotically_exact = False
+    #: the deepinv physics class (in ``deepinv.physics``) the sampler needs, None for any; and the refusal's words
+    required_physics: ClassVar[str | None] = None
+    physics_requirement: ClassVar[str] = ""
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
@@ -141,7 +144,11 @@ class DeepinvSampler(Sampler):
         return SampleResult(samples=problem.to_native(images.detach()).to(posterior.dtype))
 
     def check_physics(self, physics) -> None:
-        """Raise ``UnsupportedProblem`` naming what is allowed if the sampler cannot take ``physics``."""
+        """Raise ``UnsupportedProblem`` naming what is allowed if ``physics`` is not a ``required_physics``."""
+        import deepinv
+
+        if self.required_physics and not isinstance(physics, getattr(deepinv.physics, self.required_physics)):
+            raise UnsupportedProblem(f"{self.name} needs {self.physics_requirement}; got {type(physics).__name__}")
 
     @abstractmethod
     def reconstruct(self, denoiser: torch.nn.Module, physics, measurements: Tensor, seed: int,

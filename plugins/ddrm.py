@@ -21,7 +21,7 @@ from pydantic import Field
 
 import invdiff
 from invdiff.deepinv_bridge import DeepinvSampler
-from invdiff.posterior import SamplerOptions, UnsupportedProblem
+from invdiff.posterior import SamplerOptions
 
 
 class DDRMOptions(SamplerOptions):
@@ -39,14 +39,9 @@ class DDRM(DeepinvSampler):
     name = "ddrm"
     Options = DDRMOptions
     needs_network_gradient = False
-
-    def check_physics(self, physics) -> None:
-        import deepinv
-
-        if not isinstance(physics, deepinv.physics.DecomposablePhysics):
-            raise UnsupportedProblem(f"ddrm needs an operator with a singular value decomposition in deepinv "
-                                     f"(DecomposablePhysics: inpainting, gaussian_blur, motion_blur); "
-                                     f"got {type(physics).__name__}")
+    required_physics = "DecomposablePhysics"
+    physics_requirement = ("an operator with a singular value decomposition in deepinv (DecomposablePhysics: "
+                           "inpainting, gaussian_blur, motion_blur)")
 
     def reconstruct(self, denoiser, physics, measurements, seed, device):
         import deepinv

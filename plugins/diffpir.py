@@ -21,7 +21,7 @@ from pydantic import Field
 
 import invdiff
 from invdiff.deepinv_bridge import DeepinvSampler
-from invdiff.posterior import SamplerOptions, UnsupportedProblem
+from invdiff.posterior import SamplerOptions
 
 
 class DiffPIROptions(SamplerOptions):
@@ -37,13 +37,8 @@ class DiffPIR(DeepinvSampler):
     name = "diffpir"
     Options = DiffPIROptions
     needs_network_gradient = False
-
-    def check_physics(self, physics) -> None:
-        import deepinv
-
-        if not isinstance(physics, deepinv.physics.LinearPhysics):
-            raise UnsupportedProblem(f"diffpir needs a linear operator (its data step is a proximal step of "
-                                     f"||y - A x||^2); got {type(physics).__name__}")
+    required_physics = "LinearPhysics"
+    physics_requirement = "a linear operator (its data step is a proximal step of ||y - A x||^2)"
 
     def reconstruct(self, denoiser, physics, measurements, seed, device):
         import deepinv
