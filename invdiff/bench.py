@@ -476,22 +476,22 @@ def _compute(folder: BenchFolder, specs: list[dict], force: bool, progress: bool
             results[spec["cell"]] = cached["result"]
         elif spec["cell"] not in {other["cell"] for other in missing}:
             missing.append(spec)
-    if ray_address is not None:
-        for spec, result in zip(missing, _compute_on_ray(missing, ray_address, cpus_per_cell, device)):
-            folder.store(spec, result)
-            results[spec["cell"]] = result
-        return results
     from tqdm import tqdm
 
-    for spec in tqdm(missing, desc=what, unit="cell", disable=not progress or not missing):
-        results[spec["cell"]] = run_cell(spec)
-        folder.store(spec, results[spec["cell"]])  # stored at once: an interrupted benchmark continues from here
+    bar = tqdm(total=len(missing), desc=what, unit="cell", disable=not progress or not missing)
+    finished = (_compute_on_ray(missing, ray_address, cpus_per_cell, device) if ray_address is not None
+                else ((spec, run_cell(spec)) for spec in missing))
+    for spec, result in finished:
+        folder.store(spec, result)  # stored at once: an interrupted benchmark continues from here
+        results[spec["cell"]] = result
+        bar.update()
+    bar.close()
     return results
 
 
 def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str):
     """Each cell as a Ray task with ``cpus`` CPUs (and a GPU on ``cuda``); ``address``: ``auto`` (the running
-    cluster, else a local one) or a cluster's address. Results in the order of ``specs``."""
+    cluster, else a local one) or a cluster's address. Yields ``(spec, result)`` as each task finishes."""
     try:
         import ray
     except ImportError:
@@ -501,7 +501,10 @@ def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str):
     threads = {name: str(cpus) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}  # the task's CPUs, not the node's
     task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0,
                                         runtime_env={"env_vars": threads})
-    return ray.get([task.remote(spec) for spec in specs])
+    pending = {task.remote(spec): spec for spec in specs}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        yield pending.pop(done[0]), ray.get(done[0])
 
 
 def _score(specs: list[dict], results: dict[str, dict]) -> float | None:
