@@ -18,7 +18,7 @@ seeds (replicates per image) and the number of samples::
       exact:
     baselines:
       pseudo_inverse:
-      tv: {tune: {regularisation: [0.001, 0.01, 0.1]}}
+      tv: {tune: {regularisation: [0.001, 0.01, 0.1]}, oracle: true}  # and a row tuned on each test image
     seeds: [0, 1]
     num_samples: 16                                                  # default: each case's own
 
@@ -30,7 +30,9 @@ invdiff's version), so a rerun computes only missing cells. Options: the problem
 ``sampler_options`` for that case, updated by the configuration's ``options``, updated by the
 tuned values. A ``tune`` grid (the product over its options) runs on the validation images only,
 per case; the value with the best mean PSNR of the posterior mean (seeds averaged per image first)
-is used for the test cells. The reports are written by ``invdiff.bench_report``.
+is used for the test cells. ``oracle: true`` adds a row labelled '(oracle-tuned)' whose value is chosen on
+each test image itself (the grid runs on the test images too): the method's best case, shown as such,
+never a fair score. The reports are written by ``invdiff.bench_report``.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class MethodEntry(StrictModel):
     sampler: str | None = Field(None, description="a registered sampler (default: the entry's label)")
     options: dict[str, Any] = {}
     tune: dict[str, list[Any]] = Field({}, description="option -> values tried on the validation images")
+    oracle: bool = Field(False, description="also a row tuned on each test image itself, labelled '(oracle-tuned)': "
+                                            "the method's best case, not a fair score")
 
 
 class TVOptions(StrictModel):
@@ -125,6 +129,7 @@ class Method:
     name: str
     options: dict[str, Any]
     tune: dict[str, list[Any]]
+    oracle: bool = False
 
     def grid(self) -> list[dict[str, Any]]:
         """Every combination of the tuned values (one empty combination when nothing is tuned)."""
@@ -183,7 +188,7 @@ def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu
             registry.get(name)
         except PluginError as error:
             raise BenchError(f"{path.name}: samplers.{label}: {error}") from None
-        methods.append(Method(label, "sampler", name, dict(entry.options), dict(entry.tune)))
+        methods.append(Method(label, "sampler", name, dict(entry.options), dict(entry.tune), entry.oracle))
     for name, entry in config.baselines.items():
         entry = entry or MethodEntry()
         if name not in BASELINES:
@@ -191,11 +196,13 @@ def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu
         if entry.sampler is not None:
             raise BenchError(f"{path.name}: baselines.{name}.sampler: a baseline names no sampler; allowed keys: "
                              f"options, tune")
-        methods.append(Method(name, "baseline", name, dict(entry.options), dict(entry.tune)))
+        methods.append(Method(name, "baseline", name, dict(entry.options), dict(entry.tune), entry.oracle))
     if not methods:
         raise BenchError(f"{path.name}: no methods: give samplers (registered names, or --samplers all) and/or "
                          f"baselines ({', '.join(BASELINES)})")
     for method in methods:
+        if method.oracle and not method.tune:
+            raise BenchError(f"{path.name}: {method.label}: oracle: true needs a tune grid to choose from")
         for option, values in method.tune.items():
             if not values:
                 raise BenchError(f"{path.name}: samplers.{method.label}.tune.{option}: an empty grid; give values")
@@ -547,11 +554,38 @@ def run_bench(bench: Bench, folder: BenchFolder, *, force: bool = False, progres
             values = chosen.get((case.name, case.file, method.label), {})
             test_specs += _cell_specs(bench, case, method, resolve_options(method, case, values, registry), "test",
                                       registry)
-    results.update(_compute(folder, test_specs, force, progress, ray_address, bench.config.cpus_per_cell,
-                            bench.device, "cells"))
+    oracle = {(case.name, case.file, method.label): [
+        (values, _cell_specs(bench, case, method, resolve_options(method, case, values, registry), "test", registry))
+        for values in method.grid()] for case in bench.cases for method in bench.methods if method.oracle}
+    oracle_specs = [spec for grid in oracle.values() for _, specs in grid for spec in specs]
+    results.update(_compute(folder, test_specs + oracle_specs, force, progress, ray_address,
+                            bench.config.cpus_per_cell, bench.device, "cells"))
     rows = [_row(spec, results[spec["cell"]]) for spec in validation_specs + test_specs]
+    for key, grid in oracle.items():
+        chosen_rows = _oracle_rows(grid, results)
+        rows += chosen_rows
+        tuned = next(method.tune for method in bench.methods if method.label == key[2])
+        tuning[list(candidates).index(key)]["oracle_chosen"] = {
+            row["image_index"]: {option: row["options"][option] for option in tuned} for row in chosen_rows}
     write_reports(folder, bench, rows, tuning)
     return rows, tuning
+
+
+def _oracle_rows(grid: list[tuple[dict, list[dict]]], results: dict[str, dict]) -> list[dict]:
+    """Per test image, the cells (every seed) of the grid value with the best seed-averaged PSNR on that image
+    itself, as rows of the method labelled '(oracle-tuned)'."""
+    rows = []
+    for image in sorted({spec["image_index"] for _, specs in grid for spec in specs}):
+        scored = []
+        for _, specs in grid:
+            cells = [spec for spec in specs if spec["image_index"] == image]
+            if all(results[spec["cell"]]["status"] == "ok" for spec in cells):
+                psnr = sum(results[spec["cell"]]["psnr_posterior_mean"] for spec in cells) / len(cells)
+                scored.append((psnr, cells))
+        if scored:
+            rows += [{**_row(spec, results[spec["cell"]]), "method": f"{spec['method']} (oracle-tuned)"}
+                     for spec in max(scored, key=lambda pair: pair[0])[1]]
+    return rows
 
 
 def _row(spec: dict, result: dict) -> dict:

@@ -136,6 +136,9 @@ def _tuning_markdown(tuning: list[dict]) -> str:
                   f"{record['validation_images']} validation cell(s) per value)", "", "| values | mean PSNR (dB) |",
                   "|---|---|"]
         lines += [f"| {_values(point['values'])} | {_number(point['mean_psnr'])} |" for point in record["grid"]]
+        if "oracle_chosen" in record:
+            lines += ["", "Oracle-tuned row (chosen on each test image itself): " + "; ".join(
+                f"image {image}: {_values(values)}" for image, values in record["oracle_chosen"].items())]
         lines.append("")
     return "\n".join(lines)
 

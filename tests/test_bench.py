@@ -128,12 +128,28 @@ def test_tuning_chooses_on_the_validation_images_only(tmp_path):
     assert record_on_test["chosen"] == {"regularisation": 0.01}
 
 
+def test_an_oracle_row_is_tuned_on_each_test_image_and_labelled(tmp_path):
+    config = _tuning_config(validation=[0], test=[7, 0]).replace("regularisation: [0.001, 0.01, 0.1]}}",
+                                                                 "regularisation: [0.001, 0.01, 0.1]}, oracle: true}")
+    out = tmp_path / "out"
+    rows, (record,) = run_bench(load_bench(write_config(tmp_path, config)), BenchFolder(out), progress=False)
+    test_rows = rows_of(out)
+    fair = {row["truth"]["index"]: row["options"]["regularisation"] for row in test_rows if row["method"] == "tv"}
+    oracle = {row["truth"]["index"]: row["options"]["regularisation"] for row in test_rows
+              if row["method"] == "tv (oracle-tuned)"}
+    assert fair == {7: 0.01, 0: 0.01} and oracle == {7: 0.1, 0: 0.01}  # digit 7 is best at 0.1 on itself
+    assert record["oracle_chosen"] == {0: {"regularisation": 0.1}, 1: {"regularisation": 0.01}}
+    assert "| tv (oracle-tuned) |" in (out / "tables.md").read_text()
+    assert "image 0: regularisation=0.1" in (out / "tuning.md").read_text()
+
+
 @pytest.mark.parametrize("change, expected", [
     (("  exact:\n", "  exactt:\n"), "samplers.exactt: unknown sampler 'exactt'; available:"),
     (("cases: [digits-gmm-box]", "cases: [nope]"), "unknown case 'nope'; allowed: digits-box"),
     (("num_steps: 5", "num_stepz: 5"), "num_stepz: unknown key; allowed: batch_size, num_steps"),
     (("dps: {options: {num_steps: 5}}", "dps: {tune: {scale: [1, -1]}}"), "has no validation images"),
     (("  pseudo_inverse:\n", "  wiener:\n"), "baselines.wiener: unknown baseline; allowed: pseudo_inverse, tv"),
+    (("  pseudo_inverse:\n", "  pseudo_inverse: {oracle: true}\n"), "oracle: true needs a tune grid"),
     (("seeds: [0, 1]", "seeds: [0, 1]\ncolour: red"), "colour: unknown key; allowed: baselines"),
     ((str(INPAINT), str(INPAINT.with_name("missing.yaml"))), "missing.yaml does not exist"),
     (("{source: digits, index: 7}", "{source: digitz}"), "images.digits_gmm.test.0.source: unknown value 'digitz'"),
