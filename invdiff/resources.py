@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_leaves
 
 from invdiff.posterior import Posterior, Sampler
 from invdiff.prior import NetworkPrior, Prior
+from invdiff.smc import particles_per_run
 
 __all__ = ["ResourceError", "RunEstimate", "estimate_run", "available_memory", "check_run",
            "STATE_COPIES", "LONG_RUN_SECONDS"]
@@ -165,7 +166,7 @@ def _option(sampler: Sampler, name: str):
 def _chains(sampler: Sampler, num_samples: int) -> int:
     """The states the sampler moves: its particles (default: the samples) times its inner chains per state."""
     runs = _option(sampler, "num_runs") or 1
-    particles = runs * -(-(_option(sampler, "num_particles") or num_samples) // runs)
+    particles = runs * particles_per_run(_option(sampler, "num_particles"), num_samples, runs)
     return particles * (_option(sampler, "num_chains") or 1)
 
 

@@ -48,8 +48,7 @@ from invdiff.sde import SDE
 from invdiff.spectral import LinearGaussianSVD
 
 __all__ = ["effective_sample_size", "RESAMPLING_SCHEMES", "ParticleWeights", "distinct_ancestors", "SMCOptions",
-           "particle_weights",
-           "twisting_variance", "MeasurementTwist", "TargetPoint", "ResampleMove", "chunked",
+           "particles_per_run", "particle_weights", "twisting_variance", "MeasurementTwist", "TargetPoint", "ResampleMove", "chunked",
            "weighted_result"]
 
 
@@ -271,11 +270,16 @@ class SMCOptions(SamplerOptions):
         return self
 
 
+def particles_per_run(num_particles: int | None, num_samples: int, num_runs: int) -> int:
+    """Particles in each of ``num_runs`` runs: ``num_particles`` (default: the samples) shared equally, rounded up."""
+    return -(-(num_particles or num_samples) // num_runs)
+
+
 def particle_weights(options: SMCOptions, num_samples: int, *, generator: torch.Generator,
                      device: torch.device | str) -> ParticleWeights:
     """The weights of a sampling run with these options: ``num_particles`` (default: the samples) shared
     equally by ``num_runs`` runs, rounded up to a multiple of ``num_runs``."""
-    per_run = -(-(options.num_particles or num_samples) // options.num_runs)
+    per_run = particles_per_run(options.num_particles, num_samples, options.num_runs)
     return ParticleWeights(per_run, num_runs=options.num_runs, scheme=options.resampling,
                            threshold=options.resampling_threshold, generator=generator, device=device)
 
