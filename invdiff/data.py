@@ -1,9 +1,9 @@
 """Data that ships inside packages, with fixed held-out splits; images in ``[0, 1]``, float64.
 
 * ``digits``: the 8x8 digits of scikit-learn's ``load_digits``, shape ``(N, 1, 8, 8)``.
-* ``natural_images``: grayscale photographs from ``skimage.data``; two are held out (never
-  trained on) and used for the imaging problems. ``random_patches`` crops training patches from
-  them at several scales.
+* ``natural_images``: photographs from ``skimage.data``, grayscale (``NATURAL_SPLIT``) or in colour
+  (``NATURAL_RGB_SPLIT``, ``colour=True``); two of each are held out (never trained on) and used for
+  the imaging problems. ``random_patches`` crops training patches from them at several scales.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DIGITS_SPLIT", "digits", "NATURAL_SPLIT", "natural_images", "heldout_crop", "random_patches"]
+__all__ = ["DIGITS_SPLIT", "digits", "NATURAL_SPLIT", "NATURAL_RGB_SPLIT", "natural_images", "heldout_crop",
+           "random_patches"]
 
 #: how the digits are split: a permutation drawn with this seed; the first ``test_size`` are held out
 DIGITS_SPLIT = {"seed": 0, "test_size": 300}
@@ -40,54 +41,73 @@ NATURAL_SPLIT = {
 }
 
 
-def natural_images(split: str) -> dict[str, np.ndarray]:
-    """The ``train`` or ``test`` photographs of ``NATURAL_SPLIT`` as grayscale arrays in ``[0, 1]``."""
+#: the colour photographs of ``skimage.data`` (``astronaut``, in the grayscale training split, is held out in
+#: colour); ``colorwheel`` and ``logo`` are synthetic, ``skin`` and ``lily`` are not installed with scikit-image
+NATURAL_RGB_SPLIT = {
+    "train": ["cat", "hubble_deep_field", "immunohistochemistry", "retina", "rocket"],
+    "test": ["astronaut", "coffee"],
+}
+
+
+def natural_images(split: str, colour: bool = False) -> dict[str, np.ndarray]:
+    """The ``train`` or ``test`` photographs in ``[0, 1]``: those of ``NATURAL_SPLIT`` as grayscale
+    ``(H, W)`` arrays, or with ``colour`` those of ``NATURAL_RGB_SPLIT`` as RGB ``(H, W, 3)`` arrays."""
     import skimage.data
     from skimage.color import rgb2gray, rgba2rgb
     from skimage.util import img_as_float
 
-    if split not in NATURAL_SPLIT:
+    names = (NATURAL_RGB_SPLIT if colour else NATURAL_SPLIT).get(split)
+    if names is None:
         raise ValueError(f"split must be 'train' or 'test', got '{split}'")
     images = {}
-    for name in NATURAL_SPLIT[split]:
+    for name in names:
         image = img_as_float(getattr(skimage.data, name)())
-        if image.ndim == 3:
-            image = rgb2gray(rgba2rgb(image) if image.shape[-1] == 4 else image)
+        if image.ndim == 3 and image.shape[-1] == 4:
+            image = rgba2rgb(image)
+        if image.ndim == 3 and not colour:
+            image = rgb2gray(image)
         images[name] = image.astype(np.float64)
     return images
 
 
-def heldout_crop(name: str, top: int, left: int, size: int, scale: int = 1) -> Tensor:
-    """A ``size x size`` crop of a held-out photograph downscaled by ``scale``: shape ``(1, 1, size, size)``."""
+def _rescaled(image: np.ndarray, scale: int) -> np.ndarray:
+    """``image`` (``(H, W)`` or ``(H, W, C)``) downscaled by ``scale``, anti-aliased, each channel alike."""
     from skimage.transform import rescale
 
-    if name not in NATURAL_SPLIT["test"]:
-        raise ValueError(f"'{name}' is not a held-out natural image; allowed: {', '.join(NATURAL_SPLIT['test'])}")
-    image = natural_images("test")[name]
+    return rescale(image, 1 / scale, anti_aliasing=True, channel_axis=-1 if image.ndim == 3 else None)
+
+
+def heldout_crop(name: str, top: int, left: int, size: int, scale: int = 1, colour: bool = False) -> Tensor:
+    """A ``size x size`` crop of a held-out photograph downscaled by ``scale``: shape ``(1, 1, size, size)``,
+    or ``(1, 3, size, size)`` from the colour photographs (``NATURAL_RGB_SPLIT``) with ``colour``."""
+    heldout = (NATURAL_RGB_SPLIT if colour else NATURAL_SPLIT)["test"]
+    if name not in heldout:
+        raise ValueError(f"'{name}' is not a held-out {'colour' if colour else 'grayscale'} natural image; "
+                         f"allowed: {', '.join(heldout)}")
+    image = natural_images("test", colour)[name]
     if scale != 1:
-        image = rescale(image, 1 / scale, anti_aliasing=True)
+        image = _rescaled(image, scale)
     if not (0 <= top and 0 <= left and top + size <= image.shape[0] and left + size <= image.shape[1]):
-        raise ValueError(f"crop {size}x{size} at ({top}, {left}) does not fit '{name}' of size {image.shape} "
+        raise ValueError(f"crop {size}x{size} at ({top}, {left}) does not fit '{name}' of size {image.shape[:2]} "
                          f"(at scale 1/{scale})")
-    return torch.from_numpy(np.ascontiguousarray(image[top:top + size, left:left + size]))[None, None]
+    crop = image[top:top + size, left:left + size].reshape(size, size, -1)
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(crop, -1, 0)))[None]
 
 
 class random_patches:
-    """An endless source of random training patches ``(batch, 1, size, size)`` in ``[0, 1]``.
+    """An endless source of random training patches ``(batch, C, size, size)`` in ``[0, 1]``, from grayscale
+    ``(H, W)`` pictures (``C = 1``) or colour ``(H, W, C)`` ones.
 
     Each photograph is kept at the downscaling factors ``scales`` (anti-aliased); a patch picks a
     picture (uniformly), a position, a horizontal flip and a rotation by a multiple of 90 degrees.
     """
 
     def __init__(self, images: dict[str, np.ndarray], size: int, scales: tuple[int, ...] = (1, 2, 4)):
-        from skimage.transform import rescale
-
         self.size = size
-        pictures = [image if scale == 1 else rescale(image, 1 / scale, anti_aliasing=True)
-                    for image in images.values() for scale in scales]
-        pictures = [torch.from_numpy(picture) for picture in pictures if min(picture.shape) >= size]
-        # all pictures in one flat tensor, so that a batch of crops is one gather
-        self.pixels = torch.cat([picture.flatten() for picture in pictures])
+        pictures = [image if scale == 1 else _rescaled(image, scale) for image in images.values() for scale in scales]
+        pictures = [torch.from_numpy(picture) for picture in pictures if min(picture.shape[:2]) >= size]
+        # all pictures in one tensor of pixels (rows: pixels, columns: channels), so that a batch of crops is one gather
+        self.pixels = torch.cat([picture.reshape(picture.shape[0] * picture.shape[1], -1) for picture in pictures])
         self.heights = torch.tensor([picture.shape[0] for picture in pictures])
         self.widths = torch.tensor([picture.shape[1] for picture in pictures])
         self.offsets = torch.cumsum(self.heights * self.widths, 0) - self.heights * self.widths
@@ -101,8 +121,9 @@ class random_patches:
         rows = (top[:, None] + torch.arange(self.size))[:, :, None]
         columns = (left[:, None] + torch.arange(self.size))[:, None, :]
         patches = self.pixels[self.offsets[choices, None, None] + rows * self.widths[choices, None, None] + columns]
-        patches = torch.where((uniform[2] < 0.5)[:, None, None], patches.flip(-1), patches)
+        patches = torch.where((uniform[2] < 0.5)[:, None, None, None], patches.flip(2), patches)
         for turn in (1, 2, 3):
             chosen = turns == turn
             patches[chosen] = torch.rot90(patches[chosen], turn, dims=(1, 2))
-        return patches[:, None]
+        # a fresh (B, C, size, size) layout: a permuted view would make convolutions pick channels-last kernels
+        return patches.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)

@@ -48,8 +48,8 @@ from invdiff.sde import SDE
 from invdiff.spectral import LinearGaussianSVD
 
 __all__ = ["effective_sample_size", "RESAMPLING_SCHEMES", "ParticleWeights", "distinct_ancestors", "SMCOptions",
-           "particles_per_run", "particle_weights", "twisting_variance", "MeasurementTwist", "TargetPoint", "ResampleMove", "chunked",
-           "weighted_result"]
+           "particles_per_run", "particle_weights", "twisting_variance", "MeasurementTwist", "TargetPoint",
+           "ResampleMove", "chunked", "weighted_result"]
 
 
 def effective_sample_size(log_weights: Tensor, dim: int = 0) -> Tensor:

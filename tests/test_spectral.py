@@ -49,7 +49,10 @@ def _posterior(operator: ForwardOperator, shape: tuple[int, ...]) -> Posterior:
 CASES = [("mask", (2, 7, 9)), ("gaussian_blur", (1, 8, 8)), ("motion_blur", (1, 12, 12)), ("motion_blur", (2, 7, 9)),
          ("super_resolution_x2", (1, 8, 8)), ("super_resolution_x2", (1, 12, 6)),
          ("super_resolution_x3", (2, 12, 12)), ("super_resolution_x3", (1, 9, 15)),
-         ("super_resolution_x4", (1, 8, 8))]   # a 2x2 measurement: every frequency self-conjugate, no pairs
+         ("super_resolution_x4", (1, 8, 8)),   # a 2x2 measurement: every frequency self-conjugate, no pairs
+         # colour (RGB) images: each operator acts per channel and masks every channel of a missing pixel
+         ("mask", (3, 4, 4)), ("gaussian_blur", (3, 8, 8)), ("motion_blur", (3, 8, 8)),
+         ("super_resolution_x2", (3, 8, 8)), ("super_resolution_x4", (3, 8, 8))]
 
 
 @pytest.mark.parametrize("case, shape", CASES, ids=[f"{case}-{'x'.join(map(str, shape))}" for case, shape in CASES])
