@@ -26,7 +26,7 @@ from invdiff.posterior import SampleResult
 from invdiff.problems import Problem
 
 __all__ = ["run_images", "posterior_moments", "count_distinct_samples", "degeneracy_warning", "run_summary",
-           "write_run"]
+           "show_image", "write_run"]
 
 #: warn when fewer than this fraction of the returned samples are distinct
 DISTINCT_FRACTION_WARNING = 0.25
@@ -187,6 +187,18 @@ def _json_scalars(extras: dict) -> dict:
     return {key: value for key, value in (extras or {}).items() if isinstance(value, (int, float, str, bool))}
 
 
+def show_image(axis, image, *, std: bool = False):
+    """Draw a ``(C, H, W)`` image in [0, 1] on a matplotlib axis, clipped to [0, 1]: one channel in gray, three
+    in colour (RGB). A per-pixel std map (``std``) is drawn in the ``magma`` colormap on its own scale; a
+    colour one shows the mean of its channels' stds. Returns the ``AxesImage`` (for a colorbar)."""
+    array = np.asarray(image, dtype=np.float64)
+    if std:
+        return axis.imshow(array.mean(0), cmap="magma", interpolation="nearest")
+    if array.shape[0] == 1:
+        return axis.imshow(np.clip(array[0], 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    return axis.imshow(np.clip(np.moveaxis(array, 0, -1), 0, 1), interpolation="nearest")
+
+
 def _figure(path: Path, problem: Problem, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
     import matplotlib
 
@@ -194,21 +206,18 @@ def _figure(path: Path, problem: Problem, images: torch.Tensor, mean: torch.Tens
     import matplotlib.pyplot as plt
 
     measurement = problem.posterior.measurement[0].detach().cpu()
+    std_title = "posterior std" if std.shape[0] == 1 else "posterior std\n(mean over R, G, B)"
     panels = []
     if problem.truth is not None:
-        panels.append(("truth", problem.truth[0].cpu(), "gray"))
+        panels.append(("truth", problem.truth[0].cpu(), False))
     if measurement.dim() == 3:
-        panels.append(("measurement y", measurement, "gray"))
-    panels += [("posterior mean", mean, "gray"), ("posterior std", std, "magma")]
-    panels += [(f"sample {index + 1}", image, "gray") for index, image in enumerate(images[:4])]
+        panels.append(("measurement y", measurement, False))
+    panels += [("posterior mean", mean, False), (std_title, std, True)]
+    panels += [(f"sample {index + 1}", image, False) for index, image in enumerate(images[:4])]
     figure, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
-    for axis, (title, image, colormap) in zip(axes, panels):
-        array = image.to(torch.float64).numpy()
-        array = array[0] if array.shape[0] == 1 else np.clip(np.moveaxis(array, 0, -1), 0, 1)
-        if colormap == "gray":
-            shown = axis.imshow(np.clip(array, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        else:
-            shown = axis.imshow(array, cmap=colormap, interpolation="nearest")
+    for axis, (title, image, is_std) in zip(axes, panels):
+        shown = show_image(axis, image, std=is_std)
+        if is_std:
             figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
         axis.set_title(title, fontsize=9)
         axis.axis("off")

@@ -4,7 +4,9 @@ distinct samples).
 Conventions (DEEPINV_NOTES.md): images in ``[0, 1]`` with ``data_range=1``; SSIM as in Wang et
 al. 2004, an 11x11 Gaussian window with sigma 1.5 (``gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False``), which matches deepinv/torchmetrics rather than scikit-image's
-default 7x7 uniform window.
+default 7x7 uniform window. Colour images ``(3, H, W)``: PSNR from the mean squared error over all
+pixels and channels; SSIM the mean of the three channels' SSIMs (``channel_axis``, as deepinv and
+torchmetrics average over channels); coverage counts each pixel's channels separately.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from torch import Tensor
 
 __all__ = ["psnr", "ssim", "sliced_wasserstein", "coverage", "distinct_samples", "SSIM_CONVENTION"]
 
-SSIM_CONVENTION = "scikit-image, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1"
+SSIM_CONVENTION = ("scikit-image, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1; "
+                   "colour images: the mean of the per-channel SSIMs")
 
 
 def _image(image: Tensor) -> np.ndarray:
@@ -27,12 +30,13 @@ def _image(image: Tensor) -> np.ndarray:
 
 
 def psnr(estimate: Tensor, truth: Tensor) -> float:
-    """PSNR in dB of one image against the truth, both in ``[0, 1]``."""
+    """PSNR in dB of one image against the truth, both in ``[0, 1]`` (the error averaged over pixels and channels)."""
     return float(peak_signal_noise_ratio(_image(truth), _image(estimate), data_range=1.0))
 
 
 def ssim(estimate: Tensor, truth: Tensor) -> float:
-    """SSIM of one image against the truth, both in ``[0, 1]`` (see ``SSIM_CONVENTION``).
+    """SSIM of one image against the truth, both in ``[0, 1]`` (see ``SSIM_CONVENTION``); a colour image's is
+    the mean over its channels.
 
     An image smaller than the 11x11 window (the 8x8 digits) uses the largest odd window that fits.
     """
@@ -61,7 +65,8 @@ def sliced_wasserstein(first: Tensor, second: Tensor, *, first_log_weights: Tens
 
 
 def coverage(samples: Tensor, truth: Tensor, level: float = 0.9) -> float:
-    """Fraction of pixels whose true value lies in the central ``level`` credible interval of the samples."""
+    """Fraction of values (pixels; of a colour image, each pixel's channels) whose true value lies in the central
+    ``level`` credible interval of the samples."""
     lower = torch.quantile(samples.to(torch.float64), (1 - level) / 2, dim=0)
     upper = torch.quantile(samples.to(torch.float64), (1 + level) / 2, dim=0)
     truth = truth.to(torch.float64).reshape(lower.shape)

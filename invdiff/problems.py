@@ -13,7 +13,9 @@ per-sampler options; images, operators and noise levels speak ``[0, 1]``::
     sampler_options:
       dps: {num_steps: 200, scale: 0.5}
 
-Relative file paths are read relative to the problem file.
+Relative file paths are read relative to the problem file. Images are grayscale (1 channel) or colour
+(RGB, 3 channels), and the truth must have the prior's channels: an RGB truth for a 1-channel prior is
+an error unless ``truth: {source: file, path: ..., to_gray: true}`` asks for the conversion.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from torch import Tensor
 
 from invdiff import operators as operator_library
@@ -116,6 +118,20 @@ class NaturalGMMConfig(StrictModel):
         from invdiff.checkpoints import natural_gaussian_mixture
 
         return natural_gaussian_mixture(self.sde.build())
+
+
+class GaussianMixtureFileConfig(StrictModel):
+    """An exact Gaussian-mixture prior from a file written by ``invdiff.checkpoints.save_gaussian_mixture`` (the
+    format of ``natural_gmm``), of any event shape, colour included: score and linear-Gaussian posterior exact."""
+
+    name: Literal["gaussian_mixture"]
+    path: str = Field(description="a .safetensors file written by invdiff.checkpoints.save_gaussian_mixture")
+    sde: SDEConfig = VPConfig()
+
+    def build(self, base: Path = Path(".")) -> Prior:
+        from invdiff.checkpoints import load_gaussian_mixture
+
+        return load_gaussian_mixture(base / self.path, self.sde.build())
 
 
 class ShippedPriorConfig(StrictModel):
@@ -236,7 +252,8 @@ class DenoiserPriorConfig(StrictModel):
                               metadata=metadata, batch_size=self.batch_size)
 
 
-PriorConfig = Annotated[Union[DigitsGMMConfig, NaturalGMMConfig, ShippedPriorConfig, CheckpointPriorConfig,
+PriorConfig = Annotated[Union[DigitsGMMConfig, NaturalGMMConfig, GaussianMixtureFileConfig, ShippedPriorConfig,
+                              CheckpointPriorConfig,
                               GuidedDiffusionPriorConfig, DiffusersPriorConfig, NCSNppPriorConfig, DenoiserPriorConfig],
                         Field(discriminator="name")]
 
@@ -343,12 +360,26 @@ class DigitsTruthConfig(StrictModel):
 
 
 class FileTruthConfig(StrictModel):
+    """An image file or array; an RGB one for a 1-channel prior is an error unless ``to_gray`` converts it."""
+
     source: Literal["file"]
     path: str = Field(description="an image file (PNG, JPEG, TIFF) or a .npy array in [0, 1]")
+    to_gray: bool = Field(False, description="convert an RGB image to grayscale (skimage.color.rgb2gray) for a "
+                                             "1-channel prior")
+
+    @model_serializer(mode="wrap")
+    def _to_gray_only_when_set(self, handler):
+        """``to_gray`` is dumped only when true: benchmark cells are keyed by a hash of the dumped truth, and the
+        keys of file truths written before the option existed stay the same."""
+        dumped = handler(self)
+        if not self.to_gray:
+            dumped.pop("to_gray")
+        return dumped
 
 
 class NaturalTruthConfig(StrictModel):
-    """A square crop of a held-out photograph (never trained on), downscaled by ``scale`` first."""
+    """A square crop of a held-out grayscale photograph (``invdiff.data.NATURAL_SPLIT``, never trained on),
+    downscaled by ``scale`` first."""
 
     source: Literal["natural"]
     image: Literal["camera", "coffee"]
@@ -358,7 +389,15 @@ class NaturalTruthConfig(StrictModel):
     scale: int = Field(1, ge=1)
 
 
-TruthConfig = Annotated[Union[DigitsTruthConfig, NaturalTruthConfig, FileTruthConfig], Field(discriminator="source")]
+class NaturalRGBTruthConfig(NaturalTruthConfig):
+    """The same crop of a held-out colour photograph (``invdiff.data.NATURAL_RGB_SPLIT``): an RGB truth."""
+
+    source: Literal["natural_rgb"]
+    image: Literal["astronaut", "coffee"]
+
+
+TruthConfig = Annotated[Union[DigitsTruthConfig, NaturalTruthConfig, NaturalRGBTruthConfig, FileTruthConfig],
+                        Field(discriminator="source")]
 
 
 class ProblemConfig(StrictModel):
@@ -457,8 +496,8 @@ def _tag_of(model: type[BaseModel]) -> str | None:
 class Problem:
     """A loaded problem: its validated config, the posterior, and the truth when known (``[0, 1]``).
 
-    ``notes`` are one-line remarks on what loading did to the user's inputs (e.g. an RGB image
-    converted to grayscale), for the user and the run's summary.
+    ``notes`` are one-line remarks on what loading did to the user's inputs (e.g. transparent pixels
+    composited onto white), for the user and the run's summary.
     """
 
     config: ProblemConfig
@@ -523,13 +562,12 @@ def _require_finite(array: np.ndarray, where: str, path: Path) -> None:
                            f"(and within float32's range)")
 
 
-def _read_picture(path: Path, channels: int, where: str) -> tuple[np.ndarray, list[str]]:
-    """An image file as a ``(C, H, W)`` float array, with notes on the conversions made.
+def _read_picture(path: Path, where: str) -> tuple[np.ndarray, list[str]]:
+    """An image file as a ``(C, H, W)`` float array (``C`` 1 or 3), with notes on the conversions made.
 
-    Transparency is composited onto white (as ``skimage.color.rgba2rgb`` does); an RGB image for a
-    one-channel prior becomes grayscale.
+    Transparency is composited onto white (as ``skimage.color.rgba2rgb`` does).
     """
-    from skimage import color, io, util
+    from skimage import io, util
 
     _check_readable(path, where)
     try:
@@ -545,18 +583,17 @@ def _read_picture(path: Path, channels: int, where: str) -> tuple[np.ndarray, li
         array = array[..., :-1] * alpha + (1 - alpha)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim == 3 and array.shape[-1] == 3 and channels == 1:
-        notes.append(f"{where}: {path.name} is RGB; converted to grayscale for the 1-channel prior "
-                     f"(skimage.color.rgb2gray)")
-        array = color.rgb2gray(array)
     return (array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)), notes
 
 
-def _read_image(path: Path, channels: int, where: str) -> tuple[Tensor, list[str]]:
-    """An image file or .npy array as a ``(1, C, H, W)`` float32 tensor in [0, 1], with notes on conversions.
+def _read_image(path: Path, where: str, to_gray: bool = False) -> tuple[Tensor, list[str]]:
+    """An image file or .npy array as a ``(1, C, H, W)`` float32 tensor in [0, 1], with notes on conversions;
+    ``to_gray`` turns a 3-channel image into one gray channel (``skimage.color.rgb2gray``, with a note).
 
     ``where`` (e.g. ``problem.yaml: truth.path``) starts every error message.
     """
+    from skimage import color
+
     notes = []
     if path.suffix.lower() == ".npy":
         array = _read_npy(path, where)
@@ -564,15 +601,19 @@ def _read_image(path: Path, channels: int, where: str) -> tuple[Tensor, list[str
         if array.ndim == 2:
             array = array[None]
     else:
-        array, notes = _read_picture(path, channels, where)
-    if array.ndim != 3 or array.shape[0] != channels:
-        raise ProblemError(f"{where}: image {path.name} has shape {tuple(array.shape)}; the prior expects "
-                           f"{channels} channel(s): (channels, height, width)")
+        array, notes = _read_picture(path, where)
+    if array.ndim != 3:
+        raise ProblemError(f"{where}: image {path.name} has shape {tuple(array.shape)}; allowed: (height, width) "
+                           f"or (channels, height, width)")
     _require_finite(array, where, path)
     if array.min() < 0 or array.max() > 1:
         hint = " (an 8-bit image? save it as PNG, or divide by 255)" if array.dtype.kind in "iu" else ""
         raise ProblemError(f"{where}: image values must lie in [0, 1], got [{array.min():.3g}, {array.max():.3g}]"
                            f"{hint}")
+    if to_gray and array.shape[0] == 3:
+        notes.append(f"{where}: {path.name} is RGB; converted to grayscale as truth.to_gray asks "
+                     f"(skimage.color.rgb2gray)")
+        array = color.rgb2gray(np.moveaxis(array, 0, -1))[None]
     return torch.as_tensor(np.asarray(array, dtype=np.float32))[None], notes
 
 
@@ -635,7 +676,7 @@ def build_problem(config: ProblemConfig, path: Path) -> Problem:
         prior = config.prior.build(path.parent)  # files a prior names are relative to the problem file
     except ValueError as error:  # a checkpoint that is missing, corrupt or mismatched
         raise ProblemError(f"{path.name}: prior: {error}") from None
-    truth, notes = _build_truth(config, path, prior.event_shape)
+    truth, notes = _build_truth(config, path, prior)
     if truth is not None and tuple(truth.shape[1:]) != prior.event_shape:
         prior = _fit_prior_to_image(prior, tuple(truth.shape[1:]), path)
     shape = prior.event_shape
@@ -675,7 +716,16 @@ def _read_measurement(config: ProblemConfig, path: Path, operator: operator_libr
     return measurement
 
 
-def _build_truth(config: ProblemConfig, path: Path, shape: tuple[int, ...]) -> tuple[Tensor | None, list[str]]:
+def _build_truth(config: ProblemConfig, path: Path, prior: Prior) -> tuple[Tensor | None, list[str]]:
+    """The ground-truth image ``(1, C, H, W)`` in [0, 1], float32, with the prior's channels, or None; and
+    notes on conversions made."""
+    truth, notes = _read_truth(config, path, prior)
+    if truth is not None:
+        _check_channels(config, path, prior, truth.shape[1])
+    return truth, notes
+
+
+def _read_truth(config: ProblemConfig, path: Path, prior: Prior) -> tuple[Tensor | None, list[str]]:
     """The ground-truth image ``(1, C, H, W)`` in [0, 1], float32, or None; and notes on conversions made."""
     if isinstance(config.truth, DigitsTruthConfig):
         from invdiff.data import digits
@@ -688,14 +738,46 @@ def _build_truth(config: ProblemConfig, path: Path, shape: tuple[int, ...]) -> t
     if isinstance(config.truth, NaturalTruthConfig):
         from invdiff.data import heldout_crop
 
-        truth = config.truth
+        truth, colour = config.truth, isinstance(config.truth, NaturalRGBTruthConfig)
         try:
-            return heldout_crop(truth.image, truth.top, truth.left, truth.size, truth.scale).to(torch.float32), []
+            crop = heldout_crop(truth.image, truth.top, truth.left, truth.size, truth.scale, colour=colour)
         except ValueError as error:
             raise ProblemError(f"{path.name}: truth: {error}") from None
+        return crop.to(torch.float32), []
     if isinstance(config.truth, FileTruthConfig):
-        return _read_image(path.parent / config.truth.path, shape[0], f"{path.name}: truth.path")
+        if config.truth.to_gray and prior.event_shape[0] != 1:
+            raise ProblemError(f"{path.name}: truth.to_gray: the prior '{prior.settings()['kind']}' takes "
+                               f"{prior.event_shape[0]}-channel images, not gray ones; remove to_gray")
+        return _read_image(path.parent / config.truth.path, f"{path.name}: truth.path", config.truth.to_gray)
     return None, []
+
+
+def _channel_count(channels: int) -> str:
+    return {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}.get(channels, f"{channels} channels")
+
+
+def _check_channels(config: ProblemConfig, path: Path, prior: Prior, channels: int) -> None:
+    """Refuse a truth whose channels are not the prior's (an RGB photo for a gray prior, a gray one for an RGB
+    prior), naming the way out; colour is never converted silently."""
+    expected = prior.event_shape[0]
+    if channels == expected:
+        return
+    truth = config.truth
+    if isinstance(truth, FileTruthConfig):
+        what = f"truth.path: {Path(truth.path).name}"
+        way_out = ("give a 1-channel image or set truth.to_gray: true" if (channels, expected) == (3, 1)
+                   else f"give a {expected}-channel image")
+    elif isinstance(truth, NaturalRGBTruthConfig):
+        what = f"truth: the crop of '{truth.image}'"
+        way_out = "use source: natural (grayscale crops of camera or coffee), or an RGB prior"
+    elif isinstance(truth, NaturalTruthConfig):
+        what = f"truth: the crop of '{truth.image}'"
+        way_out = "use source: natural_rgb (colour crops of astronaut or coffee), or a 1-channel prior"
+    else:
+        what = "truth: the digit"
+        way_out = "use a 1-channel prior, or give the truth as a file"
+    raise ProblemError(f"{path.name}: {what} is {_channel_count(channels)} but the prior "
+                       f"'{prior.settings()['kind']}' takes {expected}-channel images; {way_out}")
 
 
 def _fit_prior_to_image(prior: Prior, image_shape: tuple[int, ...], path: Path) -> Prior:
