@@ -32,7 +32,10 @@ tuned values. A ``tune`` grid (the product over its options) runs on the validat
 per case; the value with the best mean PSNR of the posterior mean (seeds averaged per image first)
 is used for the test cells. ``oracle: true`` adds a row labelled '(oracle-tuned)' whose value is chosen on
 each test image itself (the grid runs on the test images too): the method's best case, shown as such,
-never a fair score. The reports are written by ``invdiff.bench_report``.
+never a fair score. Cells share the process (or the Ray worker) that runs them, so a cell's peak-memory
+growth misses memory that an earlier cell freed; ``fresh_process: true`` runs each cell in a new process
+(a few seconds more per cell) when memory is what is measured. The reports are written by
+``invdiff.bench_report``.
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ class BenchConfig(StrictModel):
     seeds: list[int] = Field([0], min_length=1)
     num_samples: int | None = Field(None, ge=1)
     cpus_per_cell: int = Field(1, ge=1, description="CPUs a Ray task asks for (--ray)")
+    fresh_process: bool = Field(False, description="each cell in a new process, so that its peak memory is its own "
+                                                   "(a process reuses memory freed by earlier cells); a few seconds "
+                                                   "more per cell")
 
     def model_post_init(self, context) -> None:
         for seed in self.seeds:
@@ -287,6 +293,8 @@ def cell_key(spec: dict) -> str:
     keyed = {"problem": problem, "kind": spec["kind"], "sampler": spec["sampler"], "version": spec["version"],
              "options": spec["options"], "seed": spec["seed"], "num_samples": spec["num_samples"],
              "device": spec["device"], "invdiff": spec["invdiff_version"]}
+    if spec.get("fresh_process"):  # its memory is measured otherwise (keyed only when set: older keys stay)
+        keyed["fresh_process"] = True
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -302,7 +310,8 @@ def _cell_specs(bench: Bench, case: Case, method: Method, options: dict, role: s
         spec = {"problem": problem, "problem_file": str(case.file), "case": case.name, "role": role,
                 "image_index": index, "method": method.label, "kind": method.kind, "sampler": method.name,
                 "version": version, "options": options, "seed": seed, "num_samples": num_samples,
-                "device": bench.device, "invdiff_version": metadata.version("invdiff")}
+                "device": bench.device, "invdiff_version": metadata.version("invdiff"),
+                "fresh_process": bench.config.fresh_process}
         spec["cell"] = cell_key(spec)
         specs.append(spec)
     return specs
@@ -472,8 +481,8 @@ class BenchFolder:
 
 # --- running ----------------------------------------------------------------------------------------
 
-def _compute(folder: BenchFolder, specs: list[dict], force: bool, progress: bool, ray_address: str | None,
-             cpus_per_cell: int, device: str, what: str) -> dict[str, dict]:
+def _compute(folder: BenchFolder, specs: list[dict], bench: Bench, force: bool, progress: bool,
+             ray_address: str | None, what: str) -> dict[str, dict]:
     """The results of ``specs`` by cell key: from the cache, the rest computed (in-process or on Ray)."""
     results = {}
     missing = []
@@ -486,8 +495,11 @@ def _compute(folder: BenchFolder, specs: list[dict], force: bool, progress: bool
     from tqdm import tqdm
 
     bar = tqdm(total=len(missing), desc=what, unit="cell", disable=not progress or not missing)
-    finished = (_compute_on_ray(missing, ray_address, cpus_per_cell, device) if ray_address is not None
-                else ((spec, run_cell(spec)) for spec in missing))
+    fresh = bench.config.fresh_process
+    if ray_address is not None:
+        finished = _compute_on_ray(missing, ray_address, bench.config.cpus_per_cell, bench.device, fresh)
+    else:
+        finished = ((spec, _in_new_process(spec) if fresh else run_cell(spec)) for spec in missing)
     for spec, result in finished:
         folder.store(spec, result)  # stored at once: an interrupted benchmark continues from here
         results[spec["cell"]] = result
@@ -496,9 +508,19 @@ def _compute(folder: BenchFolder, specs: list[dict], force: bool, progress: bool
     return results
 
 
-def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str):
+def _in_new_process(spec: dict) -> dict:
+    """``run_cell(spec)`` in a new Python process (spawned, not forked: nothing of this one is inherited)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_cell, spec).result()
+
+
+def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str, fresh: bool):
     """Each cell as a Ray task with ``cpus`` CPUs (and a GPU on ``cuda``); ``address``: ``auto`` (the running
-    cluster, else a local one) or a cluster's address. Yields ``(spec, result)`` as each task finishes."""
+    cluster, else a local one) or a cluster's address; ``fresh``: a new worker process per task. Yields
+    ``(spec, result)`` as each task finishes."""
     try:
         import ray
     except ImportError:
@@ -507,7 +529,7 @@ def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str):
         ray.init(address=None if address == "auto" else address, include_dashboard=False, log_to_driver=False)
     threads = {name: str(cpus) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}  # the task's CPUs, not the node's
     task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0,
-                                        runtime_env={"env_vars": threads})
+                                        runtime_env={"env_vars": threads}, max_calls=1 if fresh else 0)
     pending = {task.remote(spec): spec for spec in specs}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -537,8 +559,7 @@ def run_bench(bench: Bench, folder: BenchFolder, *, force: bool = False, progres
         (values, _cell_specs(bench, case, method, resolve_options(method, case, values, registry), "validation",
                              registry)) for values in method.grid()] for case, method in tuned}
     validation_specs = [spec for grid in candidates.values() for _, specs in grid for spec in specs]
-    results = _compute(folder, validation_specs, force, progress, ray_address, bench.config.cpus_per_cell,
-                       bench.device, "tuning")
+    results = _compute(folder, validation_specs, bench, force, progress, ray_address, "tuning")
     tuning, chosen = [], {}
     for (case_name, file, label), grid in candidates.items():
         scores = [(values, _score(specs, results)) for values, specs in grid]
@@ -558,8 +579,7 @@ def run_bench(bench: Bench, folder: BenchFolder, *, force: bool = False, progres
         (values, _cell_specs(bench, case, method, resolve_options(method, case, values, registry), "test", registry))
         for values in method.grid()] for case in bench.cases for method in bench.methods if method.oracle}
     oracle_specs = [spec for grid in oracle.values() for _, specs in grid for spec in specs]
-    results.update(_compute(folder, test_specs + oracle_specs, force, progress, ray_address,
-                            bench.config.cpus_per_cell, bench.device, "cells"))
+    results.update(_compute(folder, test_specs + oracle_specs, bench, force, progress, ray_address, "cells"))
     rows = [_row(spec, results[spec["cell"]]) for spec in validation_specs + test_specs]
     for key, grid in oracle.items():
         chosen_rows = _oracle_rows(grid, results)

@@ -196,6 +196,22 @@ def test_ray_tasks_give_the_cells_of_an_in_process_run(tmp_path):
             {key: _rounded(value) for key, value in second.items() if key not in TIMINGS}
 
 
+def test_fresh_process_cells_give_the_same_results_under_their_own_key(tmp_path):
+    """``fresh_process: true`` runs each cell in a new process (its peak memory its own): the same metrics,
+    cached apart from cells that shared a process."""
+    text = TINY.replace("seeds: [0, 1]", "seeds: [0]").replace("  dps: {options: {num_steps: 5}}\n", "")
+    text = text.replace("{source: digits, index: 7}, {source: digits, index: 1}", "{source: digits, index: 7}")
+    assert main(["bench", str(write_config(tmp_path, text)), "--out", str(tmp_path / "shared"), "--quiet"]) == 0
+    fresh_config = write_config(tmp_path, text + "fresh_process: true\n", "fresh.yaml")
+    assert main(["bench", str(fresh_config), "--out", str(tmp_path / "fresh"), "--quiet"]) == 0
+    shared, fresh = rows_of(tmp_path / "shared"), rows_of(tmp_path / "fresh")
+    assert len(shared) == len(fresh) == 2 and all(row["status"] == "ok" for row in fresh)
+    for first, second in zip(shared, fresh):
+        assert first["cell"] != second["cell"]
+        assert {key: _rounded(value) for key, value in first.items() if key not in TIMINGS + ("cell",)} == \
+            {key: _rounded(value) for key, value in second.items() if key not in TIMINGS + ("cell",)}
+
+
 def _rounded(value):
     """Floats to 12 significant digits: the exact posterior's float64 linear algebra differs in the last bits
     between a worker process and this one (LAPACK's own threads); anything else as it is."""

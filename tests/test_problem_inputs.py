@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from cli_helpers import VALID, error_of, write_problem
 from invdiff.cli import main
@@ -143,16 +144,19 @@ def test_a_poisson_measurement_must_not_be_negative(tmp_path, capsys):
     assert "measurement: Poisson noise gives measurements >= 0, got a minimum of -0.25" in error
 
 
-def test_an_rgb_truth_for_a_grayscale_prior_is_converted_with_a_note(tmp_path, capsys):
+def test_an_rgb_truth_for_a_grayscale_prior_is_converted_with_a_note_when_to_gray_asks(tmp_path, capsys):
+    """Without ``to_gray`` the same problem is an error (``tests/test_colour.py``)."""
     from skimage import io
 
     rgb = np.zeros((8, 8, 3), dtype=np.uint8)
     rgb[..., 0] = 255
     io.imsave(tmp_path / "image.png", rgb, check_contrast=False)
-    problem = load_problem(write_problem(tmp_path, VALID.replace(DIGIT_TRUTH, FILE_TRUTH.replace(".npy", ".png"))))
+    truth = "truth: {source: file, path: image.png, to_gray: true}"
+    problem = load_problem(write_problem(tmp_path, VALID.replace(DIGIT_TRUTH, truth)))
     assert problem.truth.shape == (1, 1, 8, 8), "the RGB truth should become one grayscale channel"
-    assert problem.notes == ["problem.yaml: truth.path: image.png is RGB; converted to grayscale for the 1-channel "
-                             "prior (skimage.color.rgb2gray)"], problem.notes
+    assert torch.allclose(problem.truth, torch.full((1, 1, 8, 8), 0.2125)), "rgb2gray: 0.2125 R + 0.7154 G + 0.0721 B"
+    assert problem.notes == ["problem.yaml: truth.path: image.png is RGB; converted to grayscale as truth.to_gray "
+                             "asks (skimage.color.rgb2gray)"], problem.notes
 
     out = tmp_path / "run"
     assert main(["solve", str(problem.path), "--sampler", "exact", "--num-samples", "2", "--out", str(out),
