@@ -183,11 +183,11 @@ def _figures(folder, test_rows: list[dict]) -> None:
         for axis in axes.flat:
             axis.axis("off")
         for column, (title, image) in enumerate(inputs):
-            _show(axes[0, column], image, title, "gray")
+            _show(axes[0, column], image, title)
         for column, (method, row) in enumerate(first.items(), start=len(inputs)):
-            _show(axes[0, column], row["images"]["mean"], method, "gray")
+            _show(axes[0, column], row["images"]["mean"], method)
             if "std" in row["images"]:
-                _show(axes[1, column], row["images"]["std"], f"{method} std", "magma")
+                _show(axes[1, column], row["images"]["std"], f"{method} std", std=True)
         figure.suptitle(f"{problem}: test image 0 (means, then per-pixel std)", fontsize=9)
         figure.tight_layout()
         figure.savefig(folder.out / "figures" / f"{problem}.png", dpi=110)
@@ -218,13 +218,10 @@ def _psnr_against_cost(plt, path, problem: str, rows: list[dict]) -> None:
     plt.close(figure)
 
 
-def _show(axis, image, title: str, colormap: str) -> None:
-    array = np.asarray(image, dtype=np.float64)
-    array = array[0] if array.shape[0] == 1 else np.clip(np.moveaxis(array, 0, -1), 0, 1)
-    if colormap == "gray":
-        axis.imshow(np.clip(array, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        axis.imshow(array, cmap=colormap, interpolation="nearest")
+def _show(axis, image, title: str, std: bool = False) -> None:
+    from invdiff.evaluation import show_image
+
+    show_image(axis, image, std=std)
     axis.set_title(title, fontsize=8)
 
 

@@ -373,7 +373,7 @@ class FileTruthConfig(StrictModel):
         keys of file truths written before the option existed stay the same."""
         dumped = handler(self)
         if not self.to_gray:
-            dumped.pop("to_gray")
+            dumped.pop("to_gray", None)
         return dumped
 
 
