@@ -528,8 +528,8 @@ def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str, fre
     if not ray.is_initialized():  # auto: the running cluster, else a local one
         ray.init(address=None if address == "auto" else address, include_dashboard=False, log_to_driver=False)
     threads = {name: str(cpus) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}  # the task's CPUs, not the node's
-    task = ray.remote(run_cell).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0,
-                                        runtime_env={"env_vars": threads}, max_calls=1 if fresh else 0)
+    remote = ray.remote(max_calls=1)(run_cell) if fresh else ray.remote(run_cell)  # max_calls: not an option
+    task = remote.options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, runtime_env={"env_vars": threads})
     pending = {task.remote(spec): spec for spec in specs}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

@@ -187,8 +187,13 @@ def test_ray_tasks_give_the_cells_of_an_in_process_run(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert main(["bench", str(config), "--out", str(tmp_path / "ray"), "--quiet", "--ray", "auto"]) == 0
+        # fresh_process on Ray: a new worker per task
+        assert main(["bench", str(_one_cell(tmp_path, True)), "--out", str(tmp_path / "ray-fresh"), "--quiet",
+                     "--ray", "auto"]) == 0
     finally:
         ray.shutdown()
+    (fresh,) = rows_of(tmp_path / "ray-fresh")
+    assert fresh["status"] == "ok" and _same_but_cost(fresh, rows_of(tmp_path / "local")[0])
     local, on_ray = rows_of(tmp_path / "local"), rows_of(tmp_path / "ray")
     assert len(local) == len(on_ray) == 6
     for first, second in zip(local, on_ray):
@@ -196,21 +201,27 @@ def test_ray_tasks_give_the_cells_of_an_in_process_run(tmp_path):
             {key: _rounded(value) for key, value in second.items() if key not in TIMINGS}
 
 
-def test_fresh_process_cells_give_the_same_results_under_their_own_key(tmp_path):
-    """``fresh_process: true`` runs each cell in a new process (its peak memory its own): the same metrics,
-    cached apart from cells that shared a process."""
+def _one_cell(tmp_path, fresh: bool):
+    """TINY cut to one cell (exact, digit 7, seed 0), optionally with ``fresh_process: true``."""
     text = TINY.replace("seeds: [0, 1]", "seeds: [0]").replace("  dps: {options: {num_steps: 5}}\n", "")
     text = text.replace("{source: digits, index: 7}, {source: digits, index: 1}", "{source: digits, index: 7}")
     text = text.replace("baselines:\n  pseudo_inverse:\n", "")
-    assert main(["bench", str(write_config(tmp_path, text)), "--out", str(tmp_path / "shared"), "--quiet"]) == 0
-    fresh_config = write_config(tmp_path, text + "fresh_process: true\n", "fresh.yaml")
-    assert main(["bench", str(fresh_config), "--out", str(tmp_path / "fresh"), "--quiet"]) == 0
-    shared, fresh = rows_of(tmp_path / "shared"), rows_of(tmp_path / "fresh")
-    assert len(shared) == len(fresh) == 1 and all(row["status"] == "ok" for row in fresh)
-    for first, second in zip(shared, fresh):
-        assert first["cell"] != second["cell"]
-        assert {key: _rounded(value) for key, value in first.items() if key not in TIMINGS + ("cell",)} == \
-            {key: _rounded(value) for key, value in second.items() if key not in TIMINGS + ("cell",)}
+    return write_config(tmp_path, text + ("fresh_process: true\n" if fresh else ""), f"one-{fresh}.yaml")
+
+
+def _same_but_cost(first: dict, second: dict) -> bool:
+    unmeasured = TIMINGS + ("cell",)
+    return ({key: _rounded(value) for key, value in first.items() if key not in unmeasured}
+            == {key: _rounded(value) for key, value in second.items() if key not in unmeasured})
+
+
+def test_fresh_process_cells_give_the_same_results_under_their_own_key(tmp_path):
+    """``fresh_process: true`` runs each cell in a new process (its peak memory its own): the same metrics,
+    cached apart from cells that shared a process."""
+    assert main(["bench", str(_one_cell(tmp_path, False)), "--out", str(tmp_path / "shared"), "--quiet"]) == 0
+    assert main(["bench", str(_one_cell(tmp_path, True)), "--out", str(tmp_path / "fresh"), "--quiet"]) == 0
+    (shared,), (fresh,) = rows_of(tmp_path / "shared"), rows_of(tmp_path / "fresh")
+    assert fresh["status"] == "ok" and shared["cell"] != fresh["cell"] and _same_but_cost(shared, fresh)
 
 
 def _rounded(value):
