@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from pydantic import Field, ValidationError
 
+from invdiff.bench_report import ORACLE
 from invdiff.problems import (SEED_LIMIT, FileTruthConfig, ProblemConfig, ProblemError, StrictModel, TruthConfig,
                               build_problem, build_sampler, format_validation_error, load_problem_config, problem_cases)
 from invdiff.rundir import MARKER, RunFolderError, check_destination, make_folders, owned_files
@@ -88,7 +89,8 @@ class ImageSet(StrictModel):
 class MethodEntry(StrictModel):
     sampler: str | None = Field(None, description="a registered sampler (default: the entry's label)")
     options: dict[str, Any] = {}
-    tune: dict[str, list[Any]] = Field({}, description="option -> values tried on the validation images")
+    tune: dict[str, list[Any]] = Field({}, description="option -> values tried on the validation images (and on "
+                                                       "the test images for the oracle row)")
     oracle: bool = Field(False, description="also a row tuned on each test image itself, labelled '(oracle-tuned)': "
                                             "the method's best case, not a fair score")
 
@@ -201,14 +203,15 @@ def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu
             raise BenchError(f"{path.name}: baselines.{name}: unknown baseline; allowed: {', '.join(BASELINES)}")
         if entry.sampler is not None:
             raise BenchError(f"{path.name}: baselines.{name}.sampler: a baseline names no sampler; allowed keys: "
-                             f"options, tune")
+                             f"options, tune, oracle")
         methods.append(Method(name, "baseline", name, dict(entry.options), dict(entry.tune), entry.oracle))
     if not methods:
         raise BenchError(f"{path.name}: no methods: give samplers (registered names, or --samplers all) and/or "
                          f"baselines ({', '.join(BASELINES)})")
     for method in methods:
         if method.oracle and not method.tune:
-            raise BenchError(f"{path.name}: {method.label}: oracle: true needs a tune grid to choose from")
+            raise BenchError(f"{path.name}: {method.label}: oracle: true needs a tune grid to choose from; give "
+                             f"tune: {{OPTION: [VALUES]}} or remove oracle")
         for option, values in method.tune.items():
             if not values:
                 raise BenchError(f"{path.name}: samplers.{method.label}.tune.{option}: an empty grid; give values")
@@ -483,7 +486,8 @@ class BenchFolder:
 
 def _compute(folder: BenchFolder, specs: list[dict], bench: Bench, force: bool, progress: bool,
              ray_address: str | None, what: str) -> dict[str, dict]:
-    """The results of ``specs`` by cell key: from the cache, the rest computed (in-process or on Ray)."""
+    """The results of ``specs`` by cell key: from the cache, the rest computed (in this process, a new process
+    per cell with ``fresh_process``, or on Ray)."""
     results = {}
     missing = []
     for spec in specs:
@@ -496,7 +500,7 @@ def _compute(folder: BenchFolder, specs: list[dict], bench: Bench, force: bool, 
 
     bar = tqdm(total=len(missing), desc=what, unit="cell", disable=not progress or not missing)
     fresh = bench.config.fresh_process
-    if ray_address is not None:
+    if ray_address is not None and missing:
         finished = _compute_on_ray(missing, ray_address, bench.config.cpus_per_cell, bench.device, fresh)
     else:
         finished = ((spec, _in_new_process(spec) if fresh else run_cell(spec)) for spec in missing)
@@ -509,12 +513,17 @@ def _compute(folder: BenchFolder, specs: list[dict], bench: Bench, force: bool, 
 
 
 def _in_new_process(spec: dict) -> dict:
-    """``run_cell(spec)`` in a new Python process (spawned, not forked: nothing of this one is inherited)."""
+    """``run_cell(spec)`` in a new Python process (spawned, not forked: nothing of this one is inherited); a
+    process that dies (killed, e.g. out of memory) is a failed cell."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_cell, spec).result()
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(run_cell, spec).result()
+    except BrokenProcessPool:
+        return {"status": "failed", "message": "the cell's process died (killed: out of memory?)"}
 
 
 def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str, fresh: bool):
@@ -533,79 +542,89 @@ def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str, fre
     pending = {task.remote(spec): spec for spec in specs}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        yield pending.pop(done[0]), ray.get(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayTaskError as error:  # the task's own error (e.g. ProblemError), not Ray's traceback
+            for task_left in pending:
+                ray.cancel(task_left)
+            raise error.cause from None
+        yield pending.pop(done[0]), result
+
+
+def _image_scores(specs: list[dict], results: dict[str, dict]) -> dict[int, float | None]:
+    """Per image, the seed-averaged PSNR of the posterior mean; None for an image where a cell did not run."""
+    per_image: dict[int, list] = {}
+    for spec in specs:
+        result = results[spec["cell"]]
+        per_image.setdefault(spec["image_index"], []).append(
+            result["psnr_posterior_mean"] if result["status"] == "ok" else None)
+    return {image: None if None in values else sum(values) / len(values) for image, values in per_image.items()}
 
 
 def _score(specs: list[dict], results: dict[str, dict]) -> float | None:
     """Mean over images of the seed-averaged PSNR of the posterior mean; None when a cell did not run."""
-    per_image: dict[int, list[float]] = {}
-    for spec in specs:
-        result = results[spec["cell"]]
-        if result["status"] != "ok":
-            return None
-        per_image.setdefault(spec["image_index"], []).append(result["psnr_posterior_mean"])
-    return sum(sum(values) / len(values) for values in per_image.values()) / len(per_image)
+    scores = list(_image_scores(specs, results).values())
+    return None if None in scores else sum(scores) / len(scores)
+
+
+def _grid_specs(bench: Bench, case: Case, method: Method, role: str, registry) -> list[tuple[dict, list[dict]]]:
+    """Each value of the method's tuning grid with its cells on the ``role`` images of the case."""
+    return [(values, _cell_specs(bench, case, method, resolve_options(method, case, values, registry), role,
+                                 registry)) for values in method.grid()]
 
 
 def run_bench(bench: Bench, folder: BenchFolder, *, force: bool = False, progress: bool = True,
               ray_address: str | None = None) -> tuple[list[dict], list[dict]]:
-    """Tune on the validation images, run the test cells, write the reports; returns (rows, tuning records)."""
+    """Tune on the validation images, run the test cells (and the oracle grids), write the reports; returns
+    (rows, tuning records)."""
     from invdiff.bench_report import write_reports
     from invdiff.plugins import load_registry
 
     registry = load_registry()
-    tuned = [(case, method) for case in bench.cases for method in bench.methods if method.tune]
-    candidates = {(case.name, case.file, method.label): [
-        (values, _cell_specs(bench, case, method, resolve_options(method, case, values, registry), "validation",
-                             registry)) for values in method.grid()] for case, method in tuned}
-    validation_specs = [spec for grid in candidates.values() for _, specs in grid for spec in specs]
+    candidates = {(case.config.name, method.label): (case, method,
+                                                     _grid_specs(bench, case, method, "validation", registry))
+                  for case in bench.cases for method in bench.methods if method.tune}
+    validation_specs = [spec for *_, grid in candidates.values() for _, specs in grid for spec in specs]
     results = _compute(folder, validation_specs, bench, force, progress, ray_address, "tuning")
-    tuning, chosen = [], {}
-    for (case_name, file, label), grid in candidates.items():
+    records = {}
+    for key, (case, method, grid) in candidates.items():
         scores = [(values, _score(specs, results)) for values, specs in grid]
         valid = [(values, score) for values, score in scores if score is not None]
-        best = max(valid, key=lambda pair: pair[1])[0] if valid else grid[0][0]
-        chosen[(case_name, file, label)] = best
-        problem = next(case.config.name for case in bench.cases if case.name == case_name and case.file == file)
-        tuning.append({"problem": problem, "method": label, "chosen": best, "validation_images": len(grid[0][1]),
-                       "grid": [{"values": values, "mean_psnr": score} for values, score in scores]})
+        records[key] = {"problem": case.config.name, "method": method.label,
+                        "chosen": max(valid, key=lambda pair: pair[1])[0] if valid else grid[0][0],
+                        "validation_images": len(grid[0][1]),
+                        "grid": [{"values": values, "mean_psnr": score} for values, score in scores]}
     test_specs = []
     for case in bench.cases:
         for method in bench.methods:
-            values = chosen.get((case.name, case.file, method.label), {})
+            values = records[case.config.name, method.label]["chosen"] if method.tune else {}
             test_specs += _cell_specs(bench, case, method, resolve_options(method, case, values, registry), "test",
                                       registry)
-    oracle = {(case.name, case.file, method.label): [
-        (values, _cell_specs(bench, case, method, resolve_options(method, case, values, registry), "test", registry))
-        for values in method.grid()] for case in bench.cases for method in bench.methods if method.oracle}
+    oracle = {(case.config.name, method.label): _grid_specs(bench, case, method, "test", registry)
+              for case in bench.cases for method in bench.methods if method.oracle}
     oracle_specs = [spec for grid in oracle.values() for _, specs in grid for spec in specs]
     results.update(_compute(folder, test_specs + oracle_specs, bench, force, progress, ray_address, "cells"))
     rows = [_row(spec, results[spec["cell"]]) for spec in validation_specs + test_specs]
     for key, grid in oracle.items():
-        chosen_rows = _oracle_rows(grid, results)
-        rows += chosen_rows
-        tuned = next(method.tune for method in bench.methods if method.label == key[2])
-        tuning[list(candidates).index(key)]["oracle_chosen"] = {
-            row["image_index"]: {option: row["options"][option] for option in tuned} for row in chosen_rows}
+        choices = _oracle_choices(grid, results)
+        records[key]["oracle_chosen"] = {image: values for image, (values, _) in choices.items()}
+        rows += [{**_row(spec, results[spec["cell"]]), "method": f"{spec['method']} {ORACLE}"}
+                 for _, cells in choices.values() for spec in cells]
+    tuning = list(records.values())
     write_reports(folder, bench, rows, tuning)
     return rows, tuning
 
 
-def _oracle_rows(grid: list[tuple[dict, list[dict]]], results: dict[str, dict]) -> list[dict]:
-    """Per test image, the cells (every seed) of the grid value with the best seed-averaged PSNR on that image
-    itself, as rows of the method labelled '(oracle-tuned)'."""
-    rows = []
-    for image in sorted({spec["image_index"] for _, specs in grid for spec in specs}):
-        scored = []
-        for _, specs in grid:
-            cells = [spec for spec in specs if spec["image_index"] == image]
-            if all(results[spec["cell"]]["status"] == "ok" for spec in cells):
-                psnr = sum(results[spec["cell"]]["psnr_posterior_mean"] for spec in cells) / len(cells)
-                scored.append((psnr, cells))
-        if scored:
-            rows += [{**_row(spec, results[spec["cell"]]), "method": f"{spec['method']} (oracle-tuned)"}
-                     for spec in max(scored, key=lambda pair: pair[0])[1]]
-    return rows
+def _oracle_choices(grid: list[tuple[dict, list[dict]]], results: dict[str, dict]) -> dict[int, tuple[dict, list]]:
+    """Per test image, the grid value with the best seed-averaged PSNR on that image itself and its cells
+    (every seed); where no value ran, the first value's cells, so that their failure is reported."""
+    scores = [(values, specs, _image_scores(specs, results)) for values, specs in grid]
+    choices = {}
+    for image in scores[0][2]:
+        ran = [(per_image[image], values, specs) for values, specs, per_image in scores if per_image[image] is not None]
+        _, values, specs = max(ran, key=lambda entry: entry[0]) if ran else (None, *grid[0])
+        choices[image] = (values, [spec for spec in specs if spec["image_index"] == image])
+    return choices
 
 
 def _row(spec: dict, result: dict) -> dict:
