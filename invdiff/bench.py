@@ -289,8 +289,15 @@ def resolve_options(method: Method, case: Case, tuned: dict[str, Any], registry)
 UNKEYED_PROBLEM_FIELDS = ("name", "description", "num_samples", "sampler_options")
 
 
+#: problem fields that name a file or folder, relative to the problem file (checkpoints, images, measurements)
+FILE_FIELDS = ("path", "weights", "measurement")
+
+
 def cell_key(spec: dict) -> str:
-    """A hash of what determines the cell's result (not its label, role or position in the matrix)."""
+    """A hash of what determines the cell's result (not its label, role or position in the matrix).
+
+    The files a problem names are keyed by what they are, not by how the problem file spells them: their
+    resolved paths, sizes and modification times (``_file_identities``)."""
     unkeyed = UNKEYED_PROBLEM_FIELDS + (("prior",) if spec["kind"] == "baseline" else ())  # they ignore the prior
     problem = {key: value for key, value in spec["problem"].items() if key not in unkeyed}
     keyed = {"problem": problem, "kind": spec["kind"], "sampler": spec["sampler"], "version": spec["version"],
@@ -298,7 +305,34 @@ def cell_key(spec: dict) -> str:
              "device": spec["device"], "invdiff": spec["invdiff_version"]}
     if spec.get("fresh_process"):  # its memory is measured otherwise (keyed only when set: older keys stay)
         keyed["fresh_process"] = True
+    files = _file_identities(problem, Path(spec["problem_file"]).parent)
+    if files:  # keyed only when the problem names files: the keys of the shipped problems stay
+        keyed["files"] = files
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _file_identities(problem: dict, folder: Path) -> dict[str, list]:
+    """For each file a problem names (``FILE_FIELDS``, anywhere in it): the resolved path and, for the file or
+    each file of the folder, its size and modification time. The same relative path in another folder, or a
+    checkpoint retrained in place, is another cell."""
+    identities: dict[str, list] = {}
+
+    def walk(value: Any, where: str) -> None:
+        if not isinstance(value, dict):
+            return
+        for key, item in value.items():
+            if key in FILE_FIELDS and isinstance(item, str):
+                path = (folder / item).resolve()
+                files = sorted(entry for entry in path.rglob("*") if entry.is_file()) if path.is_dir() else \
+                    [path] if path.is_file() else []
+                identities[where + key] = [str(path)] + [[str(entry.relative_to(path)) if entry != path else "",
+                                                          entry.stat().st_size, entry.stat().st_mtime_ns]
+                                                         for entry in files]
+            else:
+                walk(item, f"{where}{key}.")
+
+    walk(problem, "")
+    return identities
 
 
 def _cell_specs(bench: Bench, case: Case, method: Method, options: dict, role: str, registry) -> list[dict]:

@@ -230,3 +230,27 @@ def _rounded(value):
     """Floats to 12 significant digits: the exact posterior's float64 linear algebra differs in the last bits
     between a worker process and this one (LAPACK's own threads); anything else as it is."""
     return float(f"{value:.12g}") if isinstance(value, float) else value
+
+
+def test_cells_are_keyed_by_the_files_a_problem_names_not_by_their_spelling(tmp_path):
+    """The same relative checkpoint path in two folders, or a checkpoint rewritten in place, is another cell;
+    problems that name no file (the shipped ones) keep their keys."""
+    from invdiff.bench import cell_key
+
+    def spec(folder):
+        problem = {"name": "p", "prior": {"name": "checkpoint", "path": "prior.safetensors"},
+                   "truth": {"source": "digits", "index": 0}}
+        return {"problem": problem, "problem_file": str(folder / "problem.yaml"), "kind": "sampler", "sampler": "dps",
+                "version": "1", "options": {}, "seed": 0, "num_samples": 2, "device": "cpu", "invdiff_version": "0"}
+
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "prior.safetensors").write_bytes(b"weights")
+    first = cell_key(spec(tmp_path / "one"))
+    assert first != cell_key(spec(tmp_path / "two"))
+    (tmp_path / "one" / "prior.safetensors").write_bytes(b"retrained weights")
+    assert cell_key(spec(tmp_path / "one")) != first
+    shipped = spec(tmp_path / "one")
+    shipped["problem"]["prior"] = {"name": "digits"}
+    moved = {**shipped, "problem_file": str(tmp_path / "two" / "problem.yaml")}
+    assert cell_key(shipped) == cell_key(moved)
