@@ -207,11 +207,22 @@ def _probe_prior(prior: Prior) -> Prior:
 def _probe_network(prior: Prior, needs_gradient: bool, images_per_call: int,
                    device: torch.device) -> tuple[float, float, float]:
     """``(bytes per call, bytes per image pixel, seconds per image pixel)`` of the prior's denoiser,
-    from calls on one image and on a batch like the run's (at most ``PROBE_PIXELS`` pixels in all)."""
+    from calls on one image and on a batch like the run's (at most ``PROBE_PIXELS`` pixels in all).
+
+    A run whose calls take one image at a time, on the prior's own image size, is measured by one call on one
+    image (all its bytes counted per image): that is the run's call, and at 256x256 with a network of a hundred
+    million parameters every probe call costs seconds."""
     probe = _probe_prior(prior)
     pixels = math.prod(probe.event_shape[1:])
     batch = max(2, min(images_per_call, PROBE_PIXELS // pixels))
     evaluations = prior.evaluations
+    if images_per_call == 1 and probe is prior:
+        try:
+            bytes_one = _peak_bytes(prior, 1, needs_gradient, device)
+            seconds_one = network_call_seconds(prior, 1, needs_gradient, device)
+        finally:
+            prior.evaluations = evaluations
+        return 0.0, bytes_one / pixels, seconds_one / pixels
     try:
         bytes_one, bytes_batch = (_peak_bytes(probe, size, needs_gradient, device) for size in (1, batch))
         seconds_batch = network_call_seconds(probe, batch, needs_gradient, device)  # after the calls above: warmed up

@@ -115,3 +115,20 @@ def test_resample_move_steps_are_counted_as_network_evaluations():
     plain = estimate_run(problem.posterior, sampler("twisted_smc", num_steps=10, num_particles=8), 8)
     moving = estimate_run(problem.posterior, sampler("twisted_smc", num_steps=10, num_particles=8, move_steps=3), 8)
     assert moving.network_images == 4 * plain.network_images, "3 moves per step are 3 more network calls per particle"
+
+
+def test_a_one_image_run_is_probed_by_one_call_on_one_image(tmp_path):
+    """Where the run itself calls the network on one image at a time at the prior's own size, the probe is that
+    call, measured once (each call of a 256x256 UNet of 100M parameters costs seconds on a CPU), and the
+    estimate is what the batched probe gives for one image."""
+    posterior = natural_problem(tmp_path, 32).posterior
+    prior = posterior.prior
+    batches = []
+    denoise = prior.denoise
+    prior.denoise = lambda x, t: (batches.append(len(x)), denoise(x, t))[1]
+    one = estimate_run(posterior, sampler("dps", num_steps=2), 1)
+    assert batches == [1, 1], "one call for the bytes, one for the time"
+    batches.clear()
+    two = estimate_run(posterior, sampler("dps", num_steps=2), 2)
+    assert batches == [1, 2, 2]
+    assert one.images_per_call == 1 and one.activation_bytes == pytest.approx(two.activation_bytes / 2, rel=0.25)
