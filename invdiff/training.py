@@ -44,7 +44,7 @@ from pydantic import Field, ValidationError
 from tqdm import tqdm
 
 from invdiff.checkpoints import save_checkpoint
-from invdiff.data import DIGITS_SPLIT, NATURAL_SPLIT, digits, natural_images, random_patches
+from invdiff.data import DIGITS_SPLIT, NATURAL_RGB_SPLIT, NATURAL_SPLIT, digits, natural_images, random_patches
 from invdiff.networks import EpsilonNetwork, UNet
 from invdiff.problems import SDEConfig, StrictModel, VPConfig, format_validation_error
 from invdiff.rundir import make_folders, remove_empty
@@ -78,24 +78,33 @@ class DigitsData(StrictModel):
 
 
 class NaturalData(StrictModel):
-    source: Literal["natural"]
+    """Patches of the ``skimage.data`` photographs: grayscale (``natural``, ``NATURAL_SPLIT``) or in colour
+    (``natural_rgb``, ``NATURAL_RGB_SPLIT``)."""
+
+    source: Literal["natural", "natural_rgb"]
     patch_size: int = Field(32, ge=8)
     scales: tuple[int, ...] = (1, 2, 4)
 
+    @property
+    def colour(self) -> bool:
+        return self.source == "natural_rgb"
+
     def describe(self) -> dict:
-        return {"source": "skimage.data photographs, grayscale", "train_images": NATURAL_SPLIT["train"],
-                "heldout_images": NATURAL_SPLIT["test"], "patch_size": self.patch_size, "scales": list(self.scales),
-                "augmentation": "random crop, horizontal flip, rotation by 90 degrees"}
+        split = NATURAL_RGB_SPLIT if self.colour else NATURAL_SPLIT
+        return {"source": f"skimage.data photographs, {'RGB' if self.colour else 'grayscale'}",
+                "train_images": split["train"], "heldout_images": split["test"], "patch_size": self.patch_size,
+                "scales": list(self.scales), "augmentation": "random crop, horizontal flip, rotation by 90 degrees"}
 
     def training_source(self):
-        patches = random_patches(natural_images("train"), self.patch_size, self.scales)
+        patches = random_patches(natural_images("train", self.colour), self.patch_size, self.scales)
         return lambda batch_size, generator: patches.sample(batch_size, generator).float()
 
     def heldout(self, size: int, generator: torch.Generator) -> torch.Tensor:
-        return random_patches(natural_images("test"), self.patch_size, self.scales).sample(size, generator).float()
+        patches = random_patches(natural_images("test", self.colour), self.patch_size, self.scales)
+        return patches.sample(size, generator).float()
 
     def event_shape(self) -> tuple[int, ...]:
-        return (1, self.patch_size, self.patch_size)
+        return (3 if self.colour else 1, self.patch_size, self.patch_size)
 
 
 class NetworkConfig(StrictModel):
@@ -347,8 +356,9 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
     sde = config.sde.build()
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    unet = UNet(image_channels=1, **config.network.model_dump())
-    ema = UNet(image_channels=1, **config.network.model_dump())
+    image_channels = config.data.event_shape()[0]
+    unet = UNet(image_channels=image_channels, **config.network.model_dump())
+    ema = UNet(image_channels=image_channels, **config.network.model_dump())
     ema.load_state_dict(unet.state_dict())
     unet.to(device)  # before the optimiser exists, so that its state lives on the device too
     ema.to(device)

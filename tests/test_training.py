@@ -52,6 +52,23 @@ def test_training_writes_a_loadable_prior_with_its_record(tmp_path, config_path)
     assert prior.settings()["data"]["split"] == {"seed": 0, "test_size": 300} and prior.event_shape == (1, 8, 8)
 
 
+def test_colour_patches_train_a_three_channel_prior(tmp_path):
+    """``source: natural_rgb``: patches of the colour photographs (the held-out ones recorded), a 3-channel UNet."""
+    config = load_training_config(write_config(tmp_path, TINY_CONFIG.replace("{source: digits}",
+                                                                             "{source: natural_rgb, patch_size: 8}")))
+    train(config, tmp_path / "run", progress=False)
+    prior = load_prior(tmp_path / "run" / "tiny-digits.safetensors")
+    assert prior.event_shape == (3, 8, 8) and prior.settings()["data"]["heldout_images"] == ["astronaut", "coffee"]
+    noise = prior.resized((3, 16, 16)).score(torch.zeros(2, 3, 16, 16), torch.full((2,), 0.5))  # fully convolutional
+    assert noise.shape == (2, 3, 16, 16) and torch.isfinite(noise).all()
+
+
+def write_config(folder: Path, text: str) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(text)
+    return path
+
+
 def test_resuming_reproduces_an_uninterrupted_run(tmp_path, config_path):
     config = load_training_config(config_path)
     train(config, tmp_path / "straight", progress=False)
@@ -84,7 +101,7 @@ def test_a_run_is_not_overwritten_and_resume_checks_the_config(tmp_path, config_
 
 
 @pytest.mark.parametrize("text, message", [
-    ("name: x\ndata: {source: faces}\nsteps: 3\n", "data.source: unknown value 'faces'; allowed: 'digits', 'natural'"),
+    ("name: x\ndata: {source: faces}\nsteps: 3\n", "data.source: unknown value 'faces'; allowed: 'digits', 'natural', 'natural_rgb'"),
     ("name: x\ndata: {source: digits}\n", "steps: Field required"),
     ("name: x\ndata: {source: digits}\nsteps: 3\nlearning_rat: 0.1\n", "learning_rat: unknown key"),
     ("name: [x\n", "malformed YAML at line 2"),
