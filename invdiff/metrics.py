@@ -24,7 +24,14 @@ SSIM_CONVENTION = ("scikit-image, gaussian_weights=True, sigma=1.5, use_sample_c
 
 
 def _image(image: Tensor) -> np.ndarray:
-    """``(C, H, W)`` or ``(H, W)`` tensor -> ``(H, W, C)`` float64 array."""
+    """``(C, H, W)``, ``(H, W)`` or a batch of one ``(1, C, H, W)`` tensor -> ``(H, W, C)`` or ``(H, W)`` float64 array.
+
+    Any other shape is an error: SSIM's window would otherwise be fitted to the wrong axes (a ``(1, 1, H, W)``
+    array once got a one-pixel window, silently)."""
+    if image.ndim == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim not in (2, 3):
+        raise ValueError(f"an image is (C, H, W), (H, W) or (1, C, H, W); got shape {tuple(image.shape)}")
     array = image.detach().cpu().to(torch.float64).numpy()
     return np.moveaxis(array, 0, -1) if array.ndim == 3 else array
 

@@ -210,3 +210,17 @@ def test_colour_crops_come_from_held_out_colour_photographs(colour_folder):
     photograph = skimage.data.astronaut()[100:108, 200:208] / 255
     assert torch.allclose(problem.truth[0], torch.from_numpy(photograph).permute(2, 0, 1).float())
     assert heldout_crop("coffee", 0, 0, 16, scale=4, colour=True).shape == (1, 3, 16, 16)
+
+
+def test_metrics_take_an_image_or_a_batch_of_one_and_refuse_other_shapes():
+    """A ``(1, C, H, W)`` batch is the image it holds (once it silently got SSIM with a one-pixel window)."""
+    from invdiff.metrics import psnr, ssim
+
+    generator = torch.Generator().manual_seed(0)
+    for channels in (1, 3):
+        truth = torch.rand(channels, 32, 32, generator=generator)
+        estimate = (truth + 0.1 * torch.randn(truth.shape, generator=generator)).clamp(0, 1)
+        assert ssim(estimate[None], truth[None]) == ssim(estimate, truth)
+        assert psnr(estimate[None], truth[None]) == psnr(estimate, truth)
+    with pytest.raises(ValueError, match=r"got shape \(2, 3, 32, 32\)"):
+        ssim(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32))
