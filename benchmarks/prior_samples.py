@@ -2,7 +2,8 @@
 
 A prior that memorised its training set would draw near-copies of training images. For every
 sample the script finds the closest training image (Euclidean distance in [0, 1], over all
-training digits, or over a large pool of random training patches for ``natural`` and ``natural_gmm``) and compares
+training digits, or over a large pool of random training patches for ``natural``, ``natural_gmm`` and the colour
+``natural_rgb``) and compares
 those distances with the same distances for held-out images, which are certainly not copies:
 samples at least as far from the training set as held-out images are not copies. Writes
 ``benchmarks/results/prior_samples_NAME.png`` and ``.md``. ``natural_gmm`` (the patch-GMM prior,
@@ -55,9 +56,9 @@ def reference_sets(name: str, prior, pool_size: int, count: int, generator: torc
     """Training images (the nearest-neighbour pool) and ``count`` held-out images, in [0, 1]."""
     if name == "digits":
         return digits("train").float(), digits("test")[:count].float()
-    patch_size = prior.event_shape[-1]
-    training = random_patches(natural_images("train"), patch_size).sample(pool_size, generator).float()
-    heldout = random_patches(natural_images("test"), patch_size).sample(count, generator).float()
+    patch_size, colour = prior.event_shape[-1], prior.event_shape[0] == 3
+    training = random_patches(natural_images("train", colour), patch_size).sample(pool_size, generator).float()
+    heldout = random_patches(natural_images("test", colour), patch_size).sample(count, generator).float()
     return training, heldout
 
 
@@ -68,22 +69,23 @@ def nearest_neighbours(images: torch.Tensor, pool: torch.Tensor) -> tuple[torch.
 
 
 def grid(images: torch.Tensor, columns: int) -> np.ndarray:
+    """The images ``(N, C, H, W)`` tiled on a white canvas: ``(rows, columns)``, or ``(rows, columns, 3)`` in colour."""
     rows = -(-len(images) // columns)
-    height, width = images.shape[-2:]
-    canvas = np.ones((rows * (height + 1) - 1, columns * (width + 1) - 1))
+    channels, height, width = images.shape[-3:]
+    canvas = np.ones((rows * (height + 1) - 1, columns * (width + 1) - 1, channels))
     for index, image in enumerate(images):
         row, column = divmod(index, columns)
         canvas[row * (height + 1):row * (height + 1) + height, column * (width + 1):column * (width + 1) + width] = \
-            image[0].clamp(0, 1).numpy()
-    return canvas
+            image.clamp(0, 1).permute(1, 2, 0).numpy()
+    return canvas[..., 0] if channels == 1 else canvas
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("prior", choices=["digits", "natural", "natural_gmm"])
+    parser.add_argument("prior", choices=["digits", "natural", "natural_gmm", "natural_rgb"])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--pool", type=int, default=20000, help="training patches searched (natural only)")
+    parser.add_argument("--pool", type=int, default=20000, help="training patches searched (natural priors)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     arguments = parser.parse_args()
 

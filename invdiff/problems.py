@@ -137,7 +137,7 @@ class GaussianMixtureFileConfig(StrictModel):
 class ShippedPriorConfig(StrictModel):
     """A UNet prior trained by the project and shipped in ``invdiff/priors`` (see ``invdiff train``)."""
 
-    name: Literal["digits", "natural"]
+    name: Literal["digits", "natural", "natural_rgb"]
     batch_size: int = Field(256, ge=1, description="images per network call")
     clip_denoised: bool = Field(True, description="project Tweedie's estimate onto the data range")
 

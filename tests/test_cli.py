@@ -195,6 +195,26 @@ PROBLEM_CASES = [(path.name, case) for path in sorted((ROOT / "problems").glob("
                  for case in problem_cases(path)]
 
 
+def prior_family(case: str) -> str:
+    """``digits``, ``natural``, ``digits-gmm``, ``natural-gmm`` or ``natural-rgb``: the case name up to its operator."""
+    return case.rsplit("-", 1)[0]
+
+
+def first_of_each_family(cases: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    firsts: dict[tuple[str, str], str] = {}
+    for problem, case in cases:
+        firsts.setdefault((problem, prior_family(case)), case)
+    return {(problem, case) for (problem, _), case in firsts.items()}
+
+
+#: every sampler runs on every digits case and on the first case of each image-size family in each problem file
+#: (each operator type with each kind of prior); the other 32x32 and 16x16 cases, and the 64x64 colour ones
+#: (every sampler in colour: tests/test_colour.py, tests/test_real_size.py), run with DPS: each loads and samples
+SAMPLER_CASES = [(problem, case, sampler) for problem, case in PROBLEM_CASES for sampler in sorted(FAST_OPTIONS)
+                 if sampler == "dps" or prior_family(case) in ("digits", "digits-gmm")
+                 or ((problem, case) in first_of_each_family(PROBLEM_CASES) and prior_family(case) != "natural-rgb")]
+
+
 def test_listing_the_cases_of_a_bad_file_names_what_is_wrong(tmp_path):
     from invdiff.problems import ProblemError
 
@@ -205,17 +225,17 @@ def test_listing_the_cases_of_a_bad_file_names_what_is_wrong(tmp_path):
         problem_cases(tmp_path / "missing.yaml")
 
 
-def test_problem_files_hold_digits_natural_and_exact_cases():
+def test_problem_files_hold_digits_natural_exact_and_colour_cases():
     for problem in ("inpaint.yaml", "deblur.yaml", "superres.yaml"):
         cases = problem_cases(ROOT / "problems" / problem)
-        network_natural = [case for case in cases if case.startswith("natural-") and "-gmm-" not in case]
+        network_natural = [case for case in cases if prior_family(case) == "natural"]
         assert cases[0].startswith("digits-") and len(network_natural) == 2
         assert any(case.startswith("digits-gmm-") for case in cases) and any("natural-gmm-" in case for case in cases)
+        assert [prior_family(case) for case in cases].count("natural-rgb") == 1
 
 
-@pytest.mark.parametrize("problem, case", PROBLEM_CASES)
-@pytest.mark.parametrize("sampler", sorted(FAST_OPTIONS))
-def test_every_shipped_problem_runs_with_every_built_in_sampler(tmp_path, capsys, problem, case, sampler):
+@pytest.mark.parametrize("problem, case, sampler", SAMPLER_CASES)
+def test_shipped_problems_run_with_the_built_in_samplers(tmp_path, capsys, problem, case, sampler):
     out = tmp_path / "run"
     command = ["solve", str(ROOT / "problems" / problem), "--case", case, "--sampler", sampler, "--out", str(out),
                "--num-samples", "4", "--quiet"] + FAST_OPTIONS[sampler]
@@ -231,8 +251,8 @@ def test_every_shipped_problem_runs_with_every_built_in_sampler(tmp_path, capsys
     assert summary["problem"]["name"] == f"{problem.removesuffix('.yaml')}-{case}"
     assert ("exact_posterior" in summary) == exact_prior
     shape = np.load(out / "samples.npz")["samples"].shape
-    size = 16 if case.startswith("natural-gmm-") else 32 if case.startswith("natural-") else 8
-    assert shape == (4, 1, size, size)
+    size = {"natural-gmm": 16, "natural": 32, "natural-rgb": 64}.get(prior_family(case), 8)
+    assert shape == (4, 3 if prior_family(case) == "natural-rgb" else 1, size, size)
     if sampler.endswith("smc"):
         arrays = np.load(out / "samples.npz")
         assert arrays["particles"].shape[0] == 8 and arrays["log_weights"].shape == (8,)
