@@ -9,8 +9,8 @@ with random weights and loaded through a problem file, box inpainting of the hel
   the particle samplers), after a warm-up run of two steps;
 * the network's own time at that batch: one forward call, and one forward+backward call (what DPS and
   twisted SMC pay), so that ``overhead = run time / (calls x network time of one call)``;
-* peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the peak growth of the resident
-  set during the run over the resident set before it (sampled every 5 ms from ``/proc/self/statm``);
+* peak memory (``invdiff.bench.Cost``): ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the peak
+  growth of the resident set during the run over the resident set before it (Linux ``VmHWM``);
 * with ``--largest-k`` (on a GPU): the largest particle count K (doubling from 8) for which one two-step run
   of each particle sampler fits, with the prior's ``batch_size`` set to ``--batch``;
 * with ``--full-dps``: the wall time of a full 1000-step DPS run of one image (DPS's paper reports about
@@ -28,16 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import os
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from invdiff.bench import Cost
 from invdiff.plugins import load_registry
 from invdiff.posterior import UnsupportedProblem, sample_posterior
 from invdiff.problems import load_problem
@@ -60,44 +58,18 @@ def sampler_options(name: str, batch: int, steps: int) -> dict:
             "ddrm": {"num_steps": steps}, "diffpir": {"num_steps": steps}}[name]
 
 
-class PeakResidentGrowth:
-    """The largest growth of the resident set over its size at entry, sampled every 5 ms (Linux), in MB."""
-
-    def __enter__(self):
-        self.start = self.peak = self._resident()
-        self.running = True
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exception):
-        self.running = False
-        self.thread.join()
-        self.megabytes = (max(self.peak, self._resident()) - self.start) / 2**20
-
-    def _watch(self):
-        while self.running:
-            self.peak = max(self.peak, self._resident())
-            time.sleep(0.005)
-
-    @staticmethod
-    def _resident() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def timed_run(sampler, posterior, batch: int, device: torch.device) -> dict:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    with PeakResidentGrowth() as resident:
+    """Wall and CPU time, network calls and peak memory of one run (``invdiff.bench.Cost``); on a GPU the
+    peak is the whole allocation (weights included), on the CPU the resident set's growth over its size
+    before the run."""
+    with Cost(str(device)) as cost:
         result = sample_posterior(sampler, posterior, batch, generator=torch.Generator(device).manual_seed(0))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resident.megabytes
-    return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-            "network_evaluations": result.network_evaluations, "peak_memory_mb": peak}
+    peak = cost.peak_memory_bytes
+    if peak is not None and device.type == "cuda":
+        peak += cost.memory_before
+    return {"wall_s": cost.wall_time_seconds, "cpu_s": cost.cpu_time_seconds,
+            "network_evaluations": result.network_evaluations,
+            "peak_memory_mb": float("nan") if peak is None else peak / 2**20}
 
 
 def largest_particle_count(sampler_class, name: str, posterior, batch: int, device: torch.device,
