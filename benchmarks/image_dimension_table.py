@@ -1,6 +1,7 @@
 """Every sampler at image dimension: the four ``natural-gmm-*`` cases (exact patch-GMM prior
 ``natural_gmm``, 16x16 = 256 values, noise 0.02, 64 samples) against their exact posteriors, and the
-shipped UNet cases ``natural-*`` (32x32 crops of held-out photographs, 16 samples).
+shipped UNet cases ``natural-*`` (32x32 crops of held-out photographs, 16 samples); on request the
+``digits-gmm-*`` cases (the exact 8x8 digits mixture, d = 64), where one run and many small runs meet.
 
 For each case and sampler configuration it runs ``invdiff solve``'s pipeline (the same problem, the
 same measurement, the same metric functions: ``invdiff.evaluation.run_summary``) and reports the PSNR
@@ -23,6 +24,9 @@ The shipped results (``benchmarks/results/image_dimension_exact.md``, ``image_di
         "twisted_smc 16 runs x 4" "twisted_smc 16 runs x 4, moves" "ve_smc 16 runs x 4, moves" "mcgdiff 16 runs x 4"
     OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py --name image_dimension_unet_more \
         --cases natural-motion natural-x2 natural-x4 --configs dps "twisted_smc K=64" "twisted_smc 16 runs x 4, moves"
+    OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py --name image_dimension_digits \
+        --cases digits-gmm-box digits-gmm-gaussian digits-gmm-x2 --configs exact "twisted_smc K=256" \
+        "twisted_smc 64 runs x 4" "twisted_smc 64 runs x 4, moves" "ve_smc K=256" "ve_smc 64 runs x 4"
 """
 
 from __future__ import annotations
@@ -42,9 +46,12 @@ from invdiff.problems import build_sampler, load_problem
 ROOT = Path(__file__).resolve().parent.parent
 EXACT_CASES = {"natural-gmm-box": "inpaint.yaml", "natural-gmm-random": "inpaint.yaml",
                "natural-gmm-gaussian": "deblur.yaml", "natural-gmm-x2": "superres.yaml"}
+#: the 8x8 digits mixture (d = 64): where one run and many small runs meet
+DIGITS_CASES = {"digits-gmm-box": "inpaint.yaml", "digits-gmm-gaussian": "deblur.yaml", "digits-gmm-x2": "superres.yaml"}
 UNET_CASES = {"natural-box": "inpaint.yaml", "natural-random": "inpaint.yaml", "natural-gaussian": "deblur.yaml",
               "natural-motion": "deblur.yaml", "natural-x2": "superres.yaml", "natural-x4": "superres.yaml"}
-CASES = {**EXACT_CASES, **UNET_CASES}
+MIXTURE_CASES = {**EXACT_CASES, **DIGITS_CASES}
+CASES = {**MIXTURE_CASES, **UNET_CASES}
 MOVES = {"move_steps": 3, "move_step_size": 0.2}
 
 
@@ -76,7 +83,7 @@ CONFIGS = {**EXACT_CONFIGS, **UNET_CONFIGS}
 def measure(case: str, label: str, seed: int, registry) -> dict:
     """One run of one configuration on one case: the table's row."""
     problem = load_problem(ROOT / "problems" / CASES[case], case)
-    name, options = (EXACT_CONFIGS if case in EXACT_CASES else UNET_CONFIGS)[label]
+    name, options = (EXACT_CONFIGS if case in MIXTURE_CASES else UNET_CONFIGS)[label]
     if options is None:
         options = problem.config.sampler_options.get(name, {})
     info = registry.get(name)
@@ -147,7 +154,7 @@ def main() -> None:
     registry = load_registry()
     rows = []
     for case in arguments.cases:
-        family = EXACT_CONFIGS if case in EXACT_CASES else UNET_CONFIGS
+        family = EXACT_CONFIGS if case in MIXTURE_CASES else UNET_CONFIGS
         for label in [label for label in arguments.configs or family if label in family]:
             for seed in arguments.seeds:
                 rows.append(measure(case, label, seed, registry))
