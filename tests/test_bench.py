@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import invdiff.bench
 from cli_helpers import error_of
@@ -254,3 +255,15 @@ def test_cells_are_keyed_by_the_files_a_problem_names_not_by_their_spelling(tmp_
     shipped["problem"]["prior"] = {"name": "digits"}
     moved = {**shipped, "problem_file": str(tmp_path / "two" / "problem.yaml")}
     assert cell_key(shipped) == cell_key(moved)
+
+
+SHIPPED_BENCHMARKS = sorted(path for path in (ROOT / "benchmarks").glob("*.yaml")
+                            if "problems" in yaml.safe_load(path.read_text()))   # not sizes_problems.yaml, a problem file
+
+
+@pytest.mark.parametrize("path", SHIPPED_BENCHMARKS, ids=lambda path: path.name)
+def test_shipped_benchmark_configurations_load(path):
+    """Every configuration under benchmarks/ is valid as shipped: its problem files, cases, images, samplers
+    and options (a renamed case or option would otherwise surface only when someone runs it)."""
+    bench = load_bench(path)
+    assert bench.cases and bench.methods
