@@ -41,21 +41,10 @@ from invdiff.posterior import UnsupportedProblem, sample_posterior
 from invdiff.problems import load_problem
 from invdiff.reference_architectures import ARCHITECTURES, write_problem_files
 from invdiff.resources import network_call_seconds
+from test_speed import PARTICLE_SAMPLERS, sampler_options  # the speed suite's: steps on a batch of chains
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLERS = ("dps", "deepinv_dps", "twisted_smc", "ve_smc", "mcgdiff", "rdmc", "ddrm", "diffpir")
-PARTICLE_SAMPLERS = ("twisted_smc", "ve_smc", "mcgdiff")
-
-
-def sampler_options(name: str, batch: int, steps: int) -> dict:
-    """``steps`` steps on ``batch`` chains (RDMC: one chain of one inner step per outer step, a pool of
-    ``batch`` prior draws of ``steps`` steps); as in benchmarks/test_speed.py."""
-    return {"dps": {"num_steps": steps}, "deepinv_dps": {"num_steps": steps + 1},
-            "twisted_smc": {"num_steps": steps, "num_particles": batch},
-            "ve_smc": {"num_steps": steps, "num_particles": batch},
-            "mcgdiff": {"num_steps": steps, "num_particles": batch},
-            "rdmc": {"num_steps": steps, "num_chains": 1, "inner_steps": 1, "pool_size": batch, "pool_steps": steps},
-            "ddrm": {"num_steps": steps}, "diffpir": {"num_steps": steps}}[name]
 
 
 def timed_run(sampler, posterior, batch: int, device: torch.device) -> dict:

@@ -210,9 +210,10 @@ def first_of_each_family(cases: list[tuple[str, str]]) -> set[tuple[str, str]]:
 #: every sampler runs on every digits case and on the first case of each image-size family in each problem file
 #: (each operator type with each kind of prior); the other 32x32 and 16x16 cases, and the 64x64 colour ones
 #: (every sampler in colour: tests/test_colour.py, tests/test_real_size.py), run with DPS: each loads and samples
+FIRST_OF_EACH_FAMILY = first_of_each_family(PROBLEM_CASES)
 SAMPLER_CASES = [(problem, case, sampler) for problem, case in PROBLEM_CASES for sampler in sorted(FAST_OPTIONS)
                  if sampler == "dps" or prior_family(case) in ("digits", "digits-gmm")
-                 or ((problem, case) in first_of_each_family(PROBLEM_CASES) and prior_family(case) != "natural-rgb")]
+                 or ((problem, case) in FIRST_OF_EACH_FAMILY and prior_family(case) != "natural-rgb")]
 
 
 def test_listing_the_cases_of_a_bad_file_names_what_is_wrong(tmp_path):
