@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 
 from invdiff.evaluation import show_image
-from invdiff.metrics import SSIM_CONVENTION
+from invdiff.metrics import SSIM_CONVENTION, calibrated_coverage
 
 __all__ = ["write_reports", "aggregate", "CEILING", "ORACLE"]
 
@@ -118,7 +118,8 @@ def _tables(name: str, test_rows: list[dict], tuning: list[dict]) -> str:
              "Per problem case: mean ± standard error over the test images (the seeds of an image averaged first). "
              "PSNR and SSIM of the posterior mean (baselines: of their reconstruction), images in [0, 1]; SSIM: "
              f"{SSIM_CONVENTION}. Single: the average PSNR of single samples. std: mean per-pixel posterior std. "
-             "Coverage: of the 90% per-pixel credible intervals. NFE: network evaluations per returned sample. "
+             f"Coverage: of the 90% per-pixel credible intervals{_calibrated_coverage_note(test_rows)}. "
+             "NFE: network evaluations per returned sample. "
              "Peak memory: growth of the resident set (CPU) or torch.cuda.max_memory_allocated (GPU). SW: sliced "
              f"Wasserstein distance to exact posterior draws (prior space); the '{CEILING}' row gives the exact "
              "posterior's own scores, and in the SW column the exact-vs-exact floor."]
@@ -131,6 +132,16 @@ def _tables(name: str, test_rows: list[dict], tuning: list[dict]) -> str:
         parts += ["", f"## {problem}", "", _case_table(rows)]
     parts += ["", "## Ranking by PSNR of the posterior mean", "", _ranking(test_rows), ""]
     return "\n".join(parts)
+
+
+def _calibrated_coverage_note(rows: list[dict]) -> str:
+    """What a calibrated sampler's coverage is expected to be at the cells' numbers of samples."""
+    counts = sorted({int(row["num_samples"]) for row in rows if int(row.get("num_samples") or 0) >= 2})
+    if not counts:
+        return ""
+    expected = ", ".join(f"{calibrated_coverage(count):.3f} at {count} samples" for count in counts)
+    return (f" (a calibrated sampler, truth drawn from its prior, is expected to score {expected}: "
+            "invdiff.metrics.calibrated_coverage)")
 
 
 def _tuning_markdown(tuning: list[dict]) -> str:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from invdiff.exact import ExactPosterior, NotTractable
-from invdiff.metrics import SSIM_CONVENTION, coverage, distinct_samples, psnr, sliced_wasserstein, ssim
+from invdiff.metrics import (SSIM_CONVENTION, calibrated_coverage, coverage, distinct_samples, psnr,
+                             sliced_wasserstein, ssim)
 from invdiff.plugins import SamplerInfo
 from invdiff.posterior import SampleResult
 from invdiff.problems import Problem
@@ -120,6 +121,7 @@ def _metrics(problem: Problem, result: SampleResult, images: torch.Tensor, mean:
         "ssim_posterior_mean": ssim(mean, truth),
         "psnr_samples_average": float(np.mean(sample_psnrs)),
         "coverage_90": coverage(images, truth, 0.9),
+        **({"coverage_90_calibrated": calibrated_coverage(len(images), 0.9)} if len(images) >= 2 else {}),
         **metrics,
         "ssim_convention": SSIM_CONVENTION,
     }
