@@ -64,6 +64,13 @@ class Prior(ABC):
         lambda_t, sigma_t = (_per_chain(value, x) for value in (self.sde.lambda_t(t), self.sde.sigma_t(t)))
         return (x + sigma_t**2 * self.score(x, t)) / lambda_t
 
+    @property
+    def image_map(self) -> tuple[float, float]:
+        """``(scale, offset)`` of the map ``image = scale * x + offset`` that sends ``data_range`` onto [0, 1]:
+        the map the problem files give every operator."""
+        low, high = self.data_range
+        return 1.0 / (high - low), -low / (high - low)
+
     def as_denoiser(self, image_scale: float | None = None, image_offset: float | None = None) -> "PriorDenoiser":
         """This prior as a deepinv denoiser ``D(image, sigma)`` on images ``image = image_scale * x + image_offset``.
 
@@ -120,10 +127,10 @@ class PriorDenoiser(torch.nn.Module):
 
     def __init__(self, prior: "Prior", image_scale: float | None = None, image_offset: float | None = None):
         super().__init__()
-        low, high = prior.data_range
+        default_scale, default_offset = prior.image_map
         self.prior = prior
-        self.image_scale = 1.0 / (high - low) if image_scale is None else float(image_scale)
-        self.image_offset = -low / (high - low) if image_offset is None else float(image_offset)
+        self.image_scale = default_scale if image_scale is None else float(image_scale)
+        self.image_offset = default_offset if image_offset is None else float(image_offset)
         if not self.image_scale > 0:
             raise ValueError(f"image_scale must be > 0, got {self.image_scale}")
 

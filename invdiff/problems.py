@@ -698,8 +698,7 @@ def build_problem(config: ProblemConfig, path: Path) -> Problem:
         operator = config.operator.build(shape, config.noise.build())
     except ValueError as error:
         raise ProblemError(f"{path.name}: operator: {error}") from None
-    low, high = prior.data_range
-    operator = operator.with_input_map(1.0 / (high - low), -low / (high - low))
+    operator = operator.with_input_map(*prior.image_map)
 
     if config.measurement is not None:
         measurement = _read_measurement(config, path, operator, shape)
@@ -769,8 +768,8 @@ def _read_truth(config: ProblemConfig, path: Path, prior: Prior) -> tuple[Tensor
 
 
 def _draw_from_prior(truth: PriorTruthConfig, prior: Prior, path: Path) -> Tensor:
-    """One draw of ``prior`` (at ``truth.size`` if set) as a ``(1, C, H, W)`` float32 image: ``data_range`` mapped
-    onto [0, 1] as the operator maps it, not clipped (the measurement is simulated from exactly this draw)."""
+    """One draw of ``prior`` (at ``truth.size`` if set) as a ``(1, C, H, W)`` float32 image, through the map the
+    operator is given (``Prior.image_map``), not clipped (the measurement is simulated from exactly this draw)."""
     if truth.size is not None and tuple(prior.event_shape[1:]) != (truth.size, truth.size):
         prior = _fit_prior_to_image(prior, (prior.event_shape[0], truth.size, truth.size), path)
     generator = torch.Generator().manual_seed(truth.seed)
@@ -778,8 +777,8 @@ def _draw_from_prior(truth: PriorTruthConfig, prior: Prior, path: Path) -> Tenso
         draw = prior.sample_clean(1, generator=generator)
     else:
         draw = prior.sample(1, num_steps=truth.num_steps, generator=generator)
-    low, high = prior.data_range
-    return ((draw.cpu().to(torch.float64) - low) / (high - low)).to(torch.float32)
+    scale, offset = prior.image_map
+    return (scale * draw.cpu().to(torch.float64) + offset).to(torch.float32)
 
 
 def _channel_count(channels: int) -> str:
