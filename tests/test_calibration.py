@@ -4,10 +4,9 @@ on such truths the exact posterior's 90% intervals cover at ``calibrated_coverag
 import math
 
 import numpy as np
-import pytest
 import torch
 
-from cli_helpers import error_of, write_problem
+from cli_helpers import write_problem
 from invdiff.evaluation import run_images
 from invdiff.exact import ExactPosterior
 from invdiff.metrics import calibrated_coverage, coverage
@@ -73,21 +72,3 @@ truth: {source: prior, seed: 0, num_steps: 4, size: 16}
     assert problem.truth.shape == (1, 1, 16, 16) and problem.posterior.prior.event_shape == (1, 16, 16)
     assert torch.isfinite(problem.truth).all() and problem.truth.std() > 0
     torch.testing.assert_close(load_problem(path).truth, problem.truth, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("truth, expected", [
-    ("{source: prior}", "truth.seed: Field required"),
-    ("{source: prior, seed: -1}", "truth.seed: Input should be greater than or equal to 0"),
-    ("{source: prior, seed: 0, size: 12}", "truth: the image has shape (1, 12, 12)"),
-])
-def test_bad_prior_truths_are_one_line(tmp_path, capsys, truth, expected):
-    problem = write_problem(tmp_path, f"""
-name: bad
-prior: digits_gmm
-operator: {{type: inpainting, mask: random, fraction_observed: 0.5}}
-noise: {{type: gaussian, sigma_y: 0.05}}
-truth: {truth}
-""")
-    out = tmp_path / "run"
-    error = error_of(["solve", str(problem), "--sampler", "dps", "--out", str(out), "--quiet"], capsys)
-    assert expected in error and not out.exists(), error

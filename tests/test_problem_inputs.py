@@ -112,6 +112,16 @@ def test_a_bad_truth_file_is_one_line_naming_truth_path(tmp_path, capsys, make, 
     assert "problem.yaml: truth.path: " in error and expected in error and allowed in error, error
 
 
+@pytest.mark.parametrize("truth, expected", [
+    ("{source: prior}", "truth.seed: Field required"),
+    ("{source: prior, seed: -1}", "truth.seed: Input should be greater than or equal to 0"),
+    ("{source: prior, seed: 0, size: 12}", "truth: the image has shape (1, 12, 12)"),
+])
+def test_a_bad_prior_truth_is_one_line(tmp_path, capsys, truth, expected):
+    error = solve_error(write_problem(tmp_path, VALID.replace(DIGIT_TRUTH, f"truth: {truth}")), tmp_path, capsys)
+    assert expected in error, error
+
+
 @pytest.mark.parametrize("make, name, expected, allowed", BAD_FILES)
 def test_a_bad_measurement_file_is_one_line_naming_measurement(tmp_path, capsys, make, name, expected, allowed):
     make(tmp_path / "y.npy")
