@@ -16,6 +16,7 @@ about 40):
     OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py [--cases natural-gmm-box ...]
         [--configs "twisted_smc 64 runs x 4" ...] [--seeds 0 1] [--out benchmarks/results] [--name NAME]
 
+``EXACT_VARIANTS`` (variations of the best exact-case configuration) run only when named with ``--configs``.
 The shipped results (``benchmarks/results/image_dimension_exact.md``, ``image_dimension_unet.md``):
 
     OMP_NUM_THREADS=1 python benchmarks/image_dimension_table.py --name image_dimension_exact
@@ -75,15 +76,27 @@ def _particle_configs(steps: int, particles: int, runs: int) -> dict[str, tuple[
 #: label -> (sampler, options): at most 256 particles and 200 steps, 64 samples
 EXACT_CONFIGS = {"exact": ("exact", {}), "dps": ("dps", {"num_steps": 200, "scale": 1.0}), "rdmc": ("rdmc", {}),
                  **_particle_configs(200, 256, 64)}
+_BEST_EXACT = {"num_steps": 200, "num_runs": 64, "num_particles": 256, **MOVES}
+#: variations of the best exact-case configuration, run only when named with --configs: more or larger moves,
+#: moves at every step (resampling every step), larger runs, and 1000 steps (beyond the bar's 200: a diagnostic
+#: of the time discretisation)
+EXACT_VARIANTS = {
+    "twisted_smc 64 runs x 4, 10 moves": ("twisted_smc", {**_BEST_EXACT, "move_steps": 10}),
+    "twisted_smc 64 runs x 4, moves c=0.5": ("twisted_smc", {**_BEST_EXACT, "move_step_size": 0.5}),
+    "twisted_smc 64 runs x 4, moves every step": ("twisted_smc", {**_BEST_EXACT, "resampling_threshold": 1.0}),
+    "twisted_smc 16 runs x 16, moves every step": ("twisted_smc", {**_BEST_EXACT, "num_runs": 16,
+                                                                    "resampling_threshold": 1.0}),
+    "twisted_smc 64 runs x 4, 1000 steps": ("twisted_smc", {"num_steps": 1000, "num_runs": 64, "num_particles": 256}),
+}
 #: at most 64 particles and 100 steps, 16 samples; DPS and RDMC with the problem files' options
 UNET_CONFIGS = {"dps": ("dps", None), "rdmc": ("rdmc", None), **_particle_configs(100, 64, 16)}
-CONFIGS = {**EXACT_CONFIGS, **UNET_CONFIGS}
+CONFIGS = {**EXACT_CONFIGS, **EXACT_VARIANTS, **UNET_CONFIGS}
 
 
 def measure(case: str, label: str, seed: int, registry) -> dict:
     """One run of one configuration on one case: the table's row."""
     problem = load_problem(ROOT / "problems" / CASES[case], case)
-    name, options = (EXACT_CONFIGS if case in MIXTURE_CASES else UNET_CONFIGS)[label]
+    name, options = ({**EXACT_CONFIGS, **EXACT_VARIANTS} if case in MIXTURE_CASES else UNET_CONFIGS)[label]
     if options is None:
         options = problem.config.sampler_options.get(name, {})
     info = registry.get(name)
@@ -146,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(EXACT_CASES), choices=list(CASES))
     parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
-                        help="default: every configuration of the cases' family")
+                        help="default: every configuration of the cases' family but EXACT_VARIANTS")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", help="file name of the outputs, without extension (default image_dimension_table)")
@@ -154,8 +167,9 @@ def main() -> None:
     registry = load_registry()
     rows = []
     for case in arguments.cases:
-        family = EXACT_CONFIGS if case in MIXTURE_CASES else UNET_CONFIGS
-        for label in [label for label in arguments.configs or family if label in family]:
+        default, family = ((EXACT_CONFIGS, {**EXACT_CONFIGS, **EXACT_VARIANTS}) if case in MIXTURE_CASES
+                           else (UNET_CONFIGS, UNET_CONFIGS))
+        for label in [label for label in arguments.configs or default if label in family]:
             for seed in arguments.seeds:
                 rows.append(measure(case, label, seed, registry))
                 print(json.dumps(rows[-1]), flush=True)
