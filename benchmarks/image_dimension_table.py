@@ -90,13 +90,15 @@ EXACT_VARIANTS = {
 }
 #: at most 64 particles and 100 steps, 16 samples; DPS and RDMC with the problem files' options
 UNET_CONFIGS = {"dps": ("dps", None), "rdmc": ("rdmc", None), **_particle_configs(100, 64, 16)}
-CONFIGS = {**EXACT_CONFIGS, **EXACT_VARIANTS, **UNET_CONFIGS}
+#: every configuration a mixture case accepts
+MIXTURE_CONFIGS = {**EXACT_CONFIGS, **EXACT_VARIANTS}
+CONFIGS = {**MIXTURE_CONFIGS, **UNET_CONFIGS}
 
 
 def measure(case: str, label: str, seed: int, registry) -> dict:
     """One run of one configuration on one case: the table's row."""
     problem = load_problem(ROOT / "problems" / CASES[case], case)
-    name, options = ({**EXACT_CONFIGS, **EXACT_VARIANTS} if case in MIXTURE_CASES else UNET_CONFIGS)[label]
+    name, options = (MIXTURE_CONFIGS if case in MIXTURE_CASES else UNET_CONFIGS)[label]
     if options is None:
         options = problem.config.sampler_options.get(name, {})
     info = registry.get(name)
@@ -167,8 +169,7 @@ def main() -> None:
     registry = load_registry()
     rows = []
     for case in arguments.cases:
-        default, family = ((EXACT_CONFIGS, {**EXACT_CONFIGS, **EXACT_VARIANTS}) if case in MIXTURE_CASES
-                           else (UNET_CONFIGS, UNET_CONFIGS))
+        default, family = (EXACT_CONFIGS, MIXTURE_CONFIGS) if case in MIXTURE_CASES else (UNET_CONFIGS, UNET_CONFIGS)
         for label in [label for label in arguments.configs or default if label in family]:
             for seed in arguments.seeds:
                 rows.append(measure(case, label, seed, registry))
