@@ -8,6 +8,10 @@ posterior is again a Gaussian mixture (ALGORITHMS.md section 6; MCGdiff, Cardoso
     w'_k ∝ w_k N(y; A mu_k + b, S_k),          p(y) = sum_k w_k N(y; A mu_k + b, S_k)
 
 All in float64. These are the references every sampler is checked against.
+
+``noise_level = rho > 0`` gives the posteriors an annealing sampler passes through instead: the likelihood
+``N(y; A x + b, sigma_y^2 I + rho^2 A A^T)``, that of a measurement of ``x + rho * noise`` (TDS's twist at
+``r_t = rho``, ALGORITHMS.md section 5); ``S_k`` then gains ``rho^2 A A^T``.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ class ExactPosterior:
         self.event_shape = tuple(event_shape)
 
     @classmethod
-    def from_posterior(cls, posterior: Posterior) -> "ExactPosterior":
-        """Build the exact posterior, or raise ``NotTractable`` saying why it has no closed form."""
+    def from_posterior(cls, posterior: Posterior, noise_level: float = 0.0) -> "ExactPosterior":
+        """Build the exact posterior (at ``noise_level``: module docstring), or raise ``NotTractable`` saying why
+        it has no closed form."""
         prior, operator = posterior.prior, posterior.operator
         if not isinstance(prior, GaussianMixturePrior):
             raise NotTractable(f"the exact posterior needs a Gaussian or Gaussian-mixture prior, "
@@ -62,17 +67,21 @@ class ExactPosterior:
         measurement = posterior.measurement.detach().to("cpu", torch.float64).flatten()
         return cls.from_linear_gaussian(prior.log_weights.cpu(), prior.means.cpu(), prior.covariances.cpu(),
                                         matrix.cpu(), offset.cpu(), measurement, operator.noise.sigma_y,
-                                        prior.event_shape)
+                                        prior.event_shape, noise_level)
 
     @classmethod
     def from_linear_gaussian(cls, log_weights: Tensor, means: Tensor, covariances: Tensor, matrix: Tensor,
                              offset: Tensor, measurement: Tensor, sigma_y: float,
-                             event_shape: tuple[int, ...] | None = None) -> "ExactPosterior":
-        """The posterior of ``y = matrix x + offset + N(0, sigma_y^2 I)`` under the mixture prior."""
+                             event_shape: tuple[int, ...] | None = None,
+                             noise_level: float = 0.0) -> "ExactPosterior":
+        """The posterior of ``y = matrix x + offset + N(0, sigma_y^2 I + noise_level^2 A A^T)`` under the
+        mixture prior (``noise_level``: module docstring)."""
         matrix = matrix.to(torch.float64)
-        identity = torch.eye(matrix.shape[0], dtype=torch.float64)
+        noise_covariance = sigma_y**2 * torch.eye(matrix.shape[0], dtype=torch.float64)
+        if noise_level:
+            noise_covariance = noise_covariance + noise_level**2 * matrix @ matrix.T
         cross = covariances @ matrix.T                                    # Sigma_k A^T, (K, d, m)
-        measurement_covariance = matrix @ cross + sigma_y**2 * identity   # S_k, (K, m, m)
+        measurement_covariance = matrix @ cross + noise_covariance        # S_k, (K, m, m)
         measurement_cholesky = torch.linalg.cholesky(measurement_covariance)
         predicted = means @ matrix.T + offset                             # A mu_k + b, (K, m)
         gains = torch.cholesky_solve(cross.transpose(1, 2), measurement_cholesky).transpose(1, 2)  # K_k

@@ -338,6 +338,11 @@ class GaussianMixturePrior(Prior):
         centred, variances = self._rotated_terms(x, t)
         return torch.logsumexp(self._component_log_densities(centred, variances), dim=1)
 
+    def responsibilities(self, x: Tensor, t: float | Tensor = 0.0) -> Tensor:
+        """``P(component k | x_t = x)`` under the diffused prior: shape ``(B, K)``, float64."""
+        centred, variances = self._rotated_terms(x, t)
+        return torch.softmax(self._component_log_densities(centred, variances), dim=1)
+
     def _score(self, x, t):
         centred, variances = self._rotated_terms(x, t)
         responsibilities = torch.softmax(self._component_log_densities(centred, variances), dim=1)

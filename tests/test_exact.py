@@ -45,6 +45,31 @@ def test_evidence_of_a_one_dimensional_mixture_by_quadrature():
         f"log p(y) {exact.log_evidence:.4f} is below its first component's share {single + math.log(0.3):.4f}"
 
 
+def test_noised_posterior_of_a_one_dimensional_mixture_by_quadrature():
+    """At noise level rho the likelihood is N(y; a x, sigma_y^2 + rho^2 a^2): weights and mean by quadrature; a
+    large rho leaves the prior's weights."""
+    prior = GaussianMixturePrior(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0], [1.5]]),
+                                 torch.tensor([[0.5], [0.2]]), VPSDE())
+    operator = matrix_operator(torch.tensor([[1.3]], dtype=torch.float64), GaussianNoise(0.6))
+    posterior = Posterior(prior, operator, torch.tensor([[0.9]], dtype=torch.float64))
+    rho = 0.8
+    noised = ExactPosterior.from_posterior(posterior, noise_level=rho)
+    grid = torch.linspace(-12, 12, 200001, dtype=torch.float64)
+    variance = 0.6**2 + rho**2 * 1.3**2
+    likelihood = -0.5 * ((0.9 - 1.3 * grid) ** 2 / variance + math.log(2 * math.pi * variance))
+    integrand = torch.exp(prior.log_prob(grid[:, None]) + likelihood)
+    evidence = torch.trapezoid(integrand, grid)
+    first_component = 0.3 * torch.exp(-0.5 * ((grid + 2.0) ** 2 / 0.5 + math.log(2 * math.pi * 0.5)) + likelihood)
+    assert noised.log_evidence == pytest.approx(math.log(evidence), abs=1e-8)
+    assert float(noised.mean) == pytest.approx(float(torch.trapezoid(grid * integrand, grid) / evidence), abs=1e-8)
+    assert float(noised.log_weights.exp()[0]) == pytest.approx(float(torch.trapezoid(first_component, grid) / evidence),
+                                                              abs=1e-8)
+    exact_weights = ExactPosterior.from_posterior(posterior).log_weights.exp()
+    assert not torch.allclose(noised.log_weights.exp(), exact_weights, atol=1e-3)
+    flat = ExactPosterior.from_posterior(posterior, noise_level=1e4).log_weights.exp()
+    assert torch.allclose(flat, torch.tensor([0.3, 0.7], dtype=torch.float64), atol=1e-6)
+
+
 @pytest.mark.parametrize("bed", ["mixture", "digits_inpainting"])
 def test_bayes_rule_holds_pointwise(bed):
     """log p(x | y) = log p(y | x) + log p(x) - log p(y) at arbitrary points: density and evidence agree."""

@@ -82,6 +82,8 @@ def test_from_sklearn_keeps_the_fitted_density():
         prior = GaussianMixturePrior.from_sklearn(mixture, VPSDE())
         ours = prior.log_prob(torch.as_tensor(data[:10]), 0.0).numpy()
         assert ours == pytest.approx(mixture.score_samples(data[:10]), rel=1e-8)
+        responsibilities = prior.responsibilities(torch.as_tensor(data[:10])).numpy()
+        assert responsibilities == pytest.approx(mixture.predict_proba(data[:10]), abs=1e-8)
 
 
 def test_digits_prior_is_an_image_prior_in_minus_one_one():
