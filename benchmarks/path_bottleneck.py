@@ -16,18 +16,22 @@ of ``K`` particles that follows the path keeps about ``K m`` particles in them t
 ``K m << 1``: resampling removes them, and no move that leaves a high-dimensional component reaches them
 again before the weights turn. ``1 / min m`` is the order of particles needed.
 
-``--samplers`` also runs configurations of ``image_dimension_table.py`` (64 samples, seed 0) and counts, for exact
+``--prior-draws SEED ...`` repeats the path (not the samplers) with exact draws of the prior as truths instead of
+the photograph crops (the truths of ``calibration_gmm64.yaml``, seeds 1-6), whose measured distances to the
+exact posteriors it can be set against. ``--samplers`` also runs configurations of ``image_dimension_table.py`` (64 samples, seed 0) and counts, for exact
 draws and each sampler's samples, the prior component that explains each sample best (largest prior
 responsibility at ``t = 0``): where the samples ended up. Run from the repository root (seconds; with the
 samplers below about 2 minutes on one thread):
 
     python benchmarks/path_bottleneck.py [--cases natural-gmm-box ...] [--out benchmarks/results/path_bottleneck.md]
-        [--samplers exact dps "twisted_smc 64 runs x 4, moves"]
+        [--samplers exact dps "twisted_smc 64 runs x 4, moves"] [--prior-draws 1 2 3 4 5 6]
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -36,7 +40,7 @@ from image_dimension_table import MIXTURE_CONFIGS
 from invdiff.exact import ExactPosterior
 from invdiff.plugins import load_registry
 from invdiff.posterior import sample_posterior
-from invdiff.problems import build_sampler, load_problem
+from invdiff.problems import PriorTruthConfig, build_problem, build_sampler, load_problem, load_problem_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {"natural-gmm-box": "inpaint.yaml", "natural-gmm-random": "inpaint.yaml",
@@ -57,10 +61,19 @@ def landing_components(problem, label: str, registry, num_samples: int = 64) -> 
     return torch.bincount(best, minlength=len(prior.log_weights)).tolist()
 
 
-def path_rows(case: str, samplers: list[str], registry) -> dict:
+def case_problem(case: str, prior_draw: int | None = None):
+    """The problem file's case, or the same case with an exact prior draw (its seed) as the truth."""
+    path = ROOT / "problems" / CASES[case]
+    if prior_draw is None:
+        return load_problem(path, case)
+    config = load_problem_config(path, case)
+    return build_problem(config.model_copy(update={"truth": PriorTruthConfig(source="prior", seed=prior_draw)}), path)
+
+
+def path_rows(case: str, samplers: list[str], registry, prior_draw: int | None = None) -> dict:
     """The path of one case: its main components and, per level, their mass and the largest component; where
     the ``samplers``' samples land."""
-    problem = load_problem(ROOT / "problems" / CASES[case], case)
+    problem = case_problem(case, prior_draw)
     exact = ExactPosterior.from_posterior(problem.posterior).log_weights.exp()
     main = (exact > MAIN_WEIGHT).nonzero().flatten()
     sde = problem.posterior.prior.sde
@@ -74,18 +87,18 @@ def path_rows(case: str, samplers: list[str], registry) -> dict:
                        "largest": int(weights.argmax()), "largest_weight": float(weights.max())})
     bottleneck = min(levels, key=lambda level: level["mass"])
     landing = {label: landing_components(problem, label, registry) for label in samplers}
-    return {"case": case, "main": main.tolist(), "main_weights": exact[main].tolist(), "levels": levels,
+    return {"case": case if prior_draw is None else f"{case}, prior draw {prior_draw}", "main": main.tolist(), "main_weights": exact[main].tolist(), "levels": levels,
             "bottleneck": bottleneck, "landing": landing}
 
 
-def report(paths: list[dict]) -> str:
+def report(paths: list[dict], draws: list[dict], command: str) -> str:
     lines = ["### The annealing path's bottleneck on the exact patch-GMM cases", "",
-             "Made by `python benchmarks/path_bottleneck.py` (module docstring: what is computed). Main components:",
+             f"Made by `{command}` (module docstring: what is computed). Main components:",
              f"those with weight above {MAIN_WEIGHT:g} in the exact posterior. Mass: their weight in `p_rho(x | y)`;",
              "t: the prior's diffusion time where TDS's twist variance `sigma_t^2 / lambda_t^2` equals `rho^2`.", "",
              "| case | main components (exact weights) | smallest mass on the path | at rho (t) | particles needed ~ 1 / mass |",
              "|---|---|---|---|---|"]
-    for path in paths:
+    for path in paths + draws:
         main = ", ".join(f"{k} ({w:.2f})" for k, w in zip(path["main"], path["main_weights"]))
         low = path["bottleneck"]
         lines.append(f"| {path['case']} | {main} | {low['mass']:.1e} | {low['rho']:g} ({low['time']:.3f}) | "
@@ -111,9 +124,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "path_bottleneck.md")
     parser.add_argument("--samplers", nargs="*", default=[], choices=list(MIXTURE_CONFIGS),
                         help="configurations of image_dimension_table.py whose samples' components to count")
+    parser.add_argument("--prior-draws", nargs="*", type=int, default=[],
+                        help="also the path with these exact prior draws (seeds) as truths; summary rows only")
     args = parser.parse_args()
     registry = load_registry()
-    text = report([path_rows(case, args.samplers, registry) for case in args.cases])
+    paths = [path_rows(case, args.samplers, registry) for case in args.cases]
+    draws = [path_rows(case, [], registry, seed) for case in args.cases for seed in args.prior_draws]
+    command = " ".join(["python benchmarks/path_bottleneck.py", *map(shlex.quote, sys.argv[1:])])
+    text = report(paths, draws, command)
     args.out.write_text(text)
     print(text)
 
