@@ -16,12 +16,12 @@ of ``K`` particles that follows the path keeps about ``K m`` particles in them t
 ``K m << 1``: resampling removes them, and no move that leaves a high-dimensional component reaches them
 again before the weights turn. ``1 / min m`` is the order of particles needed.
 
-``--prior-draws SEED ...`` repeats the path (not the samplers) with exact draws of the prior as truths instead of
-the photograph crops (the truths of ``calibration_gmm64.yaml``, seeds 1-6), whose measured distances to the
-exact posteriors it can be set against. ``--samplers`` also runs configurations of ``image_dimension_table.py`` (64 samples, seed 0) and counts, for exact
-draws and each sampler's samples, the prior component that explains each sample best (largest prior
-responsibility at ``t = 0``): where the samples ended up. Run from the repository root (seconds; with the
-samplers below about 2 minutes on one thread):
+``--prior-draws SEED ...`` repeats the path (not the samplers) with exact draws of the prior as truths instead
+of the photograph crops (the truths of ``calibration_gmm64.yaml``, seeds 1-6), whose measured distances to the
+exact posteriors it can be set against. ``--samplers`` also runs configurations of ``image_dimension_table.py``
+(64 samples, seed 0) and counts, for exact draws and each sampler's samples, the prior component that explains
+each sample best (largest prior responsibility at ``t = 0``): where the samples ended up. Run from the
+repository root (about a minute on one thread; the five samplers of the README's command add about 17):
 
     python benchmarks/path_bottleneck.py [--cases natural-gmm-box ...] [--out benchmarks/results/path_bottleneck.md]
         [--samplers exact dps "twisted_smc 64 runs x 4, moves"] [--prior-draws 1 2 3 4 5 6]
@@ -36,16 +36,14 @@ from pathlib import Path
 
 import torch
 
-from image_dimension_table import MIXTURE_CONFIGS
+from image_dimension_table import EXACT_CASES, MIXTURE_CONFIGS
 from invdiff.exact import ExactPosterior
 from invdiff.plugins import load_registry
 from invdiff.posterior import sample_posterior
 from invdiff.problems import PriorTruthConfig, build_problem, build_sampler, load_problem, load_problem_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = {"natural-gmm-box": "inpaint.yaml", "natural-gmm-random": "inpaint.yaml",
-         "natural-gmm-gaussian": "deblur.yaml", "natural-gmm-x2": "superres.yaml"}
-#: noise levels rho (prior units; the prior's values span [-1, 1])
+#: noise levels rho (prior units; the prior's values span [-1, 1]); the first, 0, is the exact posterior
 LEVELS = (0.0, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 2.0, 5.0)
 #: a component "holds" the exact posterior above this weight
 MAIN_WEIGHT = 0.01
@@ -63,7 +61,7 @@ def landing_components(problem, label: str, registry, num_samples: int = 64) -> 
 
 def case_problem(case: str, prior_draw: int | None = None):
     """The problem file's case, or the same case with an exact prior draw (its seed) as the truth."""
-    path = ROOT / "problems" / CASES[case]
+    path = ROOT / "problems" / EXACT_CASES[case]
     if prior_draw is None:
         return load_problem(path, case)
     config = load_problem_config(path, case)
@@ -74,20 +72,19 @@ def path_rows(case: str, samplers: list[str], registry, prior_draw: int | None =
     """The path of one case: its main components and, per level, their mass and the largest component; where
     the ``samplers``' samples land."""
     problem = case_problem(case, prior_draw)
-    exact = ExactPosterior.from_posterior(problem.posterior).log_weights.exp()
+    weights = [ExactPosterior.from_posterior(problem.posterior, noise_level=rho).log_weights.exp() for rho in LEVELS]
+    exact = weights[0]
     main = (exact > MAIN_WEIGHT).nonzero().flatten()
     sde = problem.posterior.prior.sde
     times = torch.linspace(0, sde.T, 100001, dtype=torch.float64)
     twist_scale = sde.sigma_t(times) / sde.lambda_t(times)     # r_t, increasing from 0
-    levels = []
-    for rho in LEVELS:
-        weights = ExactPosterior.from_posterior(problem.posterior, noise_level=rho).log_weights.exp()
-        time = float(times[(twist_scale - rho).abs().argmin()])
-        levels.append({"rho": rho, "time": time, "mass": float(weights[main].sum()),
-                       "largest": int(weights.argmax()), "largest_weight": float(weights.max())})
+    levels = [{"rho": rho, "time": float(times[(twist_scale - rho).abs().argmin()]), "mass": float(level[main].sum()),
+               "largest": int(level.argmax()), "largest_weight": float(level.max())}
+              for rho, level in zip(LEVELS, weights)]
     bottleneck = min(levels, key=lambda level: level["mass"])
     landing = {label: landing_components(problem, label, registry) for label in samplers}
-    return {"case": case if prior_draw is None else f"{case}, prior draw {prior_draw}", "main": main.tolist(), "main_weights": exact[main].tolist(), "levels": levels,
+    name = case if prior_draw is None else f"{case}, prior draw {prior_draw}"
+    return {"case": name, "main": main.tolist(), "main_weights": exact[main].tolist(), "levels": levels,
             "bottleneck": bottleneck, "landing": landing}
 
 
@@ -96,7 +93,8 @@ def report(paths: list[dict], draws: list[dict], command: str) -> str:
              f"Made by `{command}` (module docstring: what is computed). Main components:",
              f"those with weight above {MAIN_WEIGHT:g} in the exact posterior. Mass: their weight in `p_rho(x | y)`;",
              "t: the prior's diffusion time where TDS's twist variance `sigma_t^2 / lambda_t^2` equals `rho^2`.", "",
-             "| case | main components (exact weights) | smallest mass on the path | at rho (t) | particles needed ~ 1 / mass |",
+             "| case | main components (exact weights) | smallest mass on the path | at rho (t) "
+             "| particles needed ~ 1 / mass |",
              "|---|---|---|---|---|"]
     for path in paths + draws:
         main = ", ".join(f"{k} ({w:.2f})" for k, w in zip(path["main"], path["main_weights"]))
@@ -104,15 +102,15 @@ def report(paths: list[dict], draws: list[dict], command: str) -> str:
         lines.append(f"| {path['case']} | {main} | {low['mass']:.1e} | {low['rho']:g} ({low['time']:.3f}) | "
                      f"{1 / low['mass']:.0f} |")
     if any(path["landing"] for path in paths):
-        lines += ["", "Where the samples land (64 samples, seed 0): component (number of samples it explains best).", "",
-                  "| case | configuration | components |", "|---|---|---|"]
+        lines += ["", "Where the samples land (64 samples, seed 0): component (number of samples it explains best).",
+                  "", "| case | configuration | components |", "|---|---|---|"]
         for path in paths:
             for label, counts in path["landing"].items():
                 found = ", ".join(f"{k} ({n})" for k, n in enumerate(counts) if n)
                 lines.append(f"| {path['case']} | {label} | {found} |")
     for path in paths:
-        lines += ["", f"#### {path['case']}", "", "| rho | t | mass of the main components | largest component (weight) |",
-                  "|---|---|---|---|"]
+        lines += ["", f"#### {path['case']}", "",
+                  "| rho | t | mass of the main components | largest component (weight) |", "|---|---|---|---|"]
         lines += [f"| {level['rho']:g} | {level['time']:.4f} | {level['mass']:.2e} | {level['largest']} "
                   f"({level['largest_weight']:.3f}) |" for level in path["levels"]]
     return "\n".join(lines) + "\n"
@@ -120,7 +118,7 @@ def report(paths: list[dict], draws: list[dict], command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(EXACT_CASES), choices=list(EXACT_CASES))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "path_bottleneck.md")
     parser.add_argument("--samplers", nargs="*", default=[], choices=list(MIXTURE_CONFIGS),
                         help="configurations of image_dimension_table.py whose samples' components to count")
