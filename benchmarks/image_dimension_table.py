@@ -78,8 +78,8 @@ EXACT_CONFIGS = {"exact": ("exact", {}), "dps": ("dps", {"num_steps": 200, "scal
                  **_particle_configs(200, 256, 64)}
 _BEST_EXACT = {"num_steps": 200, "num_runs": 64, "num_particles": 256, **MOVES}
 #: variations of the best exact-case configuration, run only when named with --configs: more or larger moves,
-#: moves at every step (resampling every step), larger runs, and 1000 steps (beyond the bar's 200: a diagnostic
-#: of the time discretisation)
+#: moves at every step (resampling every step), larger runs, 1000 steps (beyond the bar's 200: a diagnostic
+#: of the time discretisation), and the oracle twist p(y | x_t) (twisting: exact; a mixture prior's only)
 EXACT_VARIANTS = {
     "twisted_smc 64 runs x 4, 10 moves": ("twisted_smc", {**_BEST_EXACT, "move_steps": 10}),
     "twisted_smc 64 runs x 4, moves c=0.5": ("twisted_smc", {**_BEST_EXACT, "move_step_size": 0.5}),
@@ -87,6 +87,10 @@ EXACT_VARIANTS = {
     "twisted_smc 16 runs x 16, moves every step": ("twisted_smc", {**_BEST_EXACT, "num_runs": 16,
                                                                     "resampling_threshold": 1.0}),
     "twisted_smc 64 runs x 4, 1000 steps": ("twisted_smc", {"num_steps": 1000, "num_runs": 64, "num_particles": 256}),
+    "twisted_smc 64 runs x 4, moves, exact twist": ("twisted_smc", {**_BEST_EXACT, "twisting": "exact"}),
+    "twisted_smc 64 runs x 4, exact twist": ("twisted_smc", {"num_steps": 200, "num_runs": 64, "num_particles": 256,
+                                                             "twisting": "exact"}),
+    "twisted_smc K=256, exact twist": ("twisted_smc", {"num_steps": 200, "num_particles": 256, "twisting": "exact"}),
 }
 #: at most 64 particles and 100 steps, 16 samples; DPS and RDMC with the problem files' options
 UNET_CONFIGS = {"dps": ("dps", None), "rdmc": ("rdmc", None), **_particle_configs(100, 64, 16)}

@@ -25,7 +25,7 @@ from invdiff.noise import GaussianNoise
 from invdiff.posterior import Posterior, UnsupportedProblem
 from invdiff.prior import GaussianMixturePrior
 
-__all__ = ["ExactPosterior", "NotTractable"]
+__all__ = ["ExactPosterior", "ExactTwist", "NotTractable"]
 
 
 class NotTractable(UnsupportedProblem):
@@ -37,6 +37,20 @@ def _gaussian_log_density(x: Tensor, mean: Tensor, cholesky: Tensor) -> Tensor:
     whitened = torch.linalg.solve_triangular(cholesky, (x - mean)[..., None], upper=False)[..., 0]
     log_determinant = 2 * torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)
     return -0.5 * ((whitened**2).sum(-1) + log_determinant + x.shape[-1] * math.log(2 * math.pi))
+
+
+def _linear_gaussian_parts(posterior: Posterior, what: str) -> tuple[Tensor, Tensor, Tensor, float]:
+    """``(A, b, y, sigma_y)`` on the CPU in float64, or ``NotTractable`` naming the ingredient ``what`` lacks."""
+    prior, operator = posterior.prior, posterior.operator
+    if not isinstance(prior, GaussianMixturePrior):
+        raise NotTractable(f"{what} needs a Gaussian or Gaussian-mixture prior, not {type(prior).__name__}")
+    if not operator.linear:
+        raise NotTractable(f"{what} needs a linear operator; '{operator.name}' is not")
+    if not isinstance(operator.noise, GaussianNoise):
+        raise NotTractable(f"{what} needs Gaussian noise, not {operator.noise.settings()['type']}")
+    matrix, offset = operator.matrix(prior.event_shape, device=posterior.measurement.device)
+    measurement = posterior.measurement.detach().to("cpu", torch.float64).flatten()
+    return matrix.cpu().to(torch.float64), offset.cpu().to(torch.float64), measurement, operator.noise.sigma_y
 
 
 class ExactPosterior:
@@ -55,19 +69,10 @@ class ExactPosterior:
     def from_posterior(cls, posterior: Posterior, noise_level: float = 0.0) -> "ExactPosterior":
         """Build the exact posterior (at ``noise_level``: module docstring), or raise ``NotTractable`` saying why
         it has no closed form."""
-        prior, operator = posterior.prior, posterior.operator
-        if not isinstance(prior, GaussianMixturePrior):
-            raise NotTractable(f"the exact posterior needs a Gaussian or Gaussian-mixture prior, "
-                               f"not {type(prior).__name__}")
-        if not operator.linear:
-            raise NotTractable(f"the exact posterior needs a linear operator; '{operator.name}' is not")
-        if not isinstance(operator.noise, GaussianNoise):
-            raise NotTractable(f"the exact posterior needs Gaussian noise, not {operator.noise.settings()['type']}")
-        matrix, offset = operator.matrix(prior.event_shape, device=posterior.measurement.device)
-        measurement = posterior.measurement.detach().to("cpu", torch.float64).flatten()
+        prior = posterior.prior
+        matrix, offset, measurement, sigma_y = _linear_gaussian_parts(posterior, "the exact posterior")
         return cls.from_linear_gaussian(prior.log_weights.cpu(), prior.means.cpu(), prior.covariances.cpu(),
-                                        matrix.cpu(), offset.cpu(), measurement, operator.noise.sigma_y,
-                                        prior.event_shape, noise_level)
+                                        matrix, offset, measurement, sigma_y, prior.event_shape, noise_level)
 
     @classmethod
     def from_linear_gaussian(cls, log_weights: Tensor, means: Tensor, covariances: Tensor, matrix: Tensor,
@@ -124,3 +129,54 @@ class ExactPosterior:
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
         per_component = _gaussian_log_density(flat[:, None, :], self.means, self.choleskys)
         return torch.logsumexp(self.log_weights + per_component, dim=1)
+
+
+class ExactTwist:
+    """``log p(y | x_t)``, the likelihood of the measurement given a diffused state, in closed form for a
+    Gaussian-mixture prior, a linear operator and Gaussian noise. With ``x_0 | x_t`` the mixture of
+    ``GaussianMixturePrior.clean_given_diffused`` (weights ``P(k | x_t)``, means ``m_k(x_t)``, covariances
+    ``V_k(t)``),
+
+        p(y | x_t) = sum_k P(k | x_t) N(y; A m_k(x_t) + b, sigma_y^2 I + A V_k(t) A^T).
+
+    It is the twist for which twisted SMC's intermediate targets ``p_t(x_t) p(y | x_t)`` are the exact
+    ``p(x_t | y)`` (Wu et al., NeurIPS 2023, section 3; ALGORITHMS.md section 5): an oracle, which no network
+    prior has, that tells the engine's own error (weights, resampling, moves, runs, time steps) from the
+    error of an approximate twist. ``p(y | x_T) -> p(y)`` as ``t -> T`` and ``-> p(y | x_0)`` as ``t -> 0``.
+    Float64 on the prior's device, differentiable in ``x``; the Cholesky factors of ``A V_k A^T`` are kept for
+    the last ``t``.
+    """
+
+    def __init__(self, posterior: Posterior):
+        self.prior = posterior.prior
+        matrix, offset, measurement, self.sigma_y = _linear_gaussian_parts(posterior, "the exact twist")
+        self.device = self.prior.means.device
+        self.matrix = matrix.to(self.device)
+        self.residual_offset = (measurement - offset).to(self.device)                # y - b
+        rotations = self.prior.eigenvectors                                         # A U_k, (K, m, d):
+        self.rotated = (self.matrix.expand(len(self.prior.log_weights), -1, -1) if rotations is None
+                        else self.matrix @ rotations)
+        self._time, self._factors = None, None
+
+    def _inverse_factors(self, t: float, variances: Tensor) -> tuple[Tensor, Tensor]:
+        """``L_k^{-1}`` and ``log det`` of ``sigma_y^2 I + A V_k A^T = L_k L_k^T`` at time ``t``."""
+        if self._time != t:
+            covariances = (self.rotated * variances[:, None, :]) @ self.rotated.transpose(1, 2)
+            identity = torch.eye(covariances.shape[-1], dtype=torch.float64, device=self.device)
+            cholesky = torch.linalg.cholesky(covariances + self.sigma_y**2 * identity)
+            identity = identity.expand_as(cholesky)
+            inverse = torch.linalg.solve_triangular(cholesky, identity, upper=False)
+            log_determinant = 2 * torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)
+            self._time, self._factors = t, (inverse, log_determinant)
+        return self._factors
+
+    def log_likelihood(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """``log p(y | x_t = x)`` for a batch ``(B, *event_shape)``: shape ``(B,)``, float64, on ``x``'s device."""
+        flat = x.reshape(x.shape[0], -1).to(self.device, torch.float64)
+        log_responsibilities, means, variances = self.prior.clean_given_diffused(flat, t)
+        inverse, log_determinant = self._inverse_factors(float(t), variances)
+        residuals = self.residual_offset - means @ self.matrix.T                      # (B, K, m)
+        whitened = torch.einsum("kmn,bkn->bkm", inverse, residuals)
+        per_component = -0.5 * ((whitened**2).sum(-1) + log_determinant
+                                + residuals.shape[-1] * math.log(2 * math.pi))
+        return torch.logsumexp(log_responsibilities + per_component, dim=1).to(x.device)

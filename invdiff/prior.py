@@ -343,6 +343,22 @@ class GaussianMixturePrior(Prior):
         centred, variances = self._rotated_terms(x, t)
         return torch.softmax(self._component_log_densities(centred, variances), dim=1)
 
+    def clean_given_diffused(self, x: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The law of ``x_0`` given ``x_t = x``, a mixture again: ``log P(k | x_t)`` ``(B, K)``, and per component
+        ``N(m_k, V_k)`` with, in component k's eigenbasis ``U_k`` (``self.eigenvectors``; ``I`` if diagonal),
+
+            m_k = mu_k + U_k diag(lambda_t e_k / (lambda_t^2 e_k + sigma_t^2)) U_k^T (x - lambda_t mu_k),
+            V_k = U_k diag(e_k sigma_t^2 / (lambda_t^2 e_k + sigma_t^2)) U_k^T,
+
+        returned as the means ``(B, K, d)`` and ``V_k``'s eigenvalues ``(K, d)``, float64; differentiable in ``x``."""
+        centred, variances = self._rotated_terms(x, t)
+        log_responsibilities = torch.log_softmax(self._component_log_densities(centred, variances), dim=1)
+        lambda_t, sigma_t = self.sde.lambda_t(t).to(centred.device), self.sde.sigma_t(t).to(centred.device)
+        shift = lambda_t * self.eigenvalues / variances * centred
+        if self.eigenvectors is not None:
+            shift = torch.einsum("bke,kde->bkd", shift, self.eigenvectors)
+        return log_responsibilities, self.means + shift, self.eigenvalues * sigma_t**2 / variances
+
     def _score(self, x, t):
         centred, variances = self._rotated_terms(x, t)
         responsibilities = torch.softmax(self._component_log_densities(centred, variances), dim=1)

@@ -22,36 +22,67 @@ backpropagation per particle; the weights are unchanged.
 
 With ``num_runs = R > 1`` the particles form R independent runs (``invdiff.smc``: weighted and
 resampled apart, the samples spread over them, each run weighted 1/R).
+
+With ``twisting = "exact"`` (Gaussian-mixture priors, linear operators, Gaussian noise only) the twist is
+``p(y | x_t)`` itself (``invdiff.exact.ExactTwist``), so the intermediate targets are the exact ``p(x_t | y)``
+and the proposal's gradient is the exact ``grad log p(y | x_t)``: an oracle that separates the engine's error
+from the Tweedie twist's.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 import invdiff
+from invdiff.exact import ExactTwist
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor
 from invdiff.sde import gaussian_log_density
 from invdiff.smc import (MeasurementTwist, ResampleMove, SMCOptions, TargetPoint, chunked, particle_weights,
                          weighted_result)
 
 
+TwistFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _tweedie_twist(twist: MeasurementTwist, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
+    """TDS's twist, a function of the denoised estimate: ``N(y; G(x0_hat), sigma_y^2 I + r_t^2 A A^T)``."""
+    return twist.log_likelihood(denoised, t)
+
+
+def _exact_twist(twist: ExactTwist, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
+    """The oracle twist ``log p(y | x_t)`` of a Gaussian-mixture prior, a function of the particle itself."""
+    return twist.log_likelihood(x, t)
+
+
+class TwistedSMCOptions(SMCOptions):
+    """``SMCOptions`` with one more twist: ``exact``."""
+
+    twisting: Literal["tweedie", "capped", "none", "exact"] = Field(
+        "tweedie", description="r_t^2 added to the noise variance: sigma_t^2 / lambda_t^2, that capped at "
+        "twisting_cap (the TDS reference code), or 0; or 'exact': the closed-form p(y | x_t) of a Gaussian-mixture "
+        "prior with a linear operator and Gaussian noise (an oracle for checking the engine, no network prior has it)")
+
+
 class TwistedSMC(Sampler):
     """Twisted SMC (Wu et al., NeurIPS 2023): particles with Tweedie twisting, asymptotically exact."""
 
     name = "twisted_smc"
-    Options = SMCOptions
+    Options = TwistedSMCOptions
     asymptotically_exact = True
 
     @staticmethod
-    def _twist(posterior: Posterior, twist: MeasurementTwist, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _twist(posterior: Posterior, log_twist_of: TwistFunction, x: Tensor,
+               t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Denoised estimate, ``log p~_t(y | x)`` and its gradient, for a batch of particles."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             denoised = posterior.prior.denoise(x, t)
-            log_twist = twist.log_likelihood(denoised, t)
+            log_twist = log_twist_of(x, denoised, t)
             (gradient,) = torch.autograd.grad(log_twist.sum(), x)
         return denoised.detach(), log_twist.detach(), gradient
 
@@ -74,9 +105,13 @@ class TwistedSMC(Sampler):
 
         measurement_twist = MeasurementTwist(posterior, self.options)
         mover = ResampleMove(posterior, self.options, measurement_twist.svd, generator)
+        if self.options.twisting == "exact":
+            log_twist_of = partial(_exact_twist, ExactTwist(posterior))
+        else:
+            log_twist_of = partial(_tweedie_twist, measurement_twist)
 
         def twist(x, t):
-            return chunked(lambda part: self._twist(posterior, measurement_twist, part, t), x, self.options.batch_size)
+            return chunked(lambda part: self._twist(posterior, log_twist_of, part, t), x, self.options.batch_size)
 
         x = prior.terminal_sample(weights.total_particles, generator=generator, dtype=dtype, device=device)
         denoised, log_twist, gradient = twist(x, grid[0])

@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
-from invdiff.exact import ExactPosterior, NotTractable
+from invdiff.exact import ExactPosterior, ExactTwist, NotTractable
 from invdiff.operators import GaussianNoise, PoissonNoise, matrix_operator
 from invdiff.posterior import Posterior
 from invdiff.prior import GaussianMixturePrior, GaussianPrior
 from invdiff.problems import load_problem
-from invdiff.sde import VPSDE
+from invdiff.sde import VESDE, VPSDE
 from invdiff.testing import Z_SCORE, gaussian_mixture, linear_gaussian, mean_z_scores
 
 
@@ -43,6 +43,32 @@ def test_evidence_of_a_one_dimensional_mixture_by_quadrature():
     single = log_normal(0.9, 1.3 * -2.0, 1.3**2 * 0.5 + 0.36)
     assert exact.log_evidence > single + math.log(0.3), \
         f"log p(y) {exact.log_evidence:.4f} is below its first component's share {single + math.log(0.3):.4f}"
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(0.02, 20.0)], ids=["vp", "ve"])
+def test_exact_twist_of_a_one_dimensional_mixture_by_quadrature(sde):
+    """log p(y | x_t) = log of int p(y | x_0) p(x_0 | x_t) dx_0, by quadrature, at several times and states; near
+    t = 0 it is the likelihood at x_t, near t = T the evidence for VP (whose x_T forgets x_0)."""
+    prior = GaussianMixturePrior(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0], [1.5]]),
+                                 torch.tensor([[0.5], [0.2]]), sde)
+    operator = matrix_operator(torch.tensor([[1.3]], dtype=torch.float64), GaussianNoise(0.6))
+    posterior = Posterior(prior, operator, torch.tensor([[0.9]], dtype=torch.float64))
+    twist = ExactTwist(posterior)
+    grid = torch.linspace(-12, 12, 200001, dtype=torch.float64)
+    likelihood = -0.5 * ((0.9 - 1.3 * grid) ** 2 / 0.36 + math.log(2 * math.pi * 0.36))
+    states = torch.tensor([[-1.7], [0.2], [2.4]], dtype=torch.float64)
+    for t in (0.05, 0.3, 0.7):
+        lambda_t, sigma_t = float(sde.lambda_t(t)), float(sde.sigma_t(t))
+        for state in states[:, 0].tolist():
+            joint = prior.log_prob(grid[:, None]) - 0.5 * (state - lambda_t * grid) ** 2 / sigma_t**2
+            expected = (torch.logsumexp(joint + likelihood, 0) - torch.logsumexp(joint, 0)).item()
+            computed = twist.log_likelihood(torch.tensor([[state]], dtype=torch.float64), t).item()
+            assert computed == pytest.approx(expected, abs=1e-6), f"t = {t}, x_t = {state}"
+    assert torch.allclose(twist.log_likelihood(states, 1e-7), posterior.log_likelihood(states), atol=1e-4)
+    if isinstance(sde, VPSDE):
+        evidence = ExactPosterior.from_posterior(posterior).log_evidence
+        assert torch.allclose(twist.log_likelihood(states, sde.T), torch.full((3,), evidence, dtype=torch.float64),
+                              atol=0.02)   # lambda_T = 0.007: x_T keeps a trace of x_0
 
 
 def test_noised_posterior_of_a_one_dimensional_mixture_by_quadrature():
