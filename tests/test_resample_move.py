@@ -42,7 +42,9 @@ def twisted_target(posterior, twist: MeasurementTwist, t: float) -> ExactPosteri
 def move_functions(sampler: str, posterior, twist: MeasurementTwist):
     """``(evaluate, target_point)`` of a sampler, as it passes them to ``ResampleMove.move``."""
     if sampler == "twisted_smc":
-        return partial(TwistedSMC._twist, posterior, twist), partial(TwistedSMC._target_point, posterior)
+        def tweedie_twist(x, denoised, t):   # twisted_smc's log-twist function for twisting: tweedie
+            return twist.log_likelihood(denoised, t)
+        return partial(TwistedSMC._twist, posterior, tweedie_twist), partial(TwistedSMC._target_point, posterior)
     sde = posterior.prior.sde
 
     def evaluate(x, t):
