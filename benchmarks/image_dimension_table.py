@@ -106,7 +106,14 @@ def measure(case: str, label: str, seed: int, registry) -> dict:
     if options is None:
         options = problem.config.sampler_options.get(name, {})
     info = registry.get(name)
-    sampler = build_sampler(info.sampler_class, options)
+    row, _ = measure_sampler(problem, case, label, build_sampler(info.sampler_class, options), info, options, seed)
+    return row
+
+
+def measure_sampler(problem, case: str, label: str, sampler, info, options: dict, seed: int) -> tuple[dict, object]:
+    """One run of ``sampler`` (the registry's ``info``) on the loaded ``problem``: the table's row, and the run's
+    ``SampleResult``."""
+    name = info.name
     num_samples = problem.config.num_samples
     cpu_start = time.process_time()
     result = sample_posterior(sampler, problem.posterior, num_samples, generator=torch.Generator().manual_seed(seed))
@@ -125,7 +132,7 @@ def measure(case: str, label: str, seed: int, registry) -> dict:
             "distinct_samples": metrics["distinct_samples"],
             "log_evidence": result.log_evidence, "log_evidence_exact": exact.get("log_evidence"),
             "network_evaluations_per_sample": result.network_evaluations_per_sample,
-            "wall_seconds": result.wall_time, "cpu_seconds": cpu}
+            "wall_seconds": result.wall_time, "cpu_seconds": cpu}, result
 
 
 def _cell(value, digits: int) -> str:

@@ -54,8 +54,12 @@ def landing_components(problem, label: str, registry, num_samples: int = 64) -> 
     name, options = MIXTURE_CONFIGS[label]
     sampler = build_sampler(registry.get(name).sampler_class, options)
     result = sample_posterior(sampler, problem.posterior, num_samples, generator=torch.Generator().manual_seed(0))
-    prior = problem.posterior.prior
-    best = prior.responsibilities(result.samples.reshape(num_samples, -1)).argmax(1)
+    return component_counts(problem.posterior.prior, result.samples)
+
+
+def component_counts(prior, samples: torch.Tensor) -> list[int]:
+    """How many of the samples each component of the mixture ``prior`` explains best (largest responsibility)."""
+    best = prior.responsibilities(samples.reshape(samples.shape[0], -1)).argmax(1)
     return torch.bincount(best, minlength=len(prior.log_weights)).tolist()
 
 

@@ -140,7 +140,7 @@ class ExactTwist:
         p(y | x_t) = sum_k P(k | x_t) N(y; A m_k(x_t) + b, sigma_y^2 I + A V_k(t) A^T).
 
     It is the twist for which twisted SMC's intermediate targets ``p_t(x_t) p(y | x_t)`` are the exact
-    ``p(x_t | y)`` (Wu et al., NeurIPS 2023, section 3; ALGORITHMS.md section 5): an oracle, which no network
+    ``p(x_t | y)`` (Wu et al., NeurIPS 2023; ALGORITHMS.md section 5): an oracle, which no network
     prior has, that tells the engine's own error (weights, resampling, moves, runs, time steps) from the
     error of an approximate twist. ``p(y | x_T) -> p(y)`` as ``t -> T`` and ``-> p(y | x_0)`` as ``t -> 0``.
     Float64 on the prior's device, differentiable in ``x``; the Cholesky factors of ``A V_k A^T`` are kept for
