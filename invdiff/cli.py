@@ -260,6 +260,7 @@ def _solve(arguments) -> int:
         print(f"invdiff: note: {note}", file=sys.stderr)
     try:
         problem.to(arguments.device)
+        sampler.check(problem.posterior)   # refuses a problem the sampler cannot solve, before the time estimate
         warning = check_run(problem.posterior, sampler, num_samples, arguments.device)  # refuses what cannot fit
         if warning is not None and not arguments.quiet:
             print(f"invdiff: warning: {warning}", file=sys.stderr)

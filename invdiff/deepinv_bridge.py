@@ -132,23 +132,23 @@ class DeepinvSampler(Sampler):
     required_physics: ClassVar[str | None] = None
     physics_requirement: ClassVar[str] = ""
 
+    def check(self, posterior: Posterior) -> None:
+        """The problem in deepinv's terms (Gaussian noise, the prior's input map), with a ``required_physics``."""
+        import deepinv
+
+        physics = deepinv_problem(posterior, self.name).physics
+        if self.required_physics and not isinstance(physics, getattr(deepinv.physics, self.required_physics)):
+            raise UnsupportedProblem(f"{self.name} needs {self.physics_requirement}; got {type(physics).__name__}")
+
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
         problem = deepinv_problem(posterior, self.name)
-        self.check_physics(problem.physics)
         denoiser = _MonitoredDenoiser(problem.denoiser, monitor)
         measurements = problem.measurement.expand(num_samples, *problem.measurement.shape[1:]).clone()
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         with seeded_global_generator(seed, posterior.device):
             images = self.reconstruct(denoiser, problem.physics, measurements, seed, posterior.device)
         return SampleResult(samples=problem.to_native(images.detach()).to(posterior.dtype))
-
-    def check_physics(self, physics) -> None:
-        """Raise ``UnsupportedProblem`` naming what is allowed if ``physics`` is not a ``required_physics``."""
-        import deepinv
-
-        if self.required_physics and not isinstance(physics, getattr(deepinv.physics, self.required_physics)):
-            raise UnsupportedProblem(f"{self.name} needs {self.physics_requirement}; got {type(physics).__name__}")
 
     @abstractmethod
     def reconstruct(self, denoiser: torch.nn.Module, physics, measurements: Tensor, seed: int,

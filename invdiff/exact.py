@@ -39,8 +39,8 @@ def _gaussian_log_density(x: Tensor, mean: Tensor, cholesky: Tensor) -> Tensor:
     return -0.5 * ((whitened**2).sum(-1) + log_determinant + x.shape[-1] * math.log(2 * math.pi))
 
 
-def _linear_gaussian_parts(posterior: Posterior, what: str) -> tuple[Tensor, Tensor, Tensor, float]:
-    """``(A, b, y, sigma_y)`` on the CPU in float64, or ``NotTractable`` naming the ingredient ``what`` lacks."""
+def _check_linear_gaussian(posterior: Posterior, what: str) -> None:
+    """Raise ``NotTractable`` naming the ingredient ``what`` lacks: a mixture prior, a linear operator, Gaussian noise."""
     prior, operator = posterior.prior, posterior.operator
     if not isinstance(prior, GaussianMixturePrior):
         raise NotTractable(f"{what} needs a Gaussian or Gaussian-mixture prior, not {type(prior).__name__}")
@@ -48,6 +48,12 @@ def _linear_gaussian_parts(posterior: Posterior, what: str) -> tuple[Tensor, Ten
         raise NotTractable(f"{what} needs a linear operator; '{operator.name}' is not")
     if not isinstance(operator.noise, GaussianNoise):
         raise NotTractable(f"{what} needs Gaussian noise, not {operator.noise.settings()['type']}")
+
+
+def _linear_gaussian_parts(posterior: Posterior, what: str) -> tuple[Tensor, Tensor, Tensor, float]:
+    """``(A, b, y, sigma_y)`` on the CPU in float64, or ``NotTractable`` naming the ingredient ``what`` lacks."""
+    _check_linear_gaussian(posterior, what)
+    prior, operator = posterior.prior, posterior.operator
     matrix, offset = operator.matrix(prior.event_shape, device=posterior.measurement.device)
     measurement = posterior.measurement.detach().to("cpu", torch.float64).flatten()
     return matrix.cpu().to(torch.float64), offset.cpu().to(torch.float64), measurement, operator.noise.sigma_y
@@ -64,6 +70,11 @@ class ExactPosterior:
         self.choleskys = torch.linalg.cholesky(covariances)
         self.log_evidence = float(log_evidence)
         self.event_shape = tuple(event_shape)
+
+    @staticmethod
+    def check(posterior: Posterior) -> None:
+        """Raise ``NotTractable`` if ``posterior`` has no closed form (cheap: no matrix is formed)."""
+        _check_linear_gaussian(posterior, "the exact posterior")
 
     @classmethod
     def from_posterior(cls, posterior: Posterior, noise_level: float = 0.0) -> "ExactPosterior":
@@ -147,6 +158,11 @@ class ExactTwist:
     the last ``t``.
     """
 
+    @staticmethod
+    def check(posterior: Posterior) -> None:
+        """Raise ``NotTractable`` if ``posterior`` has no closed-form twist (cheap: no matrix is formed)."""
+        _check_linear_gaussian(posterior, "the exact twist")
+
     def __init__(self, posterior: Posterior):
         self.prior = posterior.prior
         matrix, offset, measurement, self.sigma_y = _linear_gaussian_parts(posterior, "the exact twist")
@@ -158,10 +174,14 @@ class ExactTwist:
                         else self.matrix @ rotations)
         self._time, self._factors = None, None
 
+    def measured_covariances(self, variances: Tensor) -> Tensor:
+        """``A V_k A^T``, shape ``(K, m, m)``, from the eigenvalues ``(K, d)`` of each ``V_k(t)``."""
+        return (self.rotated * variances[:, None, :]) @ self.rotated.transpose(1, 2)
+
     def _inverse_factors(self, t: float, variances: Tensor) -> tuple[Tensor, Tensor]:
         """``L_k^{-1}`` and ``log det`` of ``sigma_y^2 I + A V_k A^T = L_k L_k^T`` at time ``t``."""
         if self._time != t:
-            covariances = (self.rotated * variances[:, None, :]) @ self.rotated.transpose(1, 2)
+            covariances = self.measured_covariances(variances)
             identity = torch.eye(covariances.shape[-1], dtype=torch.float64, device=self.device)
             cholesky = torch.linalg.cholesky(covariances + self.sigma_y**2 * identity)
             identity = identity.expand_as(cholesky)

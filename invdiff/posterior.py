@@ -263,7 +263,8 @@ class StepMonitor:
 
 
 class Sampler(ABC):
-    """A posterior sampler. Subclasses set ``name``, an ``Options`` model, and implement ``sample``.
+    """A posterior sampler. Subclasses set ``name``, an ``Options`` model, and implement ``sample``; a sampler
+    that handles only some problems says which in ``check``.
 
     ``num_steps`` says how many times ``sample`` will call ``monitor.step`` (for the progress bar).
     """
@@ -284,6 +285,12 @@ class Sampler(ABC):
     def num_steps(self) -> int:
         return int(getattr(self.options, "num_steps", 0))
 
+    def check(self, posterior: Posterior) -> None:
+        """Raise ``UnsupportedProblem`` (one line: what this posterior lacks, what is allowed) if this sampler
+        cannot run on ``posterior``; the default accepts every posterior. Called by ``sample_posterior`` and by
+        ``invdiff solve`` before any work (before the run's time estimate), so it must be cheap: no network
+        evaluation, no large decomposition. ``sample`` may assume it passed."""
+
     @abstractmethod
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
@@ -298,6 +305,7 @@ def sample_posterior(sampler: Sampler, posterior: Posterior, num_samples: int, *
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if generator is None:
         generator = torch.Generator(device=posterior.measurement.device).manual_seed(0)
+    sampler.check(posterior)
     monitor = StepMonitor(sampler.name or type(sampler).__name__, sampler.num_steps, progress, callback)
     evaluations_before = posterior.prior.evaluations
     start = time.perf_counter()

@@ -71,27 +71,45 @@ class LinearGaussianSVD:
         rotated = self.rotate_measurement(measurement - clean)
         return -0.5 * ((rotated**2 / variances).sum(1) + torch.log(2 * math.pi * variances).sum())
 
+    @staticmethod
+    def _structured_builder(operator, event_shape: tuple[int, ...]):
+        """The builder ``device -> decomposition`` of a mask, circular blur or circular downsampling of
+        ``(C, H, W)`` events; None for any other operator."""
+        import deepinv   # here, not at the top: listing the samplers (which import this module) needs no deepinv
+
+        physics = operator.physics
+        if len(event_shape) != 3:
+            return None
+        if isinstance(physics, deepinv.physics.Inpainting):
+            return lambda device: MaskSVD.from_operator(operator, event_shape, device)
+        if isinstance(physics, deepinv.physics.BlurFFT):
+            return lambda device: CircularFilterSVD.from_operator(operator, event_shape, 1, device)
+        if (isinstance(physics, deepinv.physics.Downsampling) and physics.padding == "circular"
+                and event_shape[1] % physics.factor == 0 and event_shape[2] % physics.factor == 0):
+            return lambda device: CircularFilterSVD.from_operator(operator, event_shape, int(physics.factor), device)
+        return None
+
+    @classmethod
+    def exists_for(cls, posterior) -> bool:
+        """Whether ``from_posterior`` gives a decomposition, told without computing one (a cheap check): a
+        linear operator with Gaussian noise, structured or on events of at most ``DenseSVD.MAX_DIMENSION``
+        values. (A structured form that fails its reproduction check is then only used if it is small.)"""
+        operator, event_shape = posterior.operator, tuple(posterior.prior.event_shape)
+        return (operator.linear and isinstance(operator.noise, GaussianNoise)
+                and (cls._structured_builder(operator, event_shape) is not None
+                     or math.prod(event_shape) <= DenseSVD.MAX_DIMENSION))
+
     @classmethod
     def from_posterior(cls, posterior) -> "LinearGaussianSVD | None":
         """The decomposition of the posterior's operator: structured for masks, circular blurs and circular
         downsampling (any size), dense for other linear operators up to ``DenseSVD.MAX_DIMENSION`` values;
         None for a non-linear operator, non-Gaussian noise, or a large event with no known structure."""
-        import deepinv   # here, not at the top: listing the samplers (which import this module) needs no deepinv
-
         operator, event_shape = posterior.operator, tuple(posterior.prior.event_shape)
         if not (operator.linear and isinstance(operator.noise, GaussianNoise)):
             return None
-        device = posterior.measurement.device
-        structured = None
-        if len(event_shape) == 3 and isinstance(operator.physics, deepinv.physics.Inpainting):
-            structured = MaskSVD.from_operator(operator, event_shape, device)
-        elif len(event_shape) == 3 and isinstance(operator.physics, deepinv.physics.BlurFFT):
-            structured = CircularFilterSVD.from_operator(operator, event_shape, 1, device)
-        elif (len(event_shape) == 3 and isinstance(operator.physics, deepinv.physics.Downsampling)
-              and operator.physics.padding == "circular" and event_shape[1] % operator.physics.factor == 0
-              and event_shape[2] % operator.physics.factor == 0):
-            structured = CircularFilterSVD.from_operator(operator, event_shape, int(operator.physics.factor), device)
-        if structured is not None:
+        builder = cls._structured_builder(operator, event_shape)
+        if builder is not None:
+            structured = builder(posterior.measurement.device)
             error = structured.reproduction_error(operator)
             if error <= REPRODUCTION_TOLERANCE:
                 return structured
@@ -99,7 +117,7 @@ class LinearGaussianSVD:
                           f"{error:.2g} (relative) on a random image; it is not used", stacklevel=2)
         if math.prod(event_shape) > DenseSVD.MAX_DIMENSION:
             return None
-        return DenseSVD.from_operator(operator, event_shape, device)
+        return DenseSVD.from_operator(operator, event_shape, posterior.measurement.device)
 
     def reproduction_error(self, operator) -> float:
         """``||U^T (G(x) - b) - S V^T x|| / ||G(x) - b||`` at a fixed random batch ``x``: 0 up to rounding

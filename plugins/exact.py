@@ -20,6 +20,9 @@ class ExactSampler(Sampler):
     asymptotically_exact = True
     needs_network_gradient = False
 
+    def check(self, posterior: Posterior) -> None:
+        ExactPosterior.check(posterior)
+
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
         exact = ExactPosterior.from_posterior(posterior)

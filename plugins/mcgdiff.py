@@ -120,6 +120,12 @@ class MCGdiffOptions(SMCOptions):
         "that the weights then restore), and log Z_hat varied 2-4 times more across seeds at threshold 0.5")
 
 
+def _no_singular_basis(posterior: Posterior) -> str:
+    return (f"mcgdiff needs the operator's singular basis: a mask, circular blur or circular downsampling, or another "
+            f"linear operator on events of at most {DenseSVD.MAX_DIMENSION} values; this prior has "
+            f"{math.prod(posterior.prior.event_shape)}")
+
+
 class MCGdiff(Sampler):
     """MCGdiff (Cardoso et al., ICLR 2024): SMC in the operator's singular basis, observed coordinates
     bridged to noised copies of y; linear operators with Gaussian noise, no backprop."""
@@ -133,19 +139,21 @@ class MCGdiff(Sampler):
     asymptotically_exact = False
     needs_network_gradient = False
 
-    @staticmethod
-    def _spectral_observation(posterior: Posterior, grid: Tensor) -> SpectralObservation:
-        operator, prior = posterior.operator, posterior.prior
+    def check(self, posterior: Posterior) -> None:
+        operator = posterior.operator
         if not operator.linear:
             raise UnsupportedProblem(f"mcgdiff needs a linear operator; '{operator.name}' is not linear")
         if not isinstance(operator.noise, GaussianNoise):
             raise UnsupportedProblem(f"mcgdiff needs Gaussian noise, got {operator.noise.settings().get('type')}")
+        if not LinearGaussianSVD.exists_for(posterior):
+            raise UnsupportedProblem(_no_singular_basis(posterior))
+
+    @staticmethod
+    def _spectral_observation(posterior: Posterior, grid: Tensor) -> SpectralObservation:
         svd = LinearGaussianSVD.from_posterior(posterior)
-        if svd is None:
-            raise UnsupportedProblem(f"mcgdiff needs the operator's singular basis: a mask, circular blur or circular "
-                                     f"downsampling, or another linear operator on events of at most "
-                                     f"{DenseSVD.MAX_DIMENSION} values; this prior has {math.prod(prior.event_shape)}")
-        return SpectralObservation(svd, posterior.measurement, prior.sde, grid)
+        if svd is None:   # a structured form that failed its reproduction check, on a large event
+            raise UnsupportedProblem(_no_singular_basis(posterior))
+        return SpectralObservation(svd, posterior.measurement, posterior.prior.sde, grid)
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:

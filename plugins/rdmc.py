@@ -349,13 +349,15 @@ class RDMC(Sampler):
     Options = RDMCOptions
     needs_network_gradient = False
 
-    def _inner_sampler(self, target: Target) -> str:
-        """The inner sampler; refuses importance weights that need a log-density the prior lacks."""
+    def check(self, posterior: Posterior) -> None:
+        """A network prior needs a positive time from ``prior_steps`` and gives no log-density to weigh draws."""
         options = self.options
-        if not target.has_log_density and options.warm_start == "gaussian" and options.importance_draws > 1:
+        if has_log_density(posterior.prior):
+            return
+        _smallest_positive_time(posterior.prior, options.prior_steps)
+        if options.warm_start == "gaussian" and options.importance_draws > 1:
             raise UnsupportedProblem("rdmc: importance_draws > 1 weighs draws by the prior's log-density, which this "
                                      "prior (a score network) does not have; use importance_draws=1")
-        return "ula" if options.inner_sampler == "ula" else "mala"
 
     def _start_chains(self, chains: Chains | None, pool: PriorPool | None, target: Target, x: Tensor,
                       remaining: float, with_log_density: bool,
@@ -398,7 +400,7 @@ class RDMC(Sampler):
                monitor: StepMonitor) -> SampleResult:
         options = self.options
         target = Target(posterior, options)
-        inner_sampler = self._inner_sampler(target)
+        inner_sampler = options.inner_sampler
         dtype, device = posterior.measurement.dtype, posterior.measurement.device
         pool = PriorPool(posterior, options, generator) if options.warm_start == "prior_pool" else None
         times = remaining_times(options.terminal_time, options.num_steps, options.time_grid)

@@ -63,9 +63,9 @@ class TwistedSMCOptions(SMCOptions):
     """``SMCOptions`` with one more twist: ``exact``."""
 
     twisting: Literal["tweedie", "capped", "none", "exact"] = Field(
-        "tweedie", description="r_t^2 added to the noise variance: sigma_t^2 / lambda_t^2, that capped at "
-        "twisting_cap (the TDS reference code), or 0; or 'exact': the closed-form p(y | x_t) of a Gaussian-mixture "
-        "prior with a linear operator and Gaussian noise (an oracle for checking the engine, no network prior has it)")
+        "tweedie", description=SMCOptions.model_fields["twisting"].description + "; or 'exact': the closed-form "
+        "p(y | x_t) of a Gaussian-mixture prior with a linear operator and Gaussian noise (an oracle for checking "
+        "the engine, no network prior has it)")
 
 
 class TwistedSMC(Sampler):
@@ -95,6 +95,10 @@ class TwistedSMC(Sampler):
         sde = posterior.prior.sde
         score = (sde.lambda_t(t).to(x.dtype) * denoised - x) / sde.sigma_t(t).to(x.dtype) ** 2
         return TargetPoint(score, log_twist, gradient)
+
+    def check(self, posterior: Posterior) -> None:
+        if self.options.twisting == "exact":
+            ExactTwist.check(posterior)
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:

@@ -58,6 +58,10 @@ class VESMCOptions(SMCOptions):
         "auto: closed_form where it applies")
 
 
+NO_CLOSED_FORM = ("ve_smc proposal closed_form needs a linear operator with Gaussian noise: a mask, circular blur or "
+                  f"circular downsampling, or another one on events of at most {DenseSVD.MAX_DIMENSION} values")
+
+
 class VESMC(Sampler):
     """SMC diffusion sampler (seed 000, VE): frozen-score twisted proposals, no backprop through the network."""
 
@@ -66,6 +70,10 @@ class VESMC(Sampler):
     asymptotically_exact = True
     needs_network_gradient = False
 
+    def check(self, posterior: Posterior) -> None:
+        if self.options.proposal == "closed_form" and not LinearGaussianSVD.exists_for(posterior):
+            raise UnsupportedProblem(NO_CLOSED_FORM)
+
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
         prior = posterior.prior
@@ -73,10 +81,8 @@ class VESMC(Sampler):
         dtype, device = posterior.dtype, posterior.device
         twist = MeasurementTwist(posterior, self.options)
         svd = twist.svd
-        if self.options.proposal == "closed_form" and svd is None:
-            raise UnsupportedProblem("ve_smc proposal closed_form needs a linear operator with Gaussian noise: a mask, "
-                                     "circular blur or circular downsampling, or another one on events of at most "
-                                     f"{DenseSVD.MAX_DIMENSION} values")
+        if self.options.proposal == "closed_form" and svd is None:   # a structured form that failed its check
+            raise UnsupportedProblem(NO_CLOSED_FORM)
         closed_form = svd is not None and self.options.proposal != "gradient"
         grid = sde.time_grid(self.options.num_steps)
         weights = particle_weights(self.options, num_samples, generator=generator, device=device)

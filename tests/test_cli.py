@@ -277,6 +277,14 @@ def test_a_sampler_refusing_the_problem_prints_only_its_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_refusal_comes_before_the_long_run_warning(tmp_path, capsys):
+    """Sampler.check runs before the time estimate: a 30-minute run refused at once prints no warning first."""
+    error = error_of(["solve", str(INPAINT), "--case", "natural-box", "--sampler", "twisted_smc", "-o",
+                      "twisting=exact", "--out", str(tmp_path / "run")], capsys)
+    assert "the exact twist needs a Gaussian or Gaussian-mixture prior, not NetworkPrior" in error
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_case_lists_the_cases(tmp_path, capsys):
     error = error_of(["solve", str(INPAINT), "--case", "faces", "--sampler", "dps", "--out", str(tmp_path / "r")],
                      capsys)

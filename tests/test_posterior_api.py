@@ -197,3 +197,27 @@ def test_samplers_start_from_the_prior_terminal_sample(sampler, monkeypatch):
     monkeypatch.setattr(prior, "terminal_sample", recording)
     sample_posterior(sampler, posterior, 6)
     assert calls == [(6, torch.float64, posterior.device)], "one start, in the posterior's dtype and device"
+
+
+def test_sample_posterior_asks_the_sampler_to_check_the_problem_first():
+    """``Sampler.check`` refuses before ``sample`` runs; the default accepts."""
+    from invdiff.posterior import Sampler, SampleResult, UnsupportedProblem
+
+    class Picky(Sampler):
+        name = "picky"
+        sampled = False
+
+        def check(self, posterior):
+            if posterior.operator.noise.sigma_y < 1:
+                raise UnsupportedProblem("picky needs sigma_y >= 1")
+
+        def sample(self, posterior, num_samples, *, generator, monitor):
+            type(self).sampled = True
+            return SampleResult(samples=torch.zeros(num_samples, *posterior.prior.event_shape, dtype=posterior.dtype))
+
+    _, _, posterior = vector_problem(sigma_y=0.5)
+    with pytest.raises(UnsupportedProblem, match="picky needs sigma_y >= 1"):
+        sample_posterior(Picky(), posterior, 2)
+    assert not Picky.sampled
+    _, _, posterior = vector_problem(sigma_y=1.5)
+    assert sample_posterior(Picky(), posterior, 2).samples.shape == (2, 4) and Picky.sampled

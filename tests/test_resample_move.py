@@ -14,7 +14,7 @@ from invdiff.problems import ProblemError, build_sampler
 from invdiff.smc import MeasurementTwist, ResampleMove, SMCOptions
 from invdiff.testing import (Z_SCORE, covariance_z_scores, discretised_model_posterior, linear_gaussian,
                              mean_z_scores, weighted_runs_z_scores)
-from invdiff_plugins.twisted_smc import TwistedSMC
+from invdiff_plugins.twisted_smc import TwistedSMC, _tweedie_twist
 from invdiff_plugins.ve_smc import VESMC
 
 #: with 10 replicates the z-score follows Student's t with 9 degrees of freedom: P(|t| > 6) = 2e-4
@@ -42,9 +42,8 @@ def twisted_target(posterior, twist: MeasurementTwist, t: float) -> ExactPosteri
 def move_functions(sampler: str, posterior, twist: MeasurementTwist):
     """``(evaluate, target_point)`` of a sampler, as it passes them to ``ResampleMove.move``."""
     if sampler == "twisted_smc":
-        def tweedie_twist(x, denoised, t):   # twisted_smc's log-twist function for twisting: tweedie
-            return twist.log_likelihood(denoised, t)
-        return partial(TwistedSMC._twist, posterior, tweedie_twist), partial(TwistedSMC._target_point, posterior)
+        return (partial(TwistedSMC._twist, posterior, partial(_tweedie_twist, twist)),
+                partial(TwistedSMC._target_point, posterior))
     sde = posterior.prior.sde
 
     def evaluate(x, t):
