@@ -14,6 +14,10 @@ resampling, 200 steps, 64 samples, seed 0); only the twist changes. The families
 * ``moment``: ``N(y; A x0_hat + b, sigma_y^2 I + A C A^T)``, the full second-order Tweedie twist (the Gaussian with
   the mixture's exact mean and covariance of ``x0`` given ``x_t``), which a network prior would get from the
   Jacobian of its denoiser, ``C = (sigma_t^2 / lambda_t) d x0_hat / d x_t``; one Cholesky factor per particle.
+* ``sampled`` (gradient only): ``grad log p(y | x_t) = (lambda_t / sigma_t^2) (E[x0 | x_t, y] - E[x0 | x_t])`` with
+  ``E[x0 | x_t, y]`` estimated by self-normalised importance sampling: ``--draws`` draws from ``p(x0 | x_t)``
+  weighted by ``p(y | x0)``. The draws are exact here (the mixture's), so this is the best a network prior can do
+  with an inner sampler of ``p(x0 | x_t)`` (a short reverse diffusion from ``x_t``, at ``--draws`` times its cost).
 
 Each configuration is ``value/gradient``. A value family defines the targets; a gradient family only shapes the
 proposal and the moves' Langevin step (the weights and the Metropolis test correct for it), so every configuration
@@ -23,7 +27,10 @@ and which prior component explains each sample best (``path_bottleneck.py``). Ru
 minutes per configuration and case on one thread):
 
     OMP_NUM_THREADS=1 python benchmarks/twist_families.py [--cases natural-gmm-box ...]
-        [--configs exact/exact exact/tweedie ...] [--out benchmarks/results/twist_families.md]
+        [--configs exact/exact exact/tweedie ...] [--draws 32] [--alignment] [--out benchmarks/results/twist_families.md]
+
+``--alignment`` runs no sampler: it compares each configuration's gradient with the exact one where the particles
+should be (diffused exact posterior draws), in seconds, a first judge of a twist family.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
+from functools import partial
 import sys
 from pathlib import Path
 
@@ -38,16 +46,17 @@ import torch
 from torch import Tensor
 
 from image_dimension_table import EXACT_CASES, MOVES, measure_sampler
-from invdiff.exact import ExactTwist
+from invdiff.exact import ExactPosterior, ExactTwist
 from invdiff.plugins import load_registry
 from invdiff.problems import build_sampler, load_problem
-from invdiff_plugins.twisted_smc import TwistedSMC
+from invdiff.smc import MeasurementTwist
+from invdiff_plugins.twisted_smc import TwistedSMC, TwistedSMCOptions, _tweedie_twist
 from path_bottleneck import component_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = {"num_steps": 200, "num_runs": 64, "num_particles": 256, **MOVES}
 VALUES = ("tweedie", "exact", "row_sums", "moment")
-GRADIENTS = ("tweedie", "exact", "row_sums", "row_sums_fixed", "moment")
+GRADIENTS = ("tweedie", "exact", "row_sums", "row_sums_fixed", "moment", "sampled")
 CONFIGS = ["tweedie/tweedie", "exact/exact", "exact/tweedie", "row_sums/row_sums", "row_sums/row_sums_fixed",
            "moment/moment"]
 
@@ -55,9 +64,11 @@ CONFIGS = ["tweedie/tweedie", "exact/exact", "exact/tweedie", "row_sums/row_sums
 class TwistFamilies:
     """The non-Tweedie twists of one problem, as functions of the particles ``x`` (differentiable)."""
 
-    def __init__(self, posterior):
+    def __init__(self, posterior, draws: int = 32):
         self.exact = ExactTwist(posterior)
         self.prior = posterior.prior
+        self.draws = draws
+        self.generator = torch.Generator().manual_seed(0)   # the inner draws of ``sampled``
 
     def _moments(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``P(k | x_t)`` ``(B, K)``, ``A x0_hat`` ``(B, m)``, ``A m_k - A x0_hat`` ``(B, K, m)`` and ``V_k``'s
@@ -87,7 +98,7 @@ class TwistFamilies:
         """``log N(y; A x0_hat + b, sigma_y^2 I + A C A^T)``, ``C`` the mixture's ``Cov[x0 | x_t]``."""
         exact = self.exact
         responsibilities, mean, deviations, variances = self._moments(x, t)
-        within = (exact.rotated * variances[:, None, :]) @ exact.rotated.transpose(1, 2)     # A V_k A^T, (K, m, m)
+        within = exact.measured_covariances(variances)                                    # A V_k A^T, (K, m, m)
         covariance = torch.einsum("bk,kmn->bmn", responsibilities, within)
         covariance = covariance + (responsibilities[..., None] * deviations).transpose(1, 2) @ deviations
         covariance = covariance + exact.sigma_y**2 * torch.eye(mean.shape[-1], dtype=torch.float64)
@@ -96,6 +107,28 @@ class TwistFamilies:
         whitened = torch.linalg.solve_triangular(cholesky, residual[..., None], upper=False)[..., 0]
         log_determinant = 2 * torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)
         return -0.5 * ((whitened**2).sum(-1) + log_determinant + mean.shape[-1] * math.log(2 * math.pi))
+
+    def sampled_gradient(self, x: Tensor, t: Tensor) -> Tensor:
+        """``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)``, the first term by self-normalised importance
+        sampling from exact draws of ``p(x0 | x_t)`` (module docstring)."""
+        prior, exact = self.prior, self.exact
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        log_responsibilities, means, variances = prior.clean_given_diffused(flat, t)
+        components = torch.multinomial(log_responsibilities.exp(), self.draws, replacement=True,
+                                       generator=self.generator)                                   # (B, M)
+        noise = torch.randn((*components.shape, flat.shape[1]), generator=self.generator, dtype=torch.float64)
+        noise = noise * variances[components].sqrt()
+        if prior.eigenvectors is not None:
+            for component in components.unique():
+                chosen = components == component
+                noise[chosen] = noise[chosen] @ prior.eigenvectors[component].T
+        draws = torch.gather(means, 1, components[..., None].expand_as(noise)) + noise               # (B, M, d)
+        residuals = exact.residual_offset - draws @ exact.matrix.T
+        weights = torch.softmax(-0.5 * (residuals**2).sum(-1) / exact.sigma_y**2, dim=1)
+        conditional_mean = (weights[..., None] * draws).sum(1)
+        mean = (log_responsibilities.exp()[..., None] * means).sum(1)
+        scale = prior.sde.lambda_t(t) / prior.sde.sigma_t(t) ** 2
+        return (scale * (conditional_mean - mean)).reshape(x.shape)
 
     def _evaluate(self, family: str, x: Tensor, t: Tensor) -> Tensor:
         if family == "exact":
@@ -108,6 +141,8 @@ class TwistFamilies:
         return self._evaluate(family, x, t)
 
     def gradient(self, family: str, x: Tensor, t: Tensor) -> Tensor:
+        if family == "sampled":
+            return self.sampled_gradient(x, t)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             (gradient,) = torch.autograd.grad(self._evaluate(family, x, t).sum(), x)
@@ -130,11 +165,53 @@ def mixed_twisted_smc(families: TwistFamilies, value: str, gradient: str) -> typ
     return MixedTwistSMC
 
 
+ALIGNMENT_TIMES = (0.9, 0.6, 0.3, 0.1, 0.03)
+
+
+def alignment(posterior, families: TwistFamilies, gradient: str, t: float, states: int = 8) -> tuple[float, float]:
+    """Mean cosine and relative error of a gradient family against ``grad log p(y | x_t)`` at ``states`` points
+    ``x_t = lambda_t x0 + sigma_t noise`` with ``x0`` exact posterior draws (seed 0): where the particles should be."""
+    prior = posterior.prior
+    time = torch.tensor(t, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    clean = ExactPosterior.from_posterior(posterior).sample(states, generator=generator)
+    clean = clean.reshape(states, *prior.event_shape)
+    noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64)
+    x = (prior.sde.lambda_t(time) * clean + prior.sde.sigma_t(time) * noise).to(posterior.dtype)
+    exact = families.gradient("exact", x, time).flatten(1).to(torch.float64)
+    if gradient == "tweedie":
+        twist = partial(_tweedie_twist, MeasurementTwist(posterior, TwistedSMCOptions()))
+        estimate = TwistedSMC._twist(posterior, twist, x, time)[2]
+    else:
+        estimate = families.gradient(gradient, x, time)
+    estimate = estimate.flatten(1).to(torch.float64)
+    cosine = torch.nn.functional.cosine_similarity(estimate, exact).mean()
+    error = ((estimate - exact).norm(dim=1) / exact.norm(dim=1)).mean()
+    return float(cosine), float(error)
+
+
+def alignment_table(cases: list[str], gradients: list[str], draws: int) -> list[str]:
+    times = " | ".join(f"t = {t}" for t in ALIGNMENT_TIMES)
+    lines = ["| case | gradient | " + times + " |", "|---|---|" + "---|" * len(ALIGNMENT_TIMES)]
+    for case in cases:
+        problem = load_problem(ROOT / "problems" / EXACT_CASES[case], case)
+        families = TwistFamilies(problem.posterior, draws)
+        for gradient in gradients:
+            cells = [alignment(problem.posterior, families, gradient, t) for t in ALIGNMENT_TIMES]
+            lines.append(f"| {case} | {gradient} | " + " | ".join(f"{c:.2f} / {e:.2f}" for c, e in cells) + " |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=["natural-gmm-box"], choices=list(EXACT_CASES))
     parser.add_argument("--configs", nargs="+", default=CONFIGS,
                         help=f"value/gradient pairs; values {', '.join(VALUES)}, gradients {', '.join(GRADIENTS)}")
+    parser.add_argument("--draws", type=int, default=32, help="draws of p(x0 | x_t) per particle for 'sampled'")
+    parser.add_argument("--alignment", action="store_true",
+                        help="no sampling: each configuration's gradient against the exact one (cosine / relative "
+                             "error) at diffused exact posterior draws, at a few times")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "twist_families.md")
     args = parser.parse_args()
     for config in args.configs:
@@ -142,8 +219,15 @@ def main() -> None:
         if value not in VALUES or gradient not in GRADIENTS:
             parser.error(f"configuration '{config}': value one of {', '.join(VALUES)}, gradient one of "
                          f"{', '.join(GRADIENTS)}, as value/gradient")
-    info = load_registry().get("twisted_smc")
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/twist_families.py", *map(shlex.quote, sys.argv[1:])])
+    if args.alignment:
+        gradients = list(dict.fromkeys(config.partition("/")[2] for config in args.configs))
+        lines = ["### Twist gradients against the exact one", "", f"Made by `{command}` (module docstring). Mean "
+                 "cosine / relative error of each gradient against grad log p(y | x_t), at 8 points x_t diffused "
+                 "from exact posterior draws (seed 0).", "", *alignment_table(args.cases, gradients, args.draws)]
+        args.out.write_text("\n".join(lines) + "\n")
+        return
+    info = load_registry().get("twisted_smc")
     lines = ["### Twist families on the exact patch-GMM cases", "", f"Made by `{command}` (module docstring).",
              f"twisted_smc {OPTIONS}, 64 samples, seed 0; SW / floor, PSNR of the mean and coverage_90 (the exact "
              "posterior's in brackets); components: the prior component that explains each sample best (count).", "",
@@ -151,7 +235,7 @@ def main() -> None:
              "components | CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     for case in args.cases:
         problem = load_problem(ROOT / "problems" / EXACT_CASES[case], case)
-        families = TwistFamilies(problem.posterior)
+        families = TwistFamilies(problem.posterior, args.draws)
         for config in args.configs:
             value, _, gradient = config.partition("/")
             sampler = build_sampler(mixed_twisted_smc(families, value, gradient), OPTIONS)
