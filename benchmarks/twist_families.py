@@ -18,6 +18,11 @@ resampling, 200 steps, 64 samples, seed 0); only the twist changes. The families
   ``E[x0 | x_t, y]`` estimated by self-normalised importance sampling: ``--draws`` draws from ``p(x0 | x_t)``
   weighted by ``p(y | x0)``. The draws are exact here (the mixture's), so this is the best a network prior can do
   with an inner sampler of ``p(x0 | x_t)`` (a short reverse diffusion from ``x_t``, at ``--draws`` times its cost).
+* ``pilot`` (gradient only): the same identity with ``p(x0 | y)`` replaced by a diagonal Gaussian fitted to a pilot
+  run's samples (per-value mean and variance), which makes ``E[x0 | x_t, y]`` closed form: no backpropagation
+  through the network, one denoiser call. ``--pilot`` names the pilot: ``exact`` (4096 exact draws, an oracle of the
+  moments only), ``dps`` or ``twisted_smc`` (64 samples of that sampler with the problem file's options, seed 1);
+  ``--pilot-rounds R`` refits it ``R - 1`` times to the pilot-guided sampler's own samples (``refine_pilot``).
 
 Each configuration is ``value/gradient``. A value family defines the targets; a gradient family only shapes the
 proposal and the moves' Langevin step (the weights and the Metropolis test correct for it), so every configuration
@@ -27,7 +32,8 @@ and which prior component explains each sample best (``path_bottleneck.py``). Ru
 minutes per configuration and case on one thread):
 
     OMP_NUM_THREADS=1 python benchmarks/twist_families.py [--cases natural-gmm-box ...]
-        [--configs exact/exact exact/tweedie ...] [--draws 32] [--alignment] [--out benchmarks/results/twist_families.md]
+        [--configs exact/exact exact/tweedie ...] [--draws 32] [--pilot exact] [--pilot-rounds 1] [--alignment]
+        [--out benchmarks/results/twist_families.md]
 
 ``--alignment`` runs no sampler: it compares each configuration's gradient with the exact one where the particles
 should be (diffused exact posterior draws), in seconds, a first judge of a twist family.
@@ -48,6 +54,7 @@ from torch import Tensor
 from image_dimension_table import EXACT_CASES, MOVES, measure_sampler
 from invdiff.exact import ExactPosterior, ExactTwist
 from invdiff.plugins import load_registry
+from invdiff.posterior import sample_posterior
 from invdiff.problems import build_sampler, load_problem
 from invdiff.smc import MeasurementTwist
 from invdiff_plugins.twisted_smc import TwistedSMC, TwistedSMCOptions, _tweedie_twist
@@ -56,7 +63,7 @@ from path_bottleneck import component_counts
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = {"num_steps": 200, "num_runs": 64, "num_particles": 256, **MOVES}
 VALUES = ("tweedie", "exact", "row_sums", "moment")
-GRADIENTS = ("tweedie", "exact", "row_sums", "row_sums_fixed", "moment", "sampled")
+GRADIENTS = ("tweedie", "exact", "row_sums", "row_sums_fixed", "moment", "sampled", "pilot")
 CONFIGS = ["tweedie/tweedie", "exact/exact", "exact/tweedie", "row_sums/row_sums", "row_sums/row_sums_fixed",
            "moment/moment"]
 
@@ -64,11 +71,19 @@ CONFIGS = ["tweedie/tweedie", "exact/exact", "exact/tweedie", "row_sums/row_sums
 class TwistFamilies:
     """The non-Tweedie twists of one problem, as functions of the particles ``x`` (differentiable)."""
 
-    def __init__(self, posterior, draws: int = 32):
+    def __init__(self, posterior, draws: int = 32, pilot: Tensor | None = None):
         self.exact = ExactTwist(posterior)
         self.prior = posterior.prior
         self.draws = draws
         self.generator = torch.Generator().manual_seed(0)   # the inner draws of ``sampled``
+        if pilot is None:   # ``pilot``'s samples: exact draws unless given
+            pilot = ExactPosterior.from_posterior(posterior).sample(4096, generator=torch.Generator().manual_seed(1))
+        self.set_pilot(pilot)
+
+    def set_pilot(self, samples: Tensor) -> None:
+        """The per-value means and variances of ``samples`` become the ``pilot`` gradient's ``N(m, diag(v))``."""
+        samples = samples.flatten(1).to(torch.float64)
+        self.pilot = samples.mean(0), samples.var(0).clamp(min=1e-8)
 
     def _moments(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``P(k | x_t)`` ``(B, K)``, ``A x0_hat`` ``(B, m)``, ``A m_k - A x0_hat`` ``(B, K, m)`` and ``V_k``'s
@@ -108,6 +123,18 @@ class TwistFamilies:
         log_determinant = 2 * torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)
         return -0.5 * ((whitened**2).sum(-1) + log_determinant + mean.shape[-1] * math.log(2 * math.pi))
 
+    def pilot_gradient(self, x: Tensor, t: Tensor) -> Tensor:
+        """``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)`` with ``p(x0 | y)`` replaced by the Gaussian of the
+        pilot's per-value means and variances, ``N(m, diag(v))``, so that, as ``x_t`` depends on ``y`` only
+        through ``x0``, ``E[x0 | x_t, y] = (m / v + lambda_t x_t / sigma_t^2) / (1 / v + lambda_t^2 / sigma_t^2)``."""
+        prior = self.prior
+        lambda_t, sigma_t = prior.sde.lambda_t(t), prior.sde.sigma_t(t)
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        mean, variance = self.pilot
+        conditional_mean = (mean / variance + lambda_t * flat / sigma_t**2) / (1 / variance + lambda_t**2 / sigma_t**2)
+        denoised = prior.denoise(x, t).reshape(x.shape[0], -1).to(torch.float64)
+        return (lambda_t / sigma_t**2 * (conditional_mean - denoised)).reshape(x.shape)
+
     def sampled_gradient(self, x: Tensor, t: Tensor) -> Tensor:
         """``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)``, the first term by self-normalised importance
         sampling from exact draws of ``p(x0 | x_t)`` (module docstring)."""
@@ -143,6 +170,8 @@ class TwistFamilies:
     def gradient(self, family: str, x: Tensor, t: Tensor) -> Tensor:
         if family == "sampled":
             return self.sampled_gradient(x, t)
+        if family == "pilot":
+            return self.pilot_gradient(x, t)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             (gradient,) = torch.autograd.grad(self._evaluate(family, x, t).sum(), x)
@@ -190,17 +219,43 @@ def alignment(posterior, families: TwistFamilies, gradient: str, t: float, state
     return float(cosine), float(error)
 
 
-def alignment_table(cases: list[str], gradients: list[str], draws: int) -> list[str]:
+def alignment_table(cases: list[str], gradients: list[str], draws: int, pilot: str) -> list[str]:
     times = " | ".join(f"t = {t}" for t in ALIGNMENT_TIMES)
     lines = ["| case | gradient | " + times + " |", "|---|---|" + "---|" * len(ALIGNMENT_TIMES)]
     for case in cases:
         problem = load_problem(ROOT / "problems" / EXACT_CASES[case], case)
-        families = TwistFamilies(problem.posterior, draws)
+        families = TwistFamilies(problem.posterior, draws, pilot_samples(problem, pilot))
         for gradient in gradients:
             cells = [alignment(problem.posterior, families, gradient, t) for t in ALIGNMENT_TIMES]
             lines.append(f"| {case} | {gradient} | " + " | ".join(f"{c:.2f} / {e:.2f}" for c, e in cells) + " |")
             print(lines[-1], flush=True)
     return lines
+
+
+def pilot_samples(problem, source: str) -> Tensor | None:
+    """The samples whose per-value moments the ``pilot`` gradient uses: None (4096 exact draws) for ``exact``, else
+    the named sampler's 64 samples with the problem file's options, seed 1 (``twisted_smc``: Tweedie's twist)."""
+    if source == "exact":
+        return None
+    registry = load_registry()
+    sampler = build_sampler(registry.get(source).sampler_class, problem.config.sampler_options.get(source, {}))
+    return sample_posterior(sampler, problem.posterior, 64, generator=torch.Generator().manual_seed(1)).samples
+
+
+def refine_pilot(problem, families: TwistFamilies, rounds: int) -> list[str]:
+    """Iterate the pilot (iterated auxiliary particle filters, Guarniero, Johansen and Lee 2017, in the small):
+    ``rounds - 1`` times, run twisted_smc with Tweedie's value and the current pilot's gradient (64 samples, seeds
+    2, 3, ...) and refit the pilot to its samples. Returns where each round's samples land (prior components)."""
+    notes = []
+    for round_index in range(1, rounds):
+        sampler = build_sampler(mixed_twisted_smc(families, "tweedie", "pilot"), OPTIONS)
+        generator = torch.Generator().manual_seed(1 + round_index)
+        samples = sample_posterior(sampler, problem.posterior, 64, generator=generator).samples
+        families.set_pilot(samples)
+        counts = component_counts(problem.posterior.prior, samples)
+        notes.append(f"round {round_index + 1}'s pilot: " + ", ".join(f"{k} ({n})" for k, n in enumerate(counts) if n))
+        print(notes[-1], flush=True)
+    return notes
 
 
 def main() -> None:
@@ -209,6 +264,10 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=CONFIGS,
                         help=f"value/gradient pairs; values {', '.join(VALUES)}, gradients {', '.join(GRADIENTS)}")
     parser.add_argument("--draws", type=int, default=32, help="draws of p(x0 | x_t) per particle for 'sampled'")
+    parser.add_argument("--pilot", default="exact", choices=["exact", "dps", "twisted_smc"],
+                        help="where the 'pilot' gradient's moments of p(x0 | y) come from (pilot_samples)")
+    parser.add_argument("--pilot-rounds", type=int, default=1,
+                        help="refit the pilot to tweedie/pilot's own samples this many times minus one (refine_pilot)")
     parser.add_argument("--alignment", action="store_true",
                         help="no sampling: each configuration's gradient against the exact one (cosine / relative "
                              "error) at diffused exact posterior draws, at a few times")
@@ -224,7 +283,7 @@ def main() -> None:
         gradients = list(dict.fromkeys(config.partition("/")[2] for config in args.configs))
         lines = ["### Twist gradients against the exact one", "", f"Made by `{command}` (module docstring). Mean "
                  "cosine / relative error of each gradient against grad log p(y | x_t), at 8 points x_t diffused "
-                 "from exact posterior draws (seed 0).", "", *alignment_table(args.cases, gradients, args.draws)]
+                 "from exact posterior draws (seed 0).", "", *alignment_table(args.cases, gradients, args.draws, args.pilot)]
         args.out.write_text("\n".join(lines) + "\n")
         return
     info = load_registry().get("twisted_smc")
@@ -233,9 +292,11 @@ def main() -> None:
              "posterior's in brackets); components: the prior component that explains each sample best (count).", "",
              "| case | value / gradient | SW / floor | PSNR mean | coverage_90 | distinct | log Z_hat (exact) | "
              "components | CPU s |", "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for case in args.cases:
         problem = load_problem(ROOT / "problems" / EXACT_CASES[case], case)
-        families = TwistFamilies(problem.posterior, args.draws)
+        families = TwistFamilies(problem.posterior, args.draws, pilot_samples(problem, args.pilot))
+        notes += [f"{case}: {note}" for note in refine_pilot(problem, families, args.pilot_rounds)]
         for config in args.configs:
             value, _, gradient = config.partition("/")
             sampler = build_sampler(mixed_twisted_smc(families, value, gradient), OPTIONS)
@@ -247,7 +308,7 @@ def main() -> None:
                          f"({row['coverage_90_exact']:.2f}) | {row['distinct_samples']} | {row['log_evidence']:.1f} "
                          f"({row['log_evidence_exact']:.1f}) | {found} | {row['cpu_seconds']:.0f} |")
             print(lines[-1], flush=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    args.out.write_text("\n".join(lines + ([""] + notes if notes else [])) + "\n")
 
 
 if __name__ == "__main__":
