@@ -14,7 +14,8 @@ particle of one run into another. The returned samples are spread evenly over th
 has weight ``1/R`` (not its ``Z_hat``): as ``K`` grows every run's weighted particles target the
 posterior, so the equal mixture does too, while the runs' paths stay independent. Weighting runs by
 their ``Z_hat`` instead would give the ``R K``-particle estimate back, and with it one run's collapse
-wherever ``Z_hat``'s spread is large (image dimension). ``log Z_hat`` is the mean of the runs' ``Z_hat``
+wherever ``Z_hat``'s spread is large (image dimension: on the natural-gmm cases the 64 runs' ``Z_hat`` weights
+have an effective number of 1.0-4.5 runs, reported as ``run_evidence_ess``). ``log Z_hat`` is the mean of the runs' ``Z_hat``
 (unbiased, like each run's). Every scheme
 takes ``(log_weights, num_draws, generator)`` and returns ancestor indices. Those indices are kept
 (K integers per step) to give, at the end, the genealogy of the returned samples: how many distinct
@@ -439,7 +440,9 @@ def weighted_result(particles: Tensor, weights: ParticleWeights, num_samples: in
     (``x_0 = x0_hat(t_1, x_1)``), so copies made by the resampling before it stay equal: its
     distinct paths are those of the step before, unless that step moved them apart (resample-move).
     With independent runs the draws are spread evenly over the runs (the first ``num_samples mod R``
-    runs give one more), each run's drawn from its own weights, and ``log_weights`` are the pooled ones.
+    runs give one more), each run's drawn from its own weights, and ``log_weights`` are the pooled ones;
+    ``extras`` give each run's ``log Z_hat`` (``run_log_evidence``) and ``run_evidence_ess``, the effective
+    number of runs were they weighted by their ``Z_hat`` (module docstring: why they are not).
     """
     draws_per_run, extra = divmod(num_samples, weights.num_runs)
     pieces = []
@@ -455,6 +458,10 @@ def weighted_result(particles: Tensor, weights: ParticleWeights, num_samples: in
     if last_step_deterministic and len(genealogy) > 1 and not weights.moved[-2]:
         genealogy[-1] = genealogy[-2]
     distinct_samples = genealogy[-1] if genealogy else int(torch.unique(ancestors).numel())
+    extras = {}
+    if weights.num_runs > 1:
+        extras = {"run_log_evidence": weights.run_log_evidence.clone(),
+                  "run_evidence_ess": float(effective_sample_size(weights.run_log_evidence))}
     return SampleResult(samples=particles[ancestors], particles=particles, log_weights=weights.pooled_log_weights,
                         log_evidence=weights.log_evidence, distinct_ancestors=genealogy,
-                        distinct_samples=distinct_samples)
+                        distinct_samples=distinct_samples, extras=extras)

@@ -60,6 +60,18 @@ def test_samples_are_spread_evenly_over_the_runs():
     assert torch.allclose(torch.logsumexp(result.log_weights, 0), torch.zeros((), dtype=torch.float64))
 
 
+def test_the_runs_evidence_is_reported_with_its_effective_number_of_runs():
+    weights = _weights(num_particles=3, num_runs=4)
+    increments = torch.tensor([0.0, 0, 0, 0, 0, 0, 5, 5, 5, -5, -5, -5], dtype=torch.float64)
+    weights.reweight(increments, "a step")
+    weights.end_step()
+    extras = weighted_result(torch.zeros(12, 1), weights, num_samples=4).extras
+    assert extras["run_log_evidence"].tolist() == [0.0, 0.0, 5.0, -5.0]
+    run_weights = torch.softmax(torch.tensor([0.0, 0, 5, -5]), 0)
+    assert extras["run_evidence_ess"] == pytest.approx(float(1 / (run_weights**2).sum()))
+    assert weighted_result(torch.zeros(3, 1), _weights(num_particles=3, num_runs=1), num_samples=2).extras == {}
+
+
 def test_the_runs_share_the_particles():
     generator = torch.Generator()
     assert particle_weights(SMCOptions(num_runs=4), 10, generator=generator, device="cpu").num_particles == 3
