@@ -22,7 +22,7 @@ resampling, 200 steps, 64 samples, seed 0); only the twist changes. The families
   run's samples (per-value mean and variance), which makes ``E[x0 | x_t, y]`` closed form: no backpropagation
   through the network, one denoiser call. ``--pilot`` names the pilot: ``exact`` (4096 exact draws, an oracle of the
   moments only), ``dps`` or ``twisted_smc`` (64 samples of that sampler with the problem file's options, seed 1);
-  ``--pilot-rounds R`` refits it ``R - 1`` times to the pilot-guided sampler's own samples (``refine_pilot``).
+  ``--pilot-option KEY=NUMBER`` sets the pilot sampler's options over the file's; ``--pilot-rounds R`` refits it ``R - 1`` times to the pilot-guided sampler's own samples (``refine_pilot``).
 
 Each configuration is ``value/gradient``. A value family defines the targets; a gradient family only shapes the
 proposal and the moves' Langevin step (the weights and the Metropolis test correct for it), so every configuration
@@ -32,7 +32,8 @@ and which prior component explains each sample best (``path_bottleneck.py``). Ru
 minutes per configuration and case on one thread):
 
     OMP_NUM_THREADS=1 python benchmarks/twist_families.py [--cases natural-gmm-box ...]
-        [--configs exact/exact exact/tweedie ...] [--draws 32] [--pilot exact] [--pilot-rounds 1] [--alignment]
+        [--configs exact/exact exact/tweedie ...] [--draws 32] [--pilot exact] [--pilot-option scale=4]
+        [--pilot-rounds 1] [--alignment]
         [--out benchmarks/results/twist_families.md]
 
 ``--alignment`` runs no sampler: it compares each configuration's gradient with the exact one where the particles
@@ -219,12 +220,13 @@ def alignment(posterior, families: TwistFamilies, gradient: str, t: float, state
     return float(cosine), float(error)
 
 
-def alignment_table(cases: list[str], gradients: list[str], draws: int, pilot: str) -> list[str]:
+def alignment_table(cases: list[str], gradients: list[str], draws: int, pilot: str,
+                    pilot_options: dict[str, float]) -> list[str]:
     times = " | ".join(f"t = {t}" for t in ALIGNMENT_TIMES)
     lines = ["| case | gradient | " + times + " |", "|---|---|" + "---|" * len(ALIGNMENT_TIMES)]
     for case in cases:
         problem = load_problem(ROOT / "problems" / EXACT_CASES[case], case)
-        families = TwistFamilies(problem.posterior, draws, pilot_samples(problem, pilot))
+        families = TwistFamilies(problem.posterior, draws, pilot_samples(problem, pilot, pilot_options))
         for gradient in gradients:
             cells = [alignment(problem.posterior, families, gradient, t) for t in ALIGNMENT_TIMES]
             lines.append(f"| {case} | {gradient} | " + " | ".join(f"{c:.2f} / {e:.2f}" for c, e in cells) + " |")
@@ -232,13 +234,15 @@ def alignment_table(cases: list[str], gradients: list[str], draws: int, pilot: s
     return lines
 
 
-def pilot_samples(problem, source: str) -> Tensor | None:
+def pilot_samples(problem, source: str, overrides: dict[str, float] | None = None) -> Tensor | None:
     """The samples whose per-value moments the ``pilot`` gradient uses: None (4096 exact draws) for ``exact``, else
-    the named sampler's 64 samples with the problem file's options, seed 1 (``twisted_smc``: Tweedie's twist)."""
+    the named sampler's 64 samples with the problem file's options and ``overrides``, seed 1 (``twisted_smc``:
+    Tweedie's twist)."""
     if source == "exact":
         return None
     registry = load_registry()
-    sampler = build_sampler(registry.get(source).sampler_class, problem.config.sampler_options.get(source, {}))
+    options = {**problem.config.sampler_options.get(source, {}), **(overrides or {})}
+    sampler = build_sampler(registry.get(source).sampler_class, options)
     return sample_posterior(sampler, problem.posterior, 64, generator=torch.Generator().manual_seed(1)).samples
 
 
@@ -266,6 +270,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=32, help="draws of p(x0 | x_t) per particle for 'sampled'")
     parser.add_argument("--pilot", default="exact", choices=["exact", "dps", "twisted_smc"],
                         help="where the 'pilot' gradient's moments of p(x0 | y) come from (pilot_samples)")
+    parser.add_argument("--pilot-option", nargs="+", default=[], metavar="KEY=NUMBER",
+                        help="options of the pilot sampler over the problem file's (e.g. scale=4 for dps)")
     parser.add_argument("--pilot-rounds", type=int, default=1,
                         help="refit the pilot to tweedie/pilot's own samples this many times minus one (refine_pilot)")
     parser.add_argument("--alignment", action="store_true",
@@ -278,12 +284,14 @@ def main() -> None:
         if value not in VALUES or gradient not in GRADIENTS:
             parser.error(f"configuration '{config}': value one of {', '.join(VALUES)}, gradient one of "
                          f"{', '.join(GRADIENTS)}, as value/gradient")
+    pilot_options = {key: float(value) for key, _, value in (option.partition("=") for option in args.pilot_option)}
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/twist_families.py", *map(shlex.quote, sys.argv[1:])])
     if args.alignment:
         gradients = list(dict.fromkeys(config.partition("/")[2] for config in args.configs))
         lines = ["### Twist gradients against the exact one", "", f"Made by `{command}` (module docstring). Mean "
                  "cosine / relative error of each gradient against grad log p(y | x_t), at 8 points x_t diffused "
-                 "from exact posterior draws (seed 0).", "", *alignment_table(args.cases, gradients, args.draws, args.pilot)]
+                 "from exact posterior draws (seed 0).", "", *alignment_table(args.cases, gradients, args.draws, args.pilot,
+                                                                    pilot_options)]
         args.out.write_text("\n".join(lines) + "\n")
         return
     info = load_registry().get("twisted_smc")
@@ -295,7 +303,11 @@ def main() -> None:
     notes = []
     for case in args.cases:
         problem = load_problem(ROOT / "problems" / EXACT_CASES[case], case)
-        families = TwistFamilies(problem.posterior, args.draws, pilot_samples(problem, args.pilot))
+        pilot = pilot_samples(problem, args.pilot, pilot_options)
+        families = TwistFamilies(problem.posterior, args.draws, pilot)
+        if pilot is not None:
+            counts = component_counts(problem.posterior.prior, pilot)
+            notes.append(f"{case}: the pilot's samples: " + ", ".join(f"{k} ({n})" for k, n in enumerate(counts) if n))
         notes += [f"{case}: {note}" for note in refine_pilot(problem, families, args.pilot_rounds)]
         for config in args.configs:
             value, _, gradient = config.partition("/")
