@@ -22,7 +22,8 @@ resampling, 200 steps, 64 samples, seed 0); only the twist changes. The families
   run's samples (per-value mean and variance), which makes ``E[x0 | x_t, y]`` closed form: no backpropagation
   through the network, one denoiser call. ``--pilot`` names the pilot: ``exact`` (4096 exact draws, an oracle of the
   moments only), ``dps`` or ``twisted_smc`` (64 samples of that sampler with the problem file's options, seed 1);
-  ``--pilot-option KEY=NUMBER`` sets the pilot sampler's options over the file's; ``--pilot-rounds R`` refits it ``R - 1`` times to the pilot-guided sampler's own samples (``refine_pilot``).
+  ``--pilot-option KEY=NUMBER`` sets the pilot sampler's options over the file's; ``--pilot-rounds R`` refits it
+  ``R - 1`` times to the pilot-guided sampler's own samples (``refine_pilot``).
 
 Each configuration is ``value/gradient``. A value family defines the targets; a gradient family only shapes the
 proposal and the moves' Langevin step (the weights and the Metropolis test correct for it), so every configuration
@@ -288,10 +289,10 @@ def main() -> None:
     command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/twist_families.py", *map(shlex.quote, sys.argv[1:])])
     if args.alignment:
         gradients = list(dict.fromkeys(config.partition("/")[2] for config in args.configs))
+        table = alignment_table(args.cases, gradients, args.draws, args.pilot, pilot_options)
         lines = ["### Twist gradients against the exact one", "", f"Made by `{command}` (module docstring). Mean "
                  "cosine / relative error of each gradient against grad log p(y | x_t), at 8 points x_t diffused "
-                 "from exact posterior draws (seed 0).", "", *alignment_table(args.cases, gradients, args.draws, args.pilot,
-                                                                    pilot_options)]
+                 "from exact posterior draws (seed 0).", "", *table]
         args.out.write_text("\n".join(lines) + "\n")
         return
     info = load_registry().get("twisted_smc")

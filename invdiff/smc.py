@@ -14,10 +14,10 @@ particle of one run into another. The returned samples are spread evenly over th
 has weight ``1/R`` (not its ``Z_hat``): as ``K`` grows every run's weighted particles target the
 posterior, so the equal mixture does too, while the runs' paths stay independent. Weighting runs by
 their ``Z_hat`` instead would give the ``R K``-particle estimate back, and with it one run's collapse
-wherever ``Z_hat``'s spread is large (image dimension: on the natural-gmm cases the 64 runs' ``Z_hat`` weights
-have an effective number of 1.0-4.5 runs, reported as ``run_evidence_ess``). ``log Z_hat`` is the mean of the runs' ``Z_hat``
-(unbiased, like each run's). Every scheme
-takes ``(log_weights, num_draws, generator)`` and returns ancestor indices. Those indices are kept
+wherever ``Z_hat``'s spread is large (image dimension: on the natural-gmm cases the 64 runs' ``Z_hat``
+weights have an effective number of 1.0-4.5 runs, reported as ``run_evidence_ess``). ``log Z_hat`` is
+the mean of the runs' ``Z_hat`` (unbiased, like each run's). Every scheme takes ``(log_weights,
+num_draws, generator)`` and returns ancestor indices. Those indices are kept
 (K integers per step) to give, at the end, the genealogy of the returned samples: how many distinct
 particles of each step they descend from. A high ESS after every resampling says nothing about that;
 a genealogy that shrinks to one particle says the samples are copies of one path.
