@@ -63,6 +63,11 @@ def component_counts(prior, samples: torch.Tensor) -> list[int]:
     return torch.bincount(best, minlength=len(prior.log_weights)).tolist()
 
 
+def landing(counts: list[int]) -> str:
+    """``component_counts`` as text: "component (samples)" for each component that explains some."""
+    return ", ".join(f"{k} ({n})" for k, n in enumerate(counts) if n)
+
+
 def case_problem(case: str, prior_draw: int | None = None):
     """The problem file's case, or the same case with an exact prior draw (its seed) as the truth."""
     path = ROOT / "problems" / EXACT_CASES[case]
@@ -110,8 +115,7 @@ def report(paths: list[dict], draws: list[dict], command: str) -> str:
                   "", "| case | configuration | components |", "|---|---|---|"]
         for path in paths:
             for label, counts in path["landing"].items():
-                found = ", ".join(f"{k} ({n})" for k, n in enumerate(counts) if n)
-                lines.append(f"| {path['case']} | {label} | {found} |")
+                lines.append(f"| {path['case']} | {label} | {landing(counts)} |")
     for path in paths:
         lines += ["", f"#### {path['case']}", "",
                   "| rho | t | mass of the main components | largest component (weight) |", "|---|---|---|---|"]

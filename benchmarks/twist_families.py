@@ -60,7 +60,7 @@ from invdiff.posterior import sample_posterior
 from invdiff.problems import build_sampler, load_problem
 from invdiff.smc import MeasurementTwist
 from invdiff_plugins.twisted_smc import TwistedSMC, TwistedSMCOptions, _tweedie_twist
-from path_bottleneck import component_counts
+from path_bottleneck import component_counts, landing
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = {"num_steps": 200, "num_runs": 64, "num_particles": 256, **MOVES}
@@ -257,8 +257,7 @@ def refine_pilot(problem, families: TwistFamilies, rounds: int) -> list[str]:
         generator = torch.Generator().manual_seed(1 + round_index)
         samples = sample_posterior(sampler, problem.posterior, 64, generator=generator).samples
         families.set_pilot(samples)
-        counts = component_counts(problem.posterior.prior, samples)
-        notes.append(f"round {round_index + 1}'s pilot: " + ", ".join(f"{k} ({n})" for k, n in enumerate(counts) if n))
+        notes.append(f"round {round_index + 1}'s pilot: " + landing(component_counts(problem.posterior.prior, samples)))
         print(notes[-1], flush=True)
     return notes
 
@@ -307,15 +306,13 @@ def main() -> None:
         pilot = pilot_samples(problem, args.pilot, pilot_options)
         families = TwistFamilies(problem.posterior, args.draws, pilot)
         if pilot is not None:
-            counts = component_counts(problem.posterior.prior, pilot)
-            notes.append(f"{case}: the pilot's samples: " + ", ".join(f"{k} ({n})" for k, n in enumerate(counts) if n))
+            notes.append(f"{case}: the pilot's samples: " + landing(component_counts(problem.posterior.prior, pilot)))
         notes += [f"{case}: {note}" for note in refine_pilot(problem, families, args.pilot_rounds)]
         for config in args.configs:
             value, _, gradient = config.partition("/")
             sampler = build_sampler(mixed_twisted_smc(families, value, gradient), OPTIONS)
             row, result = measure_sampler(problem, case, config, sampler, info, OPTIONS, seed=0)
-            counts = component_counts(problem.posterior.prior, result.samples)
-            found = ", ".join(f"{k} ({n})" for k, n in enumerate(counts) if n)
+            found = landing(component_counts(problem.posterior.prior, result.samples))
             lines.append(f"| {case} | {value} / {gradient} | {row['sliced_wasserstein'] / row['floor']:.2f} | "
                          f"{row['psnr_mean']:.2f} ({row['psnr_exact_mean']:.2f}) | {row['coverage_90']:.2f} "
                          f"({row['coverage_90_exact']:.2f}) | {row['distinct_samples']} | {row['log_evidence']:.1f} "
