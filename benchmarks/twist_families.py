@@ -3,7 +3,7 @@ twist's value (what the weights see) and its gradient (what the proposal and the
 different families.
 
 twisted_smc runs the problem files' natural-gmm configuration (64 runs x 4 particles, three moves after each
-resampling, 200 steps, 64 samples, seed 0); only the twist changes. The families:
+resampling, 200 steps, 64 samples, seed 0 or ``--seed``); only the twist changes. The families:
 
 * ``tweedie``: TDS's ``N(y; A x0_hat + b, sigma_y^2 I + r_t^2 A A^T)`` (``twisting: tweedie``, the default);
 * ``exact``: ``p(y | x_t)`` itself (``invdiff.exact.ExactTwist``, ``twisting: exact``), an oracle;
@@ -14,6 +14,12 @@ resampling, 200 steps, 64 samples, seed 0); only the twist changes. The families
 * ``moment``: ``N(y; A x0_hat + b, sigma_y^2 I + A C A^T)``, the full second-order Tweedie twist (the Gaussian with
   the mixture's exact mean and covariance of ``x0`` given ``x_t``), which a network prior would get from the
   Jacobian of its denoiser, ``C = (sigma_t^2 / lambda_t) d x0_hat / d x_t``; one Cholesky factor per particle.
+* ``lowrank``: the same Gaussian with ``A C A^T`` (on the observed values) replaced by a low-rank part and an
+  isotropic rest: the Nystrom approximation from ``--rank`` random probes on its range (Halko, Martinsson and
+  Tropp 2011, section 5.4) and, on the rest, the mean of the remaining diagonal by Hutchinson's estimator (8 probes).
+  Each probe is one Jacobian-vector product of the denoiser (``torch.func.jvp`` of ``prior.denoise``, what a network
+  prior has; ``--through-denoiser`` computes them so, else they are read off the mixture's ``A C A^T``, the same
+  numbers some 10 times faster). With ``--rank`` at least the number of observed values it is ``moment``.
 * ``sampled`` (gradient only): ``grad log p(y | x_t) = (lambda_t / sigma_t^2) (E[x0 | x_t, y] - E[x0 | x_t])`` with
   ``E[x0 | x_t, y]`` estimated by self-normalised importance sampling: ``--draws`` draws from ``p(x0 | x_t)``
   weighted by ``p(y | x0)``. The draws are exact here (the mixture's), so this is the best a network prior can do
@@ -21,9 +27,10 @@ resampling, 200 steps, 64 samples, seed 0); only the twist changes. The families
 * ``pilot`` (gradient only): the same identity with ``p(x0 | y)`` replaced by a diagonal Gaussian fitted to a pilot
   run's samples (per-value mean and variance), which makes ``E[x0 | x_t, y]`` closed form: no backpropagation
   through the network, one denoiser call. ``--pilot`` names the pilot: ``exact`` (4096 exact draws, an oracle of the
-  moments only), ``dps`` or ``twisted_smc`` (64 samples of that sampler with the problem file's options, seed 1);
+  moments only), ``dps`` or ``twisted_smc`` (64 samples of that sampler with the problem file's options, seed 1 + ``--seed``);
   ``--pilot-option KEY=NUMBER`` sets the pilot sampler's options over the file's; ``--pilot-rounds R`` refits it
-  ``R - 1`` times to the pilot-guided sampler's own samples (``refine_pilot``).
+  ``R - 1`` times to the pilot-guided sampler's own samples (``refine_pilot``; ``--refine-value`` names that
+  sampler's twist value, Tweedie's unless set).
 
 Each configuration is ``value/gradient``. A value family defines the targets; a gradient family only shapes the
 proposal and the moves' Langevin step (the weights and the Metropolis test correct for it), so every configuration
@@ -33,8 +40,8 @@ and which prior component explains each sample best (``path_bottleneck.py``). Ru
 minutes per configuration and case on one thread):
 
     OMP_NUM_THREADS=1 python benchmarks/twist_families.py [--cases natural-gmm-box ...]
-        [--configs exact/exact exact/tweedie ...] [--draws 32] [--pilot exact] [--pilot-option scale=4]
-        [--pilot-rounds 1] [--alignment]
+        [--configs exact/exact exact/tweedie ...] [--draws 32] [--rank 32] [--through-denoiser] [--pilot exact] [--pilot-option scale=4]
+        [--pilot-rounds 1] [--refine-value tweedie] [--seed 0] [--alignment]
         [--out benchmarks/results/twist_families.md]
 
 ``--alignment`` runs no sampler: it compares each configuration's gradient with the exact one where the particles
@@ -64,7 +71,7 @@ from path_bottleneck import component_counts, landing
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = {"num_steps": 200, "num_runs": 64, "num_particles": 256, **MOVES}
-VALUES = ("tweedie", "exact", "row_sums", "moment")
+VALUES = ("tweedie", "exact", "row_sums", "moment", "lowrank")
 GRADIENTS = ("tweedie", "exact", "row_sums", "row_sums_fixed", "moment", "sampled", "pilot")
 CONFIGS = ["tweedie/tweedie", "exact/exact", "exact/tweedie", "row_sums/row_sums", "row_sums/row_sums_fixed",
            "moment/moment"]
@@ -73,10 +80,12 @@ CONFIGS = ["tweedie/tweedie", "exact/exact", "exact/tweedie", "row_sums/row_sums
 class TwistFamilies:
     """The non-Tweedie twists of one problem, as functions of the particles ``x`` (differentiable)."""
 
-    def __init__(self, posterior, draws: int = 32, pilot: Tensor | None = None):
+    def __init__(self, posterior, draws: int = 32, pilot: Tensor | None = None, rank: int = 32,
+                 through_denoiser: bool = False):
         self.exact = ExactTwist(posterior)
         self.prior = posterior.prior
         self.draws = draws
+        self.rank, self.through_denoiser = rank, through_denoiser
         self.generator = torch.Generator().manual_seed(0)   # the inner draws of ``sampled``
         if pilot is None:   # ``pilot``'s samples: exact draws unless given
             pilot = ExactPosterior.from_posterior(posterior).sample(4096, generator=torch.Generator().manual_seed(1))
@@ -111,19 +120,86 @@ class TwistFamilies:
         residual = exact.residual_offset - mean
         return -0.5 * (residual**2 / variance + torch.log(2 * math.pi * variance)).sum(-1)
 
+    def _measured_covariance(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``A x0_hat`` ``(B, m)`` and ``A C A^T`` ``(B, m, m)``, ``C`` the mixture's ``Cov[x0 | x_t]``."""
+        responsibilities, mean, deviations, variances = self._moments(x, t)
+        within = self.exact.measured_covariances(variances)                               # A V_k A^T, (K, m, m)
+        covariance = torch.einsum("bk,kmn->bmn", responsibilities, within)
+        return mean, covariance + (responsibilities[..., None] * deviations).transpose(1, 2) @ deviations
+
     def moment(self, x: Tensor, t: Tensor) -> Tensor:
         """``log N(y; A x0_hat + b, sigma_y^2 I + A C A^T)``, ``C`` the mixture's ``Cov[x0 | x_t]``."""
         exact = self.exact
-        responsibilities, mean, deviations, variances = self._moments(x, t)
-        within = exact.measured_covariances(variances)                                    # A V_k A^T, (K, m, m)
-        covariance = torch.einsum("bk,kmn->bmn", responsibilities, within)
-        covariance = covariance + (responsibilities[..., None] * deviations).transpose(1, 2) @ deviations
+        mean, covariance = self._measured_covariance(x, t)
         covariance = covariance + exact.sigma_y**2 * torch.eye(mean.shape[-1], dtype=torch.float64)
         cholesky = torch.linalg.cholesky(covariance)
         residual = exact.residual_offset - mean
         whitened = torch.linalg.solve_triangular(cholesky, residual[..., None], upper=False)[..., 0]
         log_determinant = 2 * torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)
         return -0.5 * ((whitened**2).sum(-1) + log_determinant + mean.shape[-1] * math.log(2 * math.pi))
+
+    def _measured_jacobian_products(self, x: Tensor, t: Tensor, observed: Tensor, directions: Tensor) -> Tensor:
+        """``A_o C A_o^T`` applied to each of ``directions`` ``(n, m_o)``, ``A_o`` the observed rows of ``A`` and
+        ``C = (sigma_t^2 / lambda_t) d x0_hat / d x_t``: one Jacobian-vector product of the denoiser per direction.
+        Returns ``(B, m_o, n)``."""
+        prior, batch = self.prior, x.shape[0]
+        scale = prior.sde.sigma_t(t) ** 2 / prior.sde.lambda_t(t)
+        columns = []
+        for direction in directions @ observed:                                              # A_o^T v, (d,)
+            tangent = direction.expand(batch, -1).reshape(x.shape).to(x.dtype)
+            _, derivative = torch.func.jvp(lambda z: prior.denoise(z, t), (x.detach(),), (tangent,))
+            columns.append(scale * derivative.reshape(batch, -1).to(torch.float64) @ observed.T)
+        return torch.stack(columns, -1)
+
+    def lowrank(self, x: Tensor, t: Tensor) -> Tensor:
+        """``log N(y; A x0_hat + b, sigma_y^2 I + Q B Q^T + c (I - Q Q^T))`` on the observed values: ``Q`` the range of
+        ``A C A^T Omega`` (``rank`` probes), ``B`` its Nystrom core, ``c`` the mean of what is left on the diagonal by
+        Hutchinson's estimator (8 more probes), so ``rank + 8`` Jacobian-vector products of the denoiser (module
+        docstring). With ``rank`` at least the number of observed values it is ``moment``. A value family only."""
+        exact = self.exact
+        rows = exact.matrix.abs().sum(1) > 0
+        observed, offset = exact.matrix[rows], exact.residual_offset[rows]
+        count = observed.shape[0]
+        if self.rank >= count:   # Omega = I: the whole of A C A^T
+            probes = torch.eye(count, dtype=torch.float64)
+        else:
+            probes = torch.randn(self.rank, count, generator=self.generator, dtype=torch.float64)   # Omega^T
+        if self.through_denoiser:
+            products = partial(self._measured_jacobian_products, x, t, observed)
+            denoised = self.prior.denoise(x, t).reshape(x.shape[0], -1).to(torch.float64) @ observed.T
+        else:   # the same products from the mixture's A C A^T: equal up to rounding, and much faster here
+            denoised, covariance = self._measured_covariance(x, t)
+            denoised, covariance = denoised[:, rows], covariance[:, rows][:, :, rows]
+            def products(directions):
+                return covariance @ directions.T
+        sketch = products(probes)                                                              # Y, (B, m_o, r)
+        core = probes @ sketch                                                                 # Omega^T Y
+        core = 0.5 * (core + core.transpose(1, 2))
+        basis, triangular = torch.linalg.qr(sketch)                                            # Y = Q R
+        # Q^T (Y (Omega^T Y)^-1 Y^T) Q = R (Omega^T Y)^-1 R^T
+        compressed = triangular @ torch.linalg.solve(core, triangular.transpose(1, 2))
+        compressed = 0.5 * (compressed + compressed.transpose(1, 2))
+        remainder = torch.zeros(x.shape[0], dtype=torch.float64)
+        if len(probes) < count:
+            trace_probes = torch.randn(8, count, generator=self.generator, dtype=torch.float64)
+            applied = products(trace_probes)                                                   # M z, (B, m_o, 8)
+            complement = trace_probes.T - basis @ (basis.transpose(1, 2) @ trace_probes.T)    # (I - QQ^T) z
+            images = applied - basis @ (basis.transpose(1, 2) @ applied)                       # (I - QQ^T) M z
+            remainder = ((complement * images).sum(1).mean(-1) / (count - len(probes))).clamp(min=0.0)
+        noise_variance = exact.sigma_y**2
+        residual = offset - denoised
+        inside = (basis.transpose(1, 2) @ residual[..., None])[..., 0]
+        outside = (residual**2).sum(-1) - (inside**2).sum(-1)
+        block = compressed + noise_variance * torch.eye(len(probes), dtype=torch.float64)
+        cholesky = torch.linalg.cholesky(block)
+        whitened = torch.linalg.solve_triangular(cholesky, inside[..., None], upper=False)[..., 0]
+        log_determinant = (2 * torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)
+                           + (count - len(probes)) * torch.log(remainder + noise_variance))
+        quadratic = (whitened**2).sum(-1) + outside / (remainder + noise_variance)
+        unobserved = exact.residual_offset[~rows]   # the rows of A that are zero: N(y_i - b_i; 0, sigma_y^2) each
+        quadratic = quadratic + (unobserved**2).sum() / noise_variance
+        log_determinant = log_determinant + len(unobserved) * math.log(noise_variance)
+        return -0.5 * (quadratic + log_determinant + rows.numel() * math.log(2 * math.pi))
 
     def pilot_gradient(self, x: Tensor, t: Tensor) -> Tensor:
         """``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)`` with ``p(x0 | y)`` replaced by the Gaussian of the
@@ -164,6 +240,8 @@ class TwistFamilies:
             return self.exact.log_likelihood(x, t)
         if family == "moment":
             return self.moment(x, t)
+        if family == "lowrank":
+            return self.lowrank(x, t)
         return self.row_sums(x, t, fixed_variance=family == "row_sums_fixed")
 
     def value(self, family: str, x: Tensor, t: Tensor) -> Tensor:
@@ -235,26 +313,27 @@ def alignment_table(cases: list[str], gradients: list[str], draws: int, pilot: s
     return lines
 
 
-def pilot_samples(problem, source: str, overrides: dict[str, float] | None = None) -> Tensor | None:
+def pilot_samples(problem, source: str, overrides: dict[str, float] | None = None, seed: int = 1) -> Tensor | None:
     """The samples whose per-value moments the ``pilot`` gradient uses: None (4096 exact draws) for ``exact``, else
-    the named sampler's 64 samples with the problem file's options and ``overrides``, seed 1 (``twisted_smc``:
+    the named sampler's 64 samples with the problem file's options and ``overrides``, seed ``seed`` (``twisted_smc``:
     Tweedie's twist)."""
     if source == "exact":
         return None
     registry = load_registry()
     options = {**problem.config.sampler_options.get(source, {}), **(overrides or {})}
     sampler = build_sampler(registry.get(source).sampler_class, options)
-    return sample_posterior(sampler, problem.posterior, 64, generator=torch.Generator().manual_seed(1)).samples
+    return sample_posterior(sampler, problem.posterior, 64, generator=torch.Generator().manual_seed(seed)).samples
 
 
-def refine_pilot(problem, families: TwistFamilies, rounds: int) -> list[str]:
+def refine_pilot(problem, families: TwistFamilies, rounds: int, value: str = "tweedie", seed: int = 0) -> list[str]:
     """Iterate the pilot (iterated auxiliary particle filters, Guarniero, Johansen and Lee 2017, in the small):
-    ``rounds - 1`` times, run twisted_smc with Tweedie's value and the current pilot's gradient (64 samples, seeds
-    2, 3, ...) and refit the pilot to its samples. Returns where each round's samples land (prior components)."""
+    ``rounds - 1`` times, run twisted_smc with the ``value`` family's twist and the current pilot's gradient (64
+    samples, seeds ``seed`` + 2, 3, ...) and refit the pilot to its samples. Returns where each round's samples land (prior
+    components)."""
     notes = []
     for round_index in range(1, rounds):
-        sampler = build_sampler(mixed_twisted_smc(families, "tweedie", "pilot"), OPTIONS)
-        generator = torch.Generator().manual_seed(1 + round_index)
+        sampler = build_sampler(mixed_twisted_smc(families, value, "pilot"), OPTIONS)
+        generator = torch.Generator().manual_seed(seed + 1 + round_index)
         samples = sample_posterior(sampler, problem.posterior, 64, generator=generator).samples
         families.set_pilot(samples)
         notes.append(f"round {round_index + 1}'s pilot: " + landing(component_counts(problem.posterior.prior, samples)))
@@ -268,12 +347,19 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=CONFIGS,
                         help=f"value/gradient pairs; values {', '.join(VALUES)}, gradients {', '.join(GRADIENTS)}")
     parser.add_argument("--draws", type=int, default=32, help="draws of p(x0 | x_t) per particle for 'sampled'")
+    parser.add_argument("--rank", type=int, default=32, help="random probes (Jacobian-vector products) of 'lowrank'")
+    parser.add_argument("--through-denoiser", action="store_true",
+                        help="'lowrank' by Jacobian-vector products of the denoiser, not from the mixture's moments")
     parser.add_argument("--pilot", default="exact", choices=["exact", "dps", "twisted_smc"],
                         help="where the 'pilot' gradient's moments of p(x0 | y) come from (pilot_samples)")
     parser.add_argument("--pilot-option", nargs="+", default=[], metavar="KEY=NUMBER",
                         help="options of the pilot sampler over the problem file's (e.g. scale=4 for dps)")
     parser.add_argument("--pilot-rounds", type=int, default=1,
-                        help="refit the pilot to tweedie/pilot's own samples this many times minus one (refine_pilot)")
+                        help="refit the pilot to VALUE/pilot's own samples this many times minus one (refine_pilot)")
+    parser.add_argument("--refine-value", default="tweedie", choices=VALUES, metavar="VALUE",
+                        help="the twist value of the refitting runs (default tweedie)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the measured run's seed; the pilot's is seed + 1, the refitting runs' seed + 2, ...")
     parser.add_argument("--alignment", action="store_true",
                         help="no sampling: each configuration's gradient against the exact one (cosine / relative "
                              "error) at diffused exact posterior draws, at a few times")
@@ -296,22 +382,22 @@ def main() -> None:
         return
     info = load_registry().get("twisted_smc")
     lines = ["### Twist families on the exact patch-GMM cases", "", f"Made by `{command}` (module docstring).",
-             f"twisted_smc {OPTIONS}, 64 samples, seed 0; SW / floor, PSNR of the mean and coverage_90 (the exact "
+             f"twisted_smc {OPTIONS}, 64 samples, seed {args.seed}; SW / floor, PSNR of the mean and coverage_90 (the exact "
              "posterior's in brackets); components: the prior component that explains each sample best (count).", "",
              "| case | value / gradient | SW / floor | PSNR mean | coverage_90 | distinct | log Z_hat (exact) | "
              "components | CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for case in args.cases:
         problem = load_problem(ROOT / "problems" / EXACT_CASES[case], case)
-        pilot = pilot_samples(problem, args.pilot, pilot_options)
-        families = TwistFamilies(problem.posterior, args.draws, pilot)
+        pilot = pilot_samples(problem, args.pilot, pilot_options, args.seed + 1)
+        families = TwistFamilies(problem.posterior, args.draws, pilot, args.rank, args.through_denoiser)
         if pilot is not None:
             notes.append(f"{case}: the pilot's samples: " + landing(component_counts(problem.posterior.prior, pilot)))
-        notes += [f"{case}: {note}" for note in refine_pilot(problem, families, args.pilot_rounds)]
+        notes += [f"{case}: {note}" for note in refine_pilot(problem, families, args.pilot_rounds, args.refine_value, args.seed)]
         for config in args.configs:
             value, _, gradient = config.partition("/")
             sampler = build_sampler(mixed_twisted_smc(families, value, gradient), OPTIONS)
-            row, result = measure_sampler(problem, case, config, sampler, info, OPTIONS, seed=0)
+            row, result = measure_sampler(problem, case, config, sampler, info, OPTIONS, seed=args.seed)
             found = landing(component_counts(problem.posterior.prior, result.samples))
             lines.append(f"| {case} | {value} / {gradient} | {row['sliced_wasserstein'] / row['floor']:.2f} | "
                          f"{row['psnr_mean']:.2f} ({row['psnr_exact_mean']:.2f}) | {row['coverage_90']:.2f} "
