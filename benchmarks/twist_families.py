@@ -27,10 +27,10 @@ resampling, 200 steps, 64 samples, seed 0 or ``--seed``); only the twist changes
 * ``pilot`` (gradient only): the same identity with ``p(x0 | y)`` replaced by a diagonal Gaussian fitted to a pilot
   run's samples (per-value mean and variance), which makes ``E[x0 | x_t, y]`` closed form: no backpropagation
   through the network, one denoiser call. ``--pilot`` names the pilot: ``exact`` (4096 exact draws, an oracle of the
-  moments only), ``dps`` or ``twisted_smc`` (64 samples of that sampler with the problem file's options, seed 1 + ``--seed``);
-  ``--pilot-option KEY=NUMBER`` sets the pilot sampler's options over the file's; ``--pilot-rounds R`` refits it
-  ``R - 1`` times to the pilot-guided sampler's own samples (``refine_pilot``; ``--refine-value`` names that
-  sampler's twist value, Tweedie's unless set).
+  moments only), ``dps`` or ``twisted_smc`` (64 samples of that sampler with the problem file's options, seed
+  ``--seed`` + 1); ``--pilot-option KEY=NUMBER`` sets the pilot sampler's options over the file's;
+  ``--pilot-rounds R`` refits it ``R - 1`` times to the pilot-guided sampler's own samples (``refine_pilot``;
+  ``--refine-value`` names that sampler's twist value, Tweedie's unless set).
 
 Each configuration is ``value/gradient``. A value family defines the targets; a gradient family only shapes the
 proposal and the moves' Langevin step (the weights and the Metropolis test correct for it), so every configuration
@@ -40,8 +40,8 @@ and which prior component explains each sample best (``path_bottleneck.py``). Ru
 minutes per configuration and case on one thread):
 
     OMP_NUM_THREADS=1 python benchmarks/twist_families.py [--cases natural-gmm-box ...]
-        [--configs exact/exact exact/tweedie ...] [--draws 32] [--rank 32] [--through-denoiser] [--pilot exact] [--pilot-option scale=4]
-        [--pilot-rounds 1] [--refine-value tweedie] [--seed 0] [--alignment]
+        [--configs exact/exact exact/tweedie ...] [--draws 32] [--rank 32] [--through-denoiser] [--pilot exact]
+        [--pilot-option scale=4] [--pilot-rounds 1] [--refine-value tweedie] [--seed 0] [--alignment]
         [--out benchmarks/results/twist_families.md]
 
 ``--alignment`` runs no sampler: it compares each configuration's gradient with the exact one where the particles
@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from image_dimension_table import EXACT_CASES, MOVES, measure_sampler
-from invdiff.exact import ExactPosterior, ExactTwist
+from invdiff.exact import ExactPosterior, ExactTwist, _gaussian_log_density
 from invdiff.plugins import load_registry
 from invdiff.posterior import sample_posterior
 from invdiff.problems import build_sampler, load_problem
@@ -86,7 +86,7 @@ class TwistFamilies:
         self.prior = posterior.prior
         self.draws = draws
         self.rank, self.through_denoiser = rank, through_denoiser
-        self.generator = torch.Generator().manual_seed(0)   # the inner draws of ``sampled``
+        self.generator = torch.Generator().manual_seed(0)   # the inner draws of ``sampled``, the probes of ``lowrank``
         if pilot is None:   # ``pilot``'s samples: exact draws unless given
             pilot = ExactPosterior.from_posterior(posterior).sample(4096, generator=torch.Generator().manual_seed(1))
         self.set_pilot(pilot)
@@ -132,11 +132,7 @@ class TwistFamilies:
         exact = self.exact
         mean, covariance = self._measured_covariance(x, t)
         covariance = covariance + exact.sigma_y**2 * torch.eye(mean.shape[-1], dtype=torch.float64)
-        cholesky = torch.linalg.cholesky(covariance)
-        residual = exact.residual_offset - mean
-        whitened = torch.linalg.solve_triangular(cholesky, residual[..., None], upper=False)[..., 0]
-        log_determinant = 2 * torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)
-        return -0.5 * ((whitened**2).sum(-1) + log_determinant + mean.shape[-1] * math.log(2 * math.pi))
+        return _gaussian_log_density(exact.residual_offset, mean, torch.linalg.cholesky(covariance))
 
     def _measured_jacobian_products(self, x: Tensor, t: Tensor, observed: Tensor, directions: Tensor) -> Tensor:
         """``A_o C A_o^T`` applied to each of ``directions`` ``(n, m_o)``, ``A_o`` the observed rows of ``A`` and
@@ -191,15 +187,13 @@ class TwistFamilies:
         inside = (basis.transpose(1, 2) @ residual[..., None])[..., 0]
         outside = (residual**2).sum(-1) - (inside**2).sum(-1)
         block = compressed + noise_variance * torch.eye(len(probes), dtype=torch.float64)
-        cholesky = torch.linalg.cholesky(block)
-        whitened = torch.linalg.solve_triangular(cholesky, inside[..., None], upper=False)[..., 0]
-        log_determinant = (2 * torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)
-                           + (count - len(probes)) * torch.log(remainder + noise_variance))
-        quadratic = (whitened**2).sum(-1) + outside / (remainder + noise_variance)
+        log_density = _gaussian_log_density(inside, torch.zeros_like(inside), torch.linalg.cholesky(block))
+        isotropic = remainder + noise_variance
+        rest = count - len(probes)
+        log_density = log_density - 0.5 * (outside / isotropic + rest * torch.log(2 * math.pi * isotropic))
         unobserved = exact.residual_offset[~rows]   # the rows of A that are zero: N(y_i - b_i; 0, sigma_y^2) each
-        quadratic = quadratic + (unobserved**2).sum() / noise_variance
-        log_determinant = log_determinant + len(unobserved) * math.log(noise_variance)
-        return -0.5 * (quadratic + log_determinant + rows.numel() * math.log(2 * math.pi))
+        return log_density - 0.5 * ((unobserved**2).sum() / noise_variance
+                                    + len(unobserved) * math.log(2 * math.pi * noise_variance))
 
     def pilot_gradient(self, x: Tensor, t: Tensor) -> Tensor:
         """``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)`` with ``p(x0 | y)`` replaced by the Gaussian of the
@@ -328,8 +322,8 @@ def pilot_samples(problem, source: str, overrides: dict[str, float] | None = Non
 def refine_pilot(problem, families: TwistFamilies, rounds: int, value: str = "tweedie", seed: int = 0) -> list[str]:
     """Iterate the pilot (iterated auxiliary particle filters, Guarniero, Johansen and Lee 2017, in the small):
     ``rounds - 1`` times, run twisted_smc with the ``value`` family's twist and the current pilot's gradient (64
-    samples, seeds ``seed`` + 2, 3, ...) and refit the pilot to its samples. Returns where each round's samples land (prior
-    components)."""
+    samples, seeds ``seed`` + 2, 3, ...) and refit the pilot to its samples. Returns where each round's samples land
+    (prior components)."""
     notes = []
     for round_index in range(1, rounds):
         sampler = build_sampler(mixed_twisted_smc(families, value, "pilot"), OPTIONS)
@@ -382,8 +376,9 @@ def main() -> None:
         return
     info = load_registry().get("twisted_smc")
     lines = ["### Twist families on the exact patch-GMM cases", "", f"Made by `{command}` (module docstring).",
-             f"twisted_smc {OPTIONS}, 64 samples, seed {args.seed}; SW / floor, PSNR of the mean and coverage_90 (the exact "
-             "posterior's in brackets); components: the prior component that explains each sample best (count).", "",
+             f"twisted_smc {OPTIONS}, 64 samples, seed {args.seed}; SW / floor, PSNR of the mean and coverage_90 (the "
+             "exact posterior's in brackets); components: the prior component that explains each sample best "
+             "(count).", "",
              "| case | value / gradient | SW / floor | PSNR mean | coverage_90 | distinct | log Z_hat (exact) | "
              "components | CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
@@ -393,7 +388,8 @@ def main() -> None:
         families = TwistFamilies(problem.posterior, args.draws, pilot, args.rank, args.through_denoiser)
         if pilot is not None:
             notes.append(f"{case}: the pilot's samples: " + landing(component_counts(problem.posterior.prior, pilot)))
-        notes += [f"{case}: {note}" for note in refine_pilot(problem, families, args.pilot_rounds, args.refine_value, args.seed)]
+        rounds = refine_pilot(problem, families, args.pilot_rounds, args.refine_value, args.seed)
+        notes += [f"{case}: {note}" for note in rounds]
         for config in args.configs:
             value, _, gradient = config.partition("/")
             sampler = build_sampler(mixed_twisted_smc(families, value, gradient), OPTIONS)
