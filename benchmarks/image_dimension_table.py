@@ -77,6 +77,8 @@ def _particle_configs(steps: int, particles: int, runs: int) -> dict[str, tuple[
 EXACT_CONFIGS = {"exact": ("exact", {}), "dps": ("dps", {"num_steps": 200, "scale": 1.0}), "rdmc": ("rdmc", {}),
                  **_particle_configs(200, 256, 64)}
 _BEST_EXACT = {"num_steps": 200, "num_runs": 64, "num_particles": 256, **MOVES}
+#: the second-order twist with a DPS pilot refitted twice (README, "The second-order twist with a refitted pilot")
+_SECOND_ORDER_PILOT = {**_BEST_EXACT, "twisting": "second_order", "guidance": "pilot", "pilot_rounds": 3}
 #: variations of the best exact-case configuration, run only when named with --configs: more or larger moves,
 #: moves at every step (resampling every step), larger runs, 1000 steps (beyond the bar's 200: a diagnostic
 #: of the time discretisation), and the oracle twist p(y | x_t) (twisting: exact; a mixture prior's only)
@@ -91,6 +93,9 @@ EXACT_VARIANTS = {
     "twisted_smc 64 runs x 4, exact twist": ("twisted_smc", {"num_steps": 200, "num_runs": 64, "num_particles": 256,
                                                              "twisting": "exact"}),
     "twisted_smc K=256, exact twist": ("twisted_smc", {"num_steps": 200, "num_particles": 256, "twisting": "exact"}),
+    "twisted_smc 64 runs x 4, moves, second order": ("twisted_smc", {**_BEST_EXACT, "twisting": "second_order"}),
+    "twisted_smc 64 runs x 4, moves, second order, pilot": ("twisted_smc", {**_SECOND_ORDER_PILOT, "pilot_rounds": 1}),
+    "twisted_smc 64 runs x 4, moves, second order, refitted pilot": ("twisted_smc", _SECOND_ORDER_PILOT),
 }
 #: at most 64 particles and 100 steps, 16 samples; DPS and RDMC with the problem files' options
 UNET_CONFIGS = {"dps": ("dps", None), "rdmc": ("rdmc", None), **_particle_configs(100, 64, 16)}

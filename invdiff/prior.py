@@ -64,6 +64,26 @@ class Prior(ABC):
         lambda_t, sigma_t = (_per_chain(value, x) for value in (self.sde.lambda_t(t), self.sde.sigma_t(t)))
         return (x + sigma_t**2 * self.score(x, t)) / lambda_t
 
+    def measured_covariance(self, x: Tensor, t: float | Tensor, matrix: Tensor) -> Tensor:
+        """``A Cov[X_0 | X_t = x] A^T`` for a batch ``x`` ``(B, *event_shape)``, one time ``t`` and a dense
+        ``matrix`` ``A`` ``(m, d)``: shape ``(B, m, m)``, float64, symmetric, not differentiable.
+
+        The second-order Tweedie identity ``Cov[X_0 | X_t = x] = (sigma_t^2 / lambda_t) d x0_hat / d x`` (Meng,
+        Song, Li and Ermon, NeurIPS 2021; Boys et al., "Tweedie moment projected diffusions", 2023) gives it from
+        ``m`` Jacobian-vector products of ``denoise``, one per row of ``A``: ``m`` network evaluations per
+        particle. A prior that has the covariance in closed form overrides this.
+        """
+        scale = float(self.sde.sigma_t(t) ** 2 / self.sde.lambda_t(t))
+        matrix = matrix.to(x.device, torch.float64)
+        x = x.detach()
+        columns = []
+        for row in matrix:                                                   # A J a_i for each row a_i of A
+            tangent = row.to(x.dtype).reshape(1, *self.event_shape).expand_as(x)
+            _, derivative = torch.func.jvp(lambda state: self.denoise(state, t), (x,), (tangent,))
+            columns.append(derivative.reshape(x.shape[0], -1).to(torch.float64) @ matrix.T)
+        covariance = scale * torch.stack(columns, -1)
+        return 0.5 * (covariance + covariance.transpose(1, 2))
+
     @property
     def image_map(self) -> tuple[float, float]:
         """``(scale, offset)`` of the map ``image = scale * x + offset`` that sends ``data_range`` onto [0, 1]:
@@ -294,6 +314,7 @@ class GaussianMixturePrior(Prior):
         else:
             self.eigenvalues, self.eigenvectors = torch.linalg.eigh(covariances)
             self.eigenvalues = self.eigenvalues.clamp(min=0.0)
+        self._rotated = None   # measured_covariance's (matrix, A, A U_k) for the last matrix
 
     @property
     def dimension(self) -> int:
@@ -311,6 +332,7 @@ class GaussianMixturePrior(Prior):
             value = getattr(self, attribute)
             if value is not None:
                 setattr(self, attribute, value.to(device))
+        self._rotated = None
         return self
 
     def settings(self):
@@ -358,6 +380,23 @@ class GaussianMixturePrior(Prior):
         if self.eigenvectors is not None:
             shift = torch.einsum("bke,kde->bkd", shift, self.eigenvectors)
         return log_responsibilities, self.means + shift, self.eigenvalues * sigma_t**2 / variances
+
+    def measured_covariance(self, x, t, matrix):
+        """``A Cov[X_0 | X_t = x] A^T`` in closed form, by the law of total covariance over the mixture of
+        ``clean_given_diffused``: ``sum_k P(k | x_t) (A V_k A^T + d_k d_k^T)`` with ``d_k = A m_k - A x0_hat``.
+        ``A U_k`` is kept for the last ``matrix`` given."""
+        if self._rotated is None or self._rotated[0] is not matrix:
+            dense = matrix.to(self.means.device, torch.float64)
+            self._rotated = (matrix, dense, dense if self.eigenvectors is None else dense @ self.eigenvectors)
+        _, dense, rotated = self._rotated
+        with torch.no_grad():
+            log_responsibilities, means, variances = self.clean_given_diffused(x, t)
+            responsibilities = log_responsibilities.exp()
+            within = (rotated * variances[:, None, :]) @ rotated.transpose(-1, -2)             # A V_k A^T, (K, m, m)
+            predicted = means @ dense.T                                                         # A m_k, (B, K, m)
+            deviations = predicted - (responsibilities[..., None] * predicted).sum(1, keepdim=True)
+            covariance = torch.einsum("bk,kmn->bmn", responsibilities, within)
+            return covariance + (responsibilities[..., None] * deviations).transpose(1, 2) @ deviations
 
     def _score(self, x, t):
         centred, variances = self._rotated_terms(x, t)

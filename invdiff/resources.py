@@ -25,7 +25,8 @@ What a sampler asks of the network is read from its options by their conventiona
 ``num_particles`` (default: the number of samples, rounded up to a multiple of ``num_runs``), ``num_chains`` per sample, ``inner_steps``
 (network calls per chain and step, plus one to start the chains), ``pool_size`` and
 ``pool_steps`` (prior draws for a warm start), ``batch_size`` or ``chunk_size`` (images per call),
-``num_steps``. A sampler class declares ``needs_network_gradient = False`` when it only calls the
+``num_steps``, ``move_steps``, ``twisting: second_order`` and ``guidance: pilot`` with ``pilot_rounds``
+(``_network_images``). A sampler class declares ``needs_network_gradient = False`` when it only calls the
 network forward; without it, backpropagation is assumed.
 """
 
@@ -120,7 +121,7 @@ def estimate_run(posterior: Posterior, sampler: Sampler, num_samples: int,
                                                                       measurement.device)
     pixels = math.prod(prior.event_shape[1:])
     image_bytes = math.prod(prior.event_shape) * measurement.element_size()
-    network_images = _network_images(sampler, num_samples)
+    network_images = _network_images(sampler, posterior, num_samples)
     on_cpu = torch.device(device).type == "cpu"
     return RunEstimate(
         image_shape=prior.event_shape, states=states, state_bytes=STATE_COPIES * states * image_bytes,
@@ -175,14 +176,21 @@ def _held_states(sampler: Sampler, num_samples: int) -> int:
     return max(_chains(sampler, num_samples), _option(sampler, "pool_size") or 0)
 
 
-def _network_images(sampler: Sampler, num_samples: int) -> int:
+def _network_images(sampler: Sampler, posterior: Posterior, num_samples: int) -> int:
     """Images passed through the network over the run: chains x steps x calls per step, plus the pool's draws.
 
-    Resample-move's ``move_steps`` are counted as if every step resampled (an upper bound)."""
+    Resample-move's ``move_steps`` are counted as if every step resampled (an upper bound). ``twisting:
+    second_order`` on a prior without a closed-form covariance adds one Jacobian-vector product per measured
+    value to every call (an upper bound: only the observed ones are made); ``guidance: pilot`` repeats the run
+    ``pilot_rounds`` times (the pilot sampler's own run is not counted)."""
     inner_steps = _option(sampler, "inner_steps")
     calls_per_step = (inner_steps + 1 if inner_steps else 1) + (_option(sampler, "move_steps") or 0)
+    if (_option(sampler, "twisting") == "second_order"
+            and type(posterior.prior).measured_covariance is Prior.measured_covariance):
+        calls_per_step *= 1 + posterior.measurement[0].numel()
     pool = (_option(sampler, "pool_size") or 0) * (_option(sampler, "pool_steps") or 0)
-    return max(sampler.num_steps, 1) * _chains(sampler, num_samples) * calls_per_step + pool
+    runs = _option(sampler, "pilot_rounds") if _option(sampler, "guidance") == "pilot" else 1
+    return runs * (max(sampler.num_steps, 1) * _chains(sampler, num_samples) * calls_per_step + pool)
 
 
 def _images_per_call(sampler: Sampler, prior: Prior, states: int, needs_gradient: bool) -> int:

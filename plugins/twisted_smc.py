@@ -27,20 +27,38 @@ With ``twisting = "exact"`` (Gaussian-mixture priors, linear operators, Gaussian
 ``p(y | x_t)`` itself (``invdiff.exact.ExactTwist``), so the intermediate targets are the exact ``p(x_t | y)``
 and the proposal's gradient is the exact ``grad log p(y | x_t)``: an oracle that separates the engine's error
 from the Tweedie twist's.
+
+With ``twisting = "second_order"`` (linear operators with Gaussian noise) the twist is the Gaussian with the
+prior's own second moment of ``x0`` given ``x_t``: ``N(y; A x0_hat + b, sigma_y^2 I + A C A^T)``, ``C =
+Cov[x0 | x_t]`` from ``Prior.measured_covariance`` (closed form for a mixture prior; for a network, one
+Jacobian-vector product of the denoiser per observed value, per particle and step). Its gradient holds ``C``
+fixed (one backpropagation through the denoiser, as Tweedie's).
+
+With ``guidance = "pilot"`` the proposal and the moves follow, instead of the twist's gradient,
+``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)`` with ``p(x0 | y)`` replaced by the per-value Gaussian
+``N(m, diag(v))`` of a pilot run's samples, so that ``E[x0 | x_t, y]`` is closed form (``PilotGuidance``; no
+backpropagation). The pilot is ``pilot_samples`` samples of ``pilot_sampler`` (its default options), refitted
+``pilot_rounds - 1`` times to this sampler's own samples under the previous fit (iterated auxiliary particle
+filters, Guarniero, Johansen and Lee, JASA 2017, in the small). The weights see only the twist, so the sampler
+stays asymptotically exact whatever the pilot; the pilot's runs count in the network evaluations.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
+from torch.distributions import MultivariateNormal
 
 import invdiff
 from invdiff.exact import ExactTwist
-from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor
+from invdiff.noise import GaussianNoise
+from invdiff.plugins import PluginError, load_registry
+from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
 from invdiff.sde import gaussian_log_density
 from invdiff.smc import (MeasurementTwist, ResampleMove, SMCOptions, TargetPoint, chunked, particle_weights,
                          weighted_result)
@@ -59,13 +77,86 @@ def _exact_twist(twist: ExactTwist, x: Tensor, denoised: Tensor, t: Tensor) -> T
     return twist.log_likelihood(x, t)
 
 
-class TwistedSMCOptions(SMCOptions):
-    """``SMCOptions`` with one more twist: ``exact``."""
+class SecondOrderTwist:
+    """``log N(y; A x0_hat + b, sigma_y^2 I + A C A^T)`` with ``C = Cov[x0 | x_t]`` the prior's own
+    (``Prior.measured_covariance``), held fixed under differentiation: the Gaussian with the right first two
+    moments of ``x0`` given ``x_t``, where Tweedie's twist puts ``r_t^2 I`` for ``C``. On the observed values only
+    (rows of ``A`` that are not zero); each other value adds its constant ``log N(y_i - b_i; 0, sigma_y^2)``.
+    """
 
-    twisting: Literal["tweedie", "capped", "none", "exact"] = Field(
+    #: most observed values: the twist factors an ``m x m`` matrix per particle and step
+    MAX_OBSERVED = 4096
+
+    @staticmethod
+    def check(posterior: Posterior) -> None:
+        operator = posterior.operator
+        if not operator.linear or not isinstance(operator.noise, GaussianNoise):
+            raise UnsupportedProblem(f"twisting 'second_order' needs a linear operator with Gaussian noise; "
+                                     f"'{operator.name}' with {operator.noise.settings()['type']} noise is not")
+        values = posterior.measurement[0].numel()
+        if values > SecondOrderTwist.MAX_OBSERVED:
+            raise UnsupportedProblem(f"twisting 'second_order' factors an m x m matrix per particle and step; this "
+                                     f"measurement has m = {values} values, at most {SecondOrderTwist.MAX_OBSERVED} "
+                                     f"are allowed (use twisting 'tweedie')")
+
+    def __init__(self, posterior: Posterior):
+        self.prior = posterior.prior
+        matrix, offset = posterior.operator.matrix(self.prior.event_shape, device=posterior.measurement.device)
+        residual = posterior.measurement.flatten().to(torch.float64) - offset
+        observed = matrix.abs().sum(1) > 0
+        self.matrix, self.residual = matrix[observed], residual[observed]
+        self.noise_variance = posterior.operator.noise.sigma_y ** 2
+        unobserved = residual[~observed]
+        self.constant = -0.5 * float((unobserved**2).sum() / self.noise_variance
+                                     + len(unobserved) * math.log(2 * math.pi * self.noise_variance))
+
+    def __call__(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
+        covariance = self.prior.measured_covariance(x, t, self.matrix)
+        covariance = covariance + self.noise_variance * torch.eye(len(self.matrix), dtype=torch.float64,
+                                                                   device=covariance.device)
+        mean = denoised.flatten(1).to(torch.float64) @ self.matrix.T
+        law = MultivariateNormal(mean, scale_tril=torch.linalg.cholesky(covariance), validate_args=False)
+        return (law.log_prob(self.residual) + self.constant).to(x.dtype)
+
+
+class PilotGuidance:
+    """The twist's gradient replaced by ``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)`` with ``p(x0 | y)``
+    replaced by ``N(m, diag(v))``, the per-value mean and variance of a pilot's samples. As ``x_t`` depends on
+    ``y`` only through ``x0``, ``E[x0 | x_t, y] = (m / v + lambda_t x_t / sigma_t^2) / (1 / v + lambda_t^2 /
+    sigma_t^2)``: the exact gradient ``grad log p(y | x_t)`` if the posterior were that Gaussian."""
+
+    def __init__(self, posterior: Posterior, samples: Tensor):
+        self.sde = posterior.prior.sde
+        samples = samples.flatten(1).to(torch.float64)
+        self.mean, self.variance = samples.mean(0), samples.var(0).clamp(min=1e-8)
+
+    def __call__(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
+        lambda_t, sigma_t = float(self.sde.lambda_t(t)), float(self.sde.sigma_t(t))
+        flat = x.flatten(1).to(torch.float64)
+        conditional_mean = ((self.mean / self.variance + lambda_t * flat / sigma_t**2)
+                            / (1 / self.variance + lambda_t**2 / sigma_t**2))
+        gradient = lambda_t / sigma_t**2 * (conditional_mean - denoised.flatten(1).to(torch.float64))
+        return gradient.reshape(x.shape).to(x.dtype)
+
+
+class TwistedSMCOptions(SMCOptions):
+    """``SMCOptions`` with two more twists, ``exact`` and ``second_order``, and the pilot guidance."""
+
+    twisting: Literal["tweedie", "capped", "none", "exact", "second_order"] = Field(
         "tweedie", description=SMCOptions.model_fields["twisting"].description + "; or 'exact': the closed-form "
         "p(y | x_t) of a Gaussian-mixture prior with a linear operator and Gaussian noise (an oracle for checking "
-        "the engine, no network prior has it)")
+        "the engine, no network prior has it); or 'second_order': N(y; A x0_hat + b, sigma_y^2 I + A C A^T) with "
+        "C = Cov[x0 | x_t] the prior's own (linear operators with Gaussian noise; a network prior pays one "
+        "Jacobian-vector product per observed value, per particle and step)")
+    guidance: Literal["twist", "pilot"] = Field(
+        "twist", description="what the proposal and the moves follow: the twist's gradient, or 'pilot': the "
+        "gradient of log p(y | x_t) were p(x0 | y) the per-value Gaussian of a pilot's samples (no "
+        "backpropagation)")
+    pilot_sampler: str = Field("dps", description="guidance 'pilot': the registered sampler whose samples (with "
+                               "its default options) make the first pilot")
+    pilot_samples: int = Field(64, ge=2, description="guidance 'pilot': samples per pilot fit")
+    pilot_rounds: int = Field(1, ge=1, description="guidance 'pilot': pilot fits, the pilot sampler's and then "
+                              "pilot_rounds - 1 refits to this sampler's own samples guided by the previous fit")
 
 
 class TwistedSMC(Sampler):
@@ -76,9 +167,13 @@ class TwistedSMC(Sampler):
     asymptotically_exact = True
 
     @staticmethod
-    def _twist(posterior: Posterior, log_twist_of: TwistFunction, x: Tensor,
-               t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Denoised estimate, ``log p~_t(y | x)`` and its gradient, for a batch of particles."""
+    def _twist(posterior: Posterior, log_twist_of: TwistFunction, x: Tensor, t: Tensor,
+               guidance: PilotGuidance | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Denoised estimate, ``log p~_t(y | x)`` and its gradient (or ``guidance``'s stand-in for it), for a
+        batch of particles."""
+        if guidance is not None:
+            denoised = posterior.prior.denoise(x, t)
+            return denoised, log_twist_of(x, denoised, t), guidance(x, denoised, t)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             denoised = posterior.prior.denoise(x, t)
@@ -99,9 +194,38 @@ class TwistedSMC(Sampler):
     def check(self, posterior: Posterior) -> None:
         if self.options.twisting == "exact":
             ExactTwist.check(posterior)
+        if self.options.twisting == "second_order":
+            SecondOrderTwist.check(posterior)
+        if self.options.guidance == "pilot":
+            try:
+                pilot = load_registry().get(self.options.pilot_sampler)
+            except PluginError as error:
+                raise UnsupportedProblem(f"pilot_sampler: {error}") from None
+            pilot.sampler_class().check(posterior)
+
+    def _pilot(self, posterior: Posterior, generator: torch.Generator) -> PilotGuidance | None:
+        """``guidance 'pilot'``: the pilot sampler's fit, refitted ``pilot_rounds - 1`` times (module docstring);
+        the generators of these runs are seeded from ``generator``."""
+        if self.options.guidance != "pilot":
+            return None
+        seeds = torch.randint(2**62, (self.options.pilot_rounds,), generator=generator, device=generator.device)
+        generators = [torch.Generator(device=generator.device).manual_seed(int(seed)) for seed in seeds]
+        pilot_sampler = load_registry().get(self.options.pilot_sampler).sampler_class()
+        samples = sample_posterior(pilot_sampler, posterior, self.options.pilot_samples, generator=generators[0])
+        guidance = PilotGuidance(posterior, samples.samples)
+        for round_generator in generators[1:]:
+            monitor = StepMonitor(f"{self.name} pilot", self.options.num_steps)
+            result = self._run(posterior, self.options.pilot_samples, round_generator, monitor, guidance)
+            guidance = PilotGuidance(posterior, result.samples)
+        return guidance
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
+        guidance = self._pilot(posterior, generator)
+        return self._run(posterior, num_samples, generator, monitor, guidance)
+
+    def _run(self, posterior: Posterior, num_samples: int, generator: torch.Generator, monitor: StepMonitor,
+             guidance: PilotGuidance | None) -> SampleResult:
         prior = posterior.prior
         dtype, device = posterior.dtype, posterior.device
         grid = prior.sde.time_grid(self.options.num_steps)
@@ -111,11 +235,14 @@ class TwistedSMC(Sampler):
         mover = ResampleMove(posterior, self.options, measurement_twist.svd, generator)
         if self.options.twisting == "exact":
             log_twist_of = partial(_exact_twist, ExactTwist(posterior))
+        elif self.options.twisting == "second_order":
+            log_twist_of = SecondOrderTwist(posterior)
         else:
             log_twist_of = partial(_tweedie_twist, measurement_twist)
 
         def twist(x, t):
-            return chunked(lambda part: self._twist(posterior, log_twist_of, part, t), x, self.options.batch_size)
+            return chunked(lambda part: self._twist(posterior, log_twist_of, part, t, guidance), x,
+                           self.options.batch_size)
 
         x = prior.terminal_sample(weights.total_particles, generator=generator, dtype=dtype, device=device)
         denoised, log_twist, gradient = twist(x, grid[0])

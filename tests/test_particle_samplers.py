@@ -92,21 +92,23 @@ def test_particles_default_to_the_number_of_samples_and_chunking_changes_nothing
     assert whole.log_evidence == pytest.approx(chunks.log_evidence)
 
 
-@pytest.mark.parametrize("twisting", ["capped", "none"])
-def test_other_twisting_rules_stay_exact_in_the_limit(twisting):
-    """Any twisting keeps the weights right (only efficiency changes): the weighted means of 10
-    independent runs (K = 1024) average to the 50-step model's posterior mean within REPLICATE_Z
+@pytest.mark.parametrize("options", [{"twisting": "capped"}, {"twisting": "none"}, {"twisting": "second_order"},
+                                     {"twisting": "second_order", "guidance": "pilot"}],
+                         ids=["capped", "none", "second_order", "second_order-pilot"])
+def test_other_twisting_rules_stay_exact_in_the_limit(options):
+    """Any twisting and any guidance keep the weights right (only efficiency changes): the weighted means
+    of 10 independent runs (K = 1024) average to the 50-step model's posterior mean within REPLICATE_Z
     standard errors of their spread. (One run's ESS understates its error when the weights are as
     uneven as without twisting: single runs with K = 4096 gave z = 3-33 over seeds.)"""
     posterior, _ = linear_gaussian()
     exact = discretised_model_posterior(posterior, 50)
     means = []
     for seed in range(10):
-        result = sample_posterior(TwistedSMC(num_steps=50, num_particles=1024, twisting=twisting), posterior, 8,
+        result = sample_posterior(TwistedSMC(num_steps=50, num_particles=1024, **options), posterior, 8,
                                   generator=torch.Generator().manual_seed(seed))
         means.append((torch.softmax(result.log_weights, 0)[:, None] * result.particles).sum(0))
     largest = float(replicate_z_scores(torch.stack(means), exact.mean).max())
-    assert largest < REPLICATE_Z, (f"twisting {twisting}: the mean of 10 runs is {largest:.2f} standard errors from "
+    assert largest < REPLICATE_Z, (f"{options}: the mean of 10 runs is {largest:.2f} standard errors from "
                                    f"the model's posterior mean (limit {REPLICATE_Z})")
 
 
@@ -133,10 +135,51 @@ def test_the_exact_twist_makes_runs_of_four_particles_exact(sde):
         f"exact-vs-exact {floor:.3f}, threshold {threshold:.3f}")
 
 
-def test_the_exact_twist_is_refused_without_a_closed_form():
+def poisson_posterior() -> tuple[Posterior, Posterior]:
+    """The linear-Gaussian bed's posterior, and one with its prior under a Poisson-noise operator."""
     posterior, _ = linear_gaussian()
     operator = matrix_operator(torch.rand(3, 4, dtype=torch.float64), PoissonNoise(0.1)).with_input_map(0.1, 1.0)
-    poisson = Posterior(posterior.prior, operator, torch.ones(1, 3, dtype=torch.float64))
+    return posterior, Posterior(posterior.prior, operator, torch.ones(1, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(0.02, 60.0)], ids=["vp", "ve"])
+def test_the_second_order_twist_is_the_exact_twist_of_a_gaussian_prior(sde):
+    """For a Gaussian prior ``x0 | x_t`` is Gaussian, so the second-order twist ``N(y; A x0_hat + b, sigma_y^2 I +
+    A C A^T)`` is ``p(y | x_t)`` itself; for a mixture it is not where ``x_t`` leaves the component open (large
+    ``t``; at small ``t`` one component takes all the weight and the two agree again)."""
+    from invdiff.exact import ExactTwist
+    from invdiff_plugins.twisted_smc import SecondOrderTwist
+
+    def difference(posterior, t):
+        prior, generator = posterior.prior, torch.Generator().manual_seed(0)
+        x = prior.sde.lambda_t(t) * prior.sample_clean(6, generator=generator) + prior.sde.sigma_t(t) * torch.randn(
+            6, prior.dimension, generator=generator, dtype=torch.float64)
+        twist = SecondOrderTwist(posterior)(x, prior.denoise(x, t), t)
+        return float((twist - ExactTwist(posterior).log_likelihood(x, t)).abs().max())
+
+    gaussian, mixture = linear_gaussian(sde=sde)[0], gaussian_mixture(measurements=1, sde=sde)[0]
+    for t in (0.9, 0.3, 0.02):
+        gap = difference(gaussian, t)
+        assert gap < 1e-8, f"t={t}: Gaussian prior, twist minus log p(y | x_t): {gap:.3g}"
+    assert difference(mixture, 0.9) > 1e-2, "t=0.9: the mixture's second-order twist is log p(y | x_t) itself"
+
+
+def test_second_order_twist_and_pilot_guidance_are_checked_and_counted():
+    """Refused in one line before any work where they cannot run; the pilot's network evaluations count."""
+    posterior, poisson = poisson_posterior()
+    with pytest.raises(UnsupportedProblem, match="twisting 'second_order' needs a linear operator with Gaussian noise"):
+        sample_posterior(TwistedSMC(num_steps=10, twisting="second_order"), poisson, 4)
+    with pytest.raises(UnsupportedProblem, match="pilot_sampler: .*no_such_sampler"):
+        sample_posterior(TwistedSMC(num_steps=10, guidance="pilot", pilot_sampler="no_such_sampler"), posterior, 4)
+    alone = sample_posterior(TwistedSMC(num_steps=10, num_particles=16), posterior, 4)
+    piloted = sample_posterior(TwistedSMC(num_steps=10, num_particles=16, guidance="pilot", pilot_rounds=2,
+                                          pilot_samples=8), posterior, 4)
+    # the DPS pilot (8 chains, 200 steps), then one refit round and the run itself (16 particles, 10 steps each)
+    assert piloted.network_evaluations == 8 * 200 + 2 * alone.network_evaluations
+
+
+def test_the_exact_twist_is_refused_without_a_closed_form():
+    _, poisson = poisson_posterior()
     with pytest.raises(UnsupportedProblem, match="the exact twist needs Gaussian noise"):
         sample_posterior(TwistedSMC(num_steps=10, twisting="exact"), poisson, 4)
     with pytest.raises(ValueError, match="twisting"):
@@ -153,9 +196,7 @@ def test_resampling_schemes_and_threshold_are_options():
 
 
 def test_closed_form_proposal_is_refused_where_it_does_not_exist():
-    posterior, _ = linear_gaussian()
-    operator = matrix_operator(torch.rand(3, 4, dtype=torch.float64), PoissonNoise(0.1)).with_input_map(0.1, 1.0)
-    poisson = Posterior(posterior.prior, operator, torch.ones(1, 3, dtype=torch.float64))
+    _, poisson = poisson_posterior()
     with pytest.raises(UnsupportedProblem, match="closed_form needs a linear operator with Gaussian noise"):
         sample_posterior(VESMC(proposal="closed_form", num_steps=10), poisson, 4)
     result = sample_posterior(VESMC(num_steps=10, num_particles=32), poisson, 4)   # auto: gradient proposal

@@ -114,3 +114,53 @@ def test_score_and_denoise_take_one_time_per_chain(batch):
         one_by_one = torch.cat([method(x[index:index + 1], float(times[index])) for index in range(batch)])
         difference = float((together - one_by_one).abs().max())   # float32 divided by lambda_t ~ 0.02 at t = 0.9
         assert difference < 1e-3, f"{method.__name__} with per-chain times differs by {difference:.3g} from scalar times"
+
+
+class _GaussianNoisePredictor(torch.nn.Module):
+    """The exact noise prediction ``sigma_t (lambda_t^2 S + sigma_t^2 I)^-1 (x - lambda_t m)`` of a Gaussian
+    ``N(m, S)`` prior: a network prior whose denoiser's Jacobian is known."""
+
+    def __init__(self, mean, covariance, sde):
+        super().__init__()
+        self.mean = torch.nn.Parameter(mean, requires_grad=False)   # a float64 parameter: the prior samples in float64
+        self.covariance, self.sde = covariance, sde
+
+    def forward(self, x, times):
+        lambda_t, sigma_t = self.sde.lambda_t(times), self.sde.sigma_t(times)
+        spread = lambda_t[:, None, None] ** 2 * self.covariance + sigma_t[:, None, None] ** 2 * torch.eye(len(self.mean))
+        centred = x - lambda_t[:, None] * self.mean
+        return sigma_t[:, None] * torch.linalg.solve(spread, centred[..., None])[..., 0]
+
+
+def test_measured_covariance_by_jacobian_products_matches_the_closed_forms():
+    """``A Cov[x0 | x_t] A^T``: through Jacobian-vector products of a denoiser (the default, what a network prior
+    has) it equals the mixture's closed form (law of total covariance) and, for a network that is the exact
+    denoiser of a Gaussian prior, the Gaussian's ``A S sigma_t^2 (lambda_t^2 S + sigma_t^2 I)^-1 A^T``."""
+    from invdiff.prior import NetworkPrior, Prior
+    from invdiff.testing import gaussian_mixture, linear_gaussian
+
+    generator = torch.Generator().manual_seed(0)
+    posterior, _ = gaussian_mixture(dimension=8)
+    prior = posterior.prior
+    matrix = torch.randn(3, 8, generator=generator, dtype=torch.float64)
+    for t in (0.9, 0.4, 0.05):
+        x = prior.sde.lambda_t(t) * prior.sample_clean(5, generator=generator) + prior.sde.sigma_t(t) * torch.randn(
+            5, 8, generator=generator, dtype=torch.float64)
+        closed = prior.measured_covariance(x, t, matrix)
+        by_products = Prior.measured_covariance(prior, x, t, matrix)
+        assert closed.shape == (5, 3, 3)
+        assert torch.allclose(closed, by_products, rtol=1e-8, atol=1e-10), \
+            f"t={t}: closed form and Jacobian products differ by {float((closed - by_products).abs().max()):.3g}"
+
+    gaussian = linear_gaussian(dimension=4)[0].prior
+    mean, covariance = gaussian.means[0], gaussian.covariances[0]
+    network = NetworkPrior(_GaussianNoisePredictor(mean, covariance, gaussian.sde), gaussian.sde, (4,), "epsilon")
+    matrix = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+    x = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    for t in (0.8, 0.1):
+        lambda_t, sigma_t = float(gaussian.sde.lambda_t(t)), float(gaussian.sde.sigma_t(t))
+        conditional = sigma_t**2 * covariance @ torch.linalg.inv(lambda_t**2 * covariance + sigma_t**2 * torch.eye(4))
+        expected = (matrix @ conditional @ matrix.T).expand(3, 2, 2)
+        for source in (network, gaussian):
+            assert torch.allclose(source.measured_covariance(x, t, matrix), expected, rtol=1e-8, atol=1e-10), \
+                f"t={t}: {type(source).__name__}'s covariance differs from the Gaussian's"
