@@ -96,6 +96,8 @@ EXACT_VARIANTS = {
     "twisted_smc 64 runs x 4, moves, second order": ("twisted_smc", {**_BEST_EXACT, "twisting": "second_order"}),
     "twisted_smc 64 runs x 4, moves, second order, pilot": ("twisted_smc", {**_SECOND_ORDER_PILOT, "pilot_rounds": 1}),
     "twisted_smc 64 runs x 4, moves, second order, refitted pilot": ("twisted_smc", _SECOND_ORDER_PILOT),
+    "twisted_smc 16 runs x 16, moves, second order, refitted pilot": ("twisted_smc", {**_SECOND_ORDER_PILOT,
+                                                                                      "num_runs": 16}),
 }
 #: at most 64 particles and 100 steps, 16 samples; DPS and RDMC with the problem files' options
 UNET_CONFIGS = {"dps": ("dps", None), "rdmc": ("rdmc", None), **_particle_configs(100, 64, 16)}

@@ -32,6 +32,10 @@ resampling, 200 steps, 64 samples, seed 0 or ``--seed``); only the twist changes
   ``--pilot-rounds R`` refits it ``R - 1`` times to the pilot-guided sampler's own samples (``refine_pilot``;
   ``--refine-value`` names that sampler's twist value, Tweedie's unless set).
 
+``moment/pilot`` with ``--pilot dps --pilot-rounds 3 --refine-value moment`` is shipped as twisted_smc's options
+``twisting: second_order``, ``guidance: pilot``, ``pilot_rounds: 3`` (``Prior.measured_covariance``), measured by
+``image_dimension_table.py``; the families here stay as they were measured.
+
 Each configuration is ``value/gradient``. A value family defines the targets; a gradient family only shapes the
 proposal and the moves' Langevin step (the weights and the Metropolis test correct for it), so every configuration
 is asymptotically exact, and what the rows compare is what 4 particles per run can correct. Reported: sliced

@@ -37,7 +37,8 @@ fixed (one backpropagation through the denoiser, as Tweedie's).
 With ``guidance = "pilot"`` the proposal and the moves follow, instead of the twist's gradient,
 ``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)`` with ``p(x0 | y)`` replaced by the per-value Gaussian
 ``N(m, diag(v))`` of a pilot run's samples, so that ``E[x0 | x_t, y]`` is closed form (``PilotGuidance``; no
-backpropagation). The pilot is ``pilot_samples`` samples of ``pilot_sampler`` (its default options), refitted
+backpropagation). The pilot is ``pilot_samples`` samples of ``pilot_sampler`` (its default options but this
+sampler's ``num_steps``), refitted
 ``pilot_rounds - 1`` times to this sampler's own samples under the previous fit (iterated auxiliary particle
 filters, Guarniero, Johansen and Lee, JASA 2017, in the small). The weights see only the twist, so the sampler
 stays asymptotically exact whatever the pilot; the pilot's runs count in the network evaluations.
@@ -152,8 +153,8 @@ class TwistedSMCOptions(SMCOptions):
         "twist", description="what the proposal and the moves follow: the twist's gradient, or 'pilot': the "
         "gradient of log p(y | x_t) were p(x0 | y) the per-value Gaussian of a pilot's samples (no "
         "backpropagation)")
-    pilot_sampler: str = Field("dps", description="guidance 'pilot': the registered sampler whose samples (with "
-                               "its default options) make the first pilot")
+    pilot_sampler: str = Field("dps", description="guidance 'pilot': the registered sampler whose samples (its "
+                               "default options, this sampler's num_steps) make the first pilot")
     pilot_samples: int = Field(64, ge=2, description="guidance 'pilot': samples per pilot fit")
     pilot_rounds: int = Field(1, ge=1, description="guidance 'pilot': pilot fits, the pilot sampler's and then "
                               "pilot_rounds - 1 refits to this sampler's own samples guided by the previous fit")
@@ -210,7 +211,9 @@ class TwistedSMC(Sampler):
             return None
         seeds = torch.randint(2**62, (self.options.pilot_rounds,), generator=generator, device=generator.device)
         generators = [torch.Generator(device=generator.device).manual_seed(int(seed)) for seed in seeds]
-        pilot_sampler = load_registry().get(self.options.pilot_sampler).sampler_class()
+        pilot_class = load_registry().get(self.options.pilot_sampler).sampler_class
+        steps = {"num_steps": self.options.num_steps} if "num_steps" in pilot_class.Options.model_fields else {}
+        pilot_sampler = pilot_class(**steps)
         samples = sample_posterior(pilot_sampler, posterior, self.options.pilot_samples, generator=generators[0])
         guidance = PilotGuidance(posterior, samples.samples)
         for round_generator in generators[1:]:

@@ -174,8 +174,8 @@ def test_second_order_twist_and_pilot_guidance_are_checked_and_counted():
     alone = sample_posterior(TwistedSMC(num_steps=10, num_particles=16), posterior, 4)
     piloted = sample_posterior(TwistedSMC(num_steps=10, num_particles=16, guidance="pilot", pilot_rounds=2,
                                           pilot_samples=8), posterior, 4)
-    # the DPS pilot (8 chains, 200 steps), then one refit round and the run itself (16 particles, 10 steps each)
-    assert piloted.network_evaluations == 8 * 200 + 2 * alone.network_evaluations
+    # the DPS pilot (8 chains, this sampler's 10 steps), then one refit round and the run itself (16 particles)
+    assert piloted.network_evaluations == 8 * 10 + 2 * alone.network_evaluations
 
 
 def test_the_exact_twist_is_refused_without_a_closed_form():
