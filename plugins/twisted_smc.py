@@ -204,9 +204,9 @@ class TwistedSMC(Sampler):
                 raise UnsupportedProblem(f"pilot_sampler: {error}") from None
             pilot.sampler_class().check(posterior)
 
-    def _pilot(self, posterior: Posterior, generator: torch.Generator) -> PilotGuidance | None:
+    def _pilot(self, posterior: Posterior, generator: torch.Generator, progress: bool) -> PilotGuidance | None:
         """``guidance 'pilot'``: the pilot sampler's fit, refitted ``pilot_rounds - 1`` times (module docstring);
-        the generators of these runs are seeded from ``generator``."""
+        the generators of these runs are seeded from ``generator``; each run gets its own progress bar."""
         if self.options.guidance != "pilot":
             return None
         seeds = torch.randint(2**62, (self.options.pilot_rounds,), generator=generator, device=generator.device)
@@ -214,17 +214,22 @@ class TwistedSMC(Sampler):
         pilot_class = load_registry().get(self.options.pilot_sampler).sampler_class
         steps = {"num_steps": self.options.num_steps} if "num_steps" in pilot_class.Options.model_fields else {}
         pilot_sampler = pilot_class(**steps)
-        samples = sample_posterior(pilot_sampler, posterior, self.options.pilot_samples, generator=generators[0])
+        samples = sample_posterior(pilot_sampler, posterior, self.options.pilot_samples, generator=generators[0],
+                                   progress=progress)
         guidance = PilotGuidance(posterior, samples.samples)
-        for round_generator in generators[1:]:
-            monitor = StepMonitor(f"{self.name} pilot", self.options.num_steps)
-            result = self._run(posterior, self.options.pilot_samples, round_generator, monitor, guidance)
+        for round_index, round_generator in enumerate(generators[1:], start=2):
+            name = f"{self.name} pilot round {round_index}/{self.options.pilot_rounds}"
+            monitor = StepMonitor(name, self.options.num_steps, progress)
+            try:
+                result = self._run(posterior, self.options.pilot_samples, round_generator, monitor, guidance)
+            finally:
+                monitor.close()
             guidance = PilotGuidance(posterior, result.samples)
         return guidance
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
-        guidance = self._pilot(posterior, generator)
+        guidance = self._pilot(posterior, generator, monitor.progress)
         return self._run(posterior, num_samples, generator, monitor, guidance)
 
     def _run(self, posterior: Posterior, num_samples: int, generator: torch.Generator, monitor: StepMonitor,
