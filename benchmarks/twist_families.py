@@ -70,7 +70,7 @@ from invdiff.plugins import load_registry
 from invdiff.posterior import sample_posterior
 from invdiff.problems import build_sampler, load_problem
 from invdiff.smc import MeasurementTwist
-from invdiff_plugins.twisted_smc import TwistedSMC, TwistedSMCOptions, _tweedie_twist
+from invdiff_plugins.twisted_smc import PilotGuidance, TwistedSMC, TwistedSMCOptions, _tweedie_twist
 from path_bottleneck import component_counts, landing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +87,7 @@ class TwistFamilies:
     def __init__(self, posterior, draws: int = 32, pilot: Tensor | None = None, rank: int = 32,
                  through_denoiser: bool = False):
         self.exact = ExactTwist(posterior)
+        self.posterior = posterior
         self.prior = posterior.prior
         self.draws = draws
         self.rank, self.through_denoiser = rank, through_denoiser
@@ -97,8 +98,7 @@ class TwistFamilies:
 
     def set_pilot(self, samples: Tensor) -> None:
         """The per-value means and variances of ``samples`` become the ``pilot`` gradient's ``N(m, diag(v))``."""
-        samples = samples.flatten(1).to(torch.float64)
-        self.pilot = samples.mean(0), samples.var(0).clamp(min=1e-8)
+        self.pilot = PilotGuidance(self.posterior, samples)
 
     def _moments(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``P(k | x_t)`` ``(B, K)``, ``A x0_hat`` ``(B, m)``, ``A m_k - A x0_hat`` ``(B, K, m)`` and ``V_k``'s
@@ -201,15 +201,8 @@ class TwistFamilies:
 
     def pilot_gradient(self, x: Tensor, t: Tensor) -> Tensor:
         """``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)`` with ``p(x0 | y)`` replaced by the Gaussian of the
-        pilot's per-value means and variances, ``N(m, diag(v))``, so that, as ``x_t`` depends on ``y`` only
-        through ``x0``, ``E[x0 | x_t, y] = (m / v + lambda_t x_t / sigma_t^2) / (1 / v + lambda_t^2 / sigma_t^2)``."""
-        prior = self.prior
-        lambda_t, sigma_t = prior.sde.lambda_t(t), prior.sde.sigma_t(t)
-        flat = x.reshape(x.shape[0], -1).to(torch.float64)
-        mean, variance = self.pilot
-        conditional_mean = (mean / variance + lambda_t * flat / sigma_t**2) / (1 / variance + lambda_t**2 / sigma_t**2)
-        denoised = prior.denoise(x, t).reshape(x.shape[0], -1).to(torch.float64)
-        return (lambda_t / sigma_t**2 * (conditional_mean - denoised)).reshape(x.shape)
+        pilot's per-value means and variances (twisted_smc's ``PilotGuidance``, ``guidance: pilot``)."""
+        return self.pilot(x, self.prior.denoise(x, t), t)
 
     def sampled_gradient(self, x: Tensor, t: Tensor) -> Tensor:
         """``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)``, the first term by self-normalised importance
