@@ -81,7 +81,8 @@ _BEST_EXACT = {"num_steps": 200, "num_runs": 64, "num_particles": 256, **MOVES}
 _SECOND_ORDER_PILOT = {**_BEST_EXACT, "twisting": "second_order", "guidance": "pilot", "pilot_rounds": 3}
 #: variations of the best exact-case configuration, run only when named with --configs: more or larger moves,
 #: moves at every step (resampling every step), larger runs, 1000 steps (beyond the bar's 200: a diagnostic
-#: of the time discretisation), and the oracle twist p(y | x_t) (twisting: exact; a mixture prior's only)
+#: of the time discretisation), the oracle twist p(y | x_t) (twisting: exact; a mixture prior's only), the
+#: second-order twist with pilots, refitted, of doubled variance (pilot_inflation)
 EXACT_VARIANTS = {
     "twisted_smc 64 runs x 4, 10 moves": ("twisted_smc", {**_BEST_EXACT, "move_steps": 10}),
     "twisted_smc 64 runs x 4, moves c=0.5": ("twisted_smc", {**_BEST_EXACT, "move_step_size": 0.5}),
@@ -98,6 +99,8 @@ EXACT_VARIANTS = {
     "twisted_smc 64 runs x 4, moves, second order, refitted pilot": ("twisted_smc", _SECOND_ORDER_PILOT),
     "twisted_smc 16 runs x 16, moves, second order, refitted pilot": ("twisted_smc", {**_SECOND_ORDER_PILOT,
                                                                                       "num_runs": 16}),
+    "twisted_smc 64 runs x 4, moves, second order, inflated pilot": ("twisted_smc", {**_SECOND_ORDER_PILOT,
+                                                                                     "pilot_inflation": 2.0}),
 }
 #: at most 64 particles and 100 steps, 16 samples; DPS and RDMC with the problem files' options
 UNET_CONFIGS = {"dps": ("dps", None), "rdmc": ("rdmc", None), **_particle_configs(100, 64, 16)}

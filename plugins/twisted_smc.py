@@ -124,12 +124,13 @@ class PilotGuidance:
     """The twist's gradient replaced by ``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)`` with ``p(x0 | y)``
     replaced by ``N(m, diag(v))``, the per-value mean and variance of a pilot's samples. As ``x_t`` depends on
     ``y`` only through ``x0``, ``E[x0 | x_t, y] = (m / v + lambda_t x_t / sigma_t^2) / (1 / v + lambda_t^2 /
-    sigma_t^2)``: the exact gradient ``grad log p(y | x_t)`` if the posterior were that Gaussian."""
+    sigma_t^2)``: the exact gradient ``grad log p(y | x_t)`` if the posterior were that Gaussian. ``inflation``
+    multiplies ``v``: a pilot narrower than the posterior pulls every particle to its mean."""
 
-    def __init__(self, posterior: Posterior, samples: Tensor):
+    def __init__(self, posterior: Posterior, samples: Tensor, inflation: float = 1.0):
         self.sde = posterior.prior.sde
         samples = samples.flatten(1).to(torch.float64)
-        self.mean, self.variance = samples.mean(0), samples.var(0).clamp(min=1e-8)
+        self.mean, self.variance = samples.mean(0), inflation * samples.var(0).clamp(min=1e-8)
 
     def __call__(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
         lambda_t, sigma_t = float(self.sde.lambda_t(t)), float(self.sde.sigma_t(t))
@@ -158,6 +159,8 @@ class TwistedSMCOptions(SMCOptions):
     pilot_samples: int = Field(64, ge=2, description="guidance 'pilot': samples per pilot fit")
     pilot_rounds: int = Field(1, ge=1, description="guidance 'pilot': pilot fits, the pilot sampler's and then "
                               "pilot_rounds - 1 refits to this sampler's own samples guided by the previous fit")
+    pilot_inflation: float = Field(1.0, ge=1.0, description="guidance 'pilot': the factor on each fit's per-value "
+                                   "variance")
 
 
 class TwistedSMC(Sampler):
@@ -216,7 +219,7 @@ class TwistedSMC(Sampler):
         pilot_sampler = pilot_class(**steps)
         samples = sample_posterior(pilot_sampler, posterior, self.options.pilot_samples, generator=generators[0],
                                    progress=progress)
-        guidance = PilotGuidance(posterior, samples.samples)
+        guidance = PilotGuidance(posterior, samples.samples, self.options.pilot_inflation)
         for round_index, round_generator in enumerate(generators[1:], start=2):
             name = f"{self.name} pilot round {round_index}/{self.options.pilot_rounds}"
             monitor = StepMonitor(name, self.options.num_steps, progress)
@@ -224,7 +227,7 @@ class TwistedSMC(Sampler):
                 result = self._run(posterior, self.options.pilot_samples, round_generator, monitor, guidance)
             finally:
                 monitor.close()
-            guidance = PilotGuidance(posterior, result.samples)
+            guidance = PilotGuidance(posterior, result.samples, self.options.pilot_inflation)
         return guidance
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,

@@ -164,6 +164,32 @@ def test_the_second_order_twist_is_the_exact_twist_of_a_gaussian_prior(sde):
     assert difference(mixture, 0.9) > 1e-2, "t=0.9: the mixture's second-order twist is log p(y | x_t) itself"
 
 
+@pytest.mark.parametrize("inflation", [1.0, 3.0])
+def test_a_pilot_with_the_posterior_s_moments_gives_the_exact_twist_s_gradient(inflation):
+    """A diagonal Gaussian prior observed through a mask has a diagonal Gaussian posterior ``N(m, diag(v))``: a pilot
+    whose samples have mean ``m`` and variance ``v / inflation`` (two samples ``m -+ sqrt(v / (2 inflation))``), fitted
+    with ``pilot_inflation = inflation``, gives ``grad log p(y | x_t)`` itself."""
+    from invdiff.exact import ExactPosterior, ExactTwist
+    from invdiff.operators import GaussianNoise
+    from invdiff.prior import GaussianPrior
+    from invdiff_plugins.twisted_smc import PilotGuidance
+
+    generator = torch.Generator().manual_seed(0)
+    prior = GaussianPrior(torch.randn(5, generator=generator, dtype=torch.float64),
+                          torch.diag(0.2 + torch.rand(5, generator=generator, dtype=torch.float64)), VPSDE())
+    operator = matrix_operator(torch.eye(5, dtype=torch.float64)[[0, 2, 3]], GaussianNoise(0.3))
+    posterior = Posterior(prior, operator, operator.measure(prior.sample_clean(1, generator=generator), generator))
+    exact = ExactPosterior.from_posterior(posterior)
+    mean, half_width = exact.means[0], (torch.diagonal(exact.covariances[0]) / (2 * inflation)).sqrt()
+    guidance = PilotGuidance(posterior, torch.stack([mean - half_width, mean + half_width]), inflation)
+    for t in (0.9, 0.3, 0.05):
+        x = (prior.sde.lambda_t(t) * prior.sample_clean(4, generator=generator)
+             + prior.sde.sigma_t(t) * torch.randn(4, 5, generator=generator, dtype=torch.float64)).requires_grad_(True)
+        (exact_gradient,) = torch.autograd.grad(ExactTwist(posterior).log_likelihood(x, t).sum(), x)
+        pilot_gradient = guidance(x.detach(), prior.denoise(x.detach(), t), t)
+        assert torch.allclose(pilot_gradient, exact_gradient, atol=1e-8), f"t={t}"
+
+
 def test_second_order_twist_and_pilot_guidance_are_checked_and_counted():
     """Refused in one line before any work where they cannot run; the pilot's network evaluations count."""
     posterior, poisson = poisson_posterior()
