@@ -8,7 +8,8 @@ same measurement, the same metric functions: ``invdiff.evaluation.run_summary``)
 of the posterior mean, single-sample PSNR, coverage_90, distinct samples, ``log Z_hat``, network
 evaluations per returned sample and wall / CPU time; on the exact cases also the sliced Wasserstein
 distance to exact posterior draws next to its exact-vs-exact floor and the exact posterior's own
-PSNR, coverage and ``log p(y)``. Particle configurations use at most 256 particles in all and 200
+PSNR, coverage and ``log p(y)``, and for a mixture prior which components the samples land in (the component
+that explains each best) next to as many exact draws' (tables from before that column lack it). Particle configurations use at most 256 particles in all and 200
 steps on the exact cases, at most 64 particles and 100 steps on the UNet cases (issue 10's bars).
 Run from the repository root (one thread; the exact cases take about 15 minutes, the UNet cases
 about 40):
@@ -40,7 +41,9 @@ from pathlib import Path
 import torch
 
 from invdiff.evaluation import posterior_moments, run_summary
+from invdiff.exact import ExactPosterior
 from invdiff.plugins import load_registry
+from invdiff.prior import GaussianMixturePrior
 from invdiff.posterior import sample_posterior
 from invdiff.problems import build_sampler, load_problem
 
@@ -109,6 +112,17 @@ MIXTURE_CONFIGS = {**EXACT_CONFIGS, **EXACT_VARIANTS}
 CONFIGS = {**MIXTURE_CONFIGS, **UNET_CONFIGS}
 
 
+def component_counts(prior, samples: torch.Tensor) -> list[int]:
+    """How many of the samples each component of the mixture ``prior`` explains best (largest responsibility)."""
+    best = prior.responsibilities(samples.reshape(samples.shape[0], -1)).argmax(1)
+    return torch.bincount(best, minlength=len(prior.log_weights)).tolist()
+
+
+def landing(counts: list[int]) -> str:
+    """``component_counts`` as text: "component (samples)" for each component that explains some."""
+    return ", ".join(f"{k} ({n})" for k, n in enumerate(counts) if n)
+
+
 def measure(case: str, label: str, seed: int, registry) -> dict:
     """One run of one configuration on one case: the table's row."""
     problem = load_problem(ROOT / "problems" / CASES[case], case)
@@ -142,7 +156,19 @@ def measure_sampler(problem, case: str, label: str, sampler, info, options: dict
             "distinct_samples": metrics["distinct_samples"],
             "log_evidence": result.log_evidence, "log_evidence_exact": exact.get("log_evidence"),
             "network_evaluations_per_sample": result.network_evaluations_per_sample,
-            "wall_seconds": result.wall_time, "cpu_seconds": cpu}, result
+            "wall_seconds": result.wall_time, "cpu_seconds": cpu,
+            **_landings(problem, result, num_samples, seed)}, result
+
+
+def _landings(problem, result, num_samples: int, seed: int) -> dict:
+    """For a mixture prior: where the samples land, and where as many exact posterior draws land (``landing``)."""
+    prior = problem.posterior.prior
+    if not isinstance(prior, GaussianMixturePrior):
+        return {"lands_in": None, "exact_lands_in": None}
+    draws = ExactPosterior.from_posterior(problem.posterior).sample(
+        num_samples, generator=torch.Generator().manual_seed(seed))
+    return {"lands_in": landing(component_counts(prior, result.samples)),
+            "exact_lands_in": landing(component_counts(prior, draws))}
 
 
 def _cell(value, digits: int) -> str:
@@ -160,9 +186,12 @@ def table(rows: list[dict]) -> str:
             heading += (f": exact posterior mean PSNR {first['psnr_exact_mean']:.2f}, coverage_90 "
                         f"{first['coverage_90_exact']:.2f}, log p(y) {first['log_evidence_exact']:.1f}, "
                         f"sliced-Wasserstein floor {first['floor']:.3f}")
+        if first.get("exact_lands_in"):
+            heading += f"; exact draws land in {first['exact_lands_in']}"
         lines += [heading, "",
                   "| sampler | SW to exact | SW / floor | PSNR mean | PSNR single | coverage_90 | distinct | "
-                  "log Z_hat | NFE / sample | wall s | CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "log Z_hat | NFE / sample | wall s | CPU s | samples land in |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for label in dict.fromkeys(row["config"] for row in case_rows):
             runs = [row for row in case_rows if row["config"] == label]
 
@@ -173,7 +202,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {label} | {joined('sliced_wasserstein', 3)} | {ratio} | {joined('psnr_mean', 2)} | "
                          f"{joined('psnr_single', 2)} | {joined('coverage_90', 2)} | {joined('distinct_samples', 0)} | "
                          f"{joined('log_evidence', 1)} | {joined('network_evaluations_per_sample', 0)} | "
-                         f"{joined('wall_seconds', 1)} | {joined('cpu_seconds', 1)} |")
+                         f"{joined('wall_seconds', 1)} | {joined('cpu_seconds', 1)} | "
+                         f"{' / '.join(row.get('lands_in') or '–' for row in runs)} |")
         lines.append("")
     return "\n".join(lines)
 

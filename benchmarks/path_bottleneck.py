@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from image_dimension_table import EXACT_CASES, MIXTURE_CONFIGS
+from image_dimension_table import EXACT_CASES, MIXTURE_CONFIGS, component_counts, landing
 from invdiff.exact import ExactPosterior
 from invdiff.plugins import load_registry
 from invdiff.posterior import sample_posterior
@@ -55,17 +55,6 @@ def landing_components(problem, label: str, registry, num_samples: int = 64) -> 
     sampler = build_sampler(registry.get(name).sampler_class, options)
     result = sample_posterior(sampler, problem.posterior, num_samples, generator=torch.Generator().manual_seed(0))
     return component_counts(problem.posterior.prior, result.samples)
-
-
-def component_counts(prior, samples: torch.Tensor) -> list[int]:
-    """How many of the samples each component of the mixture ``prior`` explains best (largest responsibility)."""
-    best = prior.responsibilities(samples.reshape(samples.shape[0], -1)).argmax(1)
-    return torch.bincount(best, minlength=len(prior.log_weights)).tolist()
-
-
-def landing(counts: list[int]) -> str:
-    """``component_counts`` as text: "component (samples)" for each component that explains some."""
-    return ", ".join(f"{k} ({n})" for k, n in enumerate(counts) if n)
 
 
 def case_problem(case: str, prior_draw: int | None = None):
