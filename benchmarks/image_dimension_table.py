@@ -8,9 +8,10 @@ same measurement, the same metric functions: ``invdiff.evaluation.run_summary``)
 of the posterior mean, single-sample PSNR, coverage_90, distinct samples, ``log Z_hat``, network
 evaluations per returned sample and wall / CPU time; on the exact cases also the sliced Wasserstein
 distance to exact posterior draws next to its exact-vs-exact floor and the exact posterior's own
-PSNR, coverage and ``log p(y)``, and for a mixture prior which components the samples land in (the component
-that explains each best) next to as many exact draws' (tables from before that column lack it). Particle configurations use at most 256 particles in all and 200
-steps on the exact cases, at most 64 particles and 100 steps on the UNet cases (issue 10's bars).
+PSNR, coverage and ``log p(y)``, and for a mixture prior which components the samples land in (the
+component that explains each best) next to as many exact draws' (tables from before that column lack
+it). Particle configurations use at most 256 particles in all and 200 steps on the exact cases, at
+most 64 particles and 100 steps on the UNet cases (issue 10's bars).
 Run from the repository root (one thread; the exact cases take about 15 minutes, the UNet cases
 about 40):
 
