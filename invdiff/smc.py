@@ -200,6 +200,24 @@ class ParticleWeights:
         self.log_weights = log_weights.flatten()
         return tuple(tensor[ancestors] for tensor in tensors), True
 
+    def split(self, num_runs: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """Turn one run into ``num_runs`` independent runs of ``K / num_runs`` particles: resample all ``K``
+        particles from the run's weights (``tensors``, particles on the first axis) in random order, then weigh and
+        resample each run apart from here on, each run's ``Z_hat`` continuing from the one run's. The equally weighted copies
+        target what the run's weighted particles did, so each new run starts on its target."""
+        if self.num_runs != 1 or self.num_particles % num_runs:
+            raise ValueError(f"only one run of a multiple of {num_runs} particles splits into {num_runs} runs; "
+                             f"this is {self.num_runs} run(s) of {self.num_particles}")
+        ancestors = self.resample_indices(self.log_weights, self.num_particles, self.generator)
+        ancestors = ancestors[torch.randperm(len(ancestors), generator=self.generator, device=ancestors.device)]
+        self._step_ancestors = ancestors if self._step_ancestors is None else self._step_ancestors[ancestors]
+        self.num_runs, self.num_particles = num_runs, self.num_particles // num_runs
+        self.log_weights = torch.full_like(self.log_weights, -math.log(self.num_particles))
+        self.run_log_evidence = self.run_log_evidence.expand(num_runs).clone()
+        # this step's diagnostics pool the weights before resampling over the new runs (minus log R): the one run's
+        self.log_weights_before_resampling = self.log_weights_before_resampling + math.log(num_runs)
+        return tuple(tensor[ancestors] for tensor in tensors)
+
     def record_move(self) -> None:
         """Note that this step moved its particles after resampling (resample-move): copies differ again."""
         self._step_moved = True

@@ -23,6 +23,12 @@ backpropagation per particle; the weights are unchanged.
 With ``num_runs = R > 1`` the particles form R independent runs (``invdiff.smc``: weighted and
 resampled apart, the samples spread over them, each run weighted 1/R).
 
+With ``split_time = t_s`` (and ``num_runs = R > 1``) the particles move as one run until the first step at or
+below ``t_s``, then split into R runs (``ParticleWeights.split``): before, one population's weights compare the
+posterior's modes (runs of a few particles each settle where their proposal takes them); after, the runs keep
+the samples' paths apart (one run collapses at image dimension). Before the split one run of K particles, after
+it R runs of K / R: exact as K / R grows, like runs.
+
 With ``twisting = "exact"`` (Gaussian-mixture priors, linear operators, Gaussian noise only) the twist is
 ``p(y | x_t)`` itself (``invdiff.exact.ExactTwist``), so the intermediate targets are the exact ``p(x_t | y)``
 and the proposal's gradient is the exact ``grad log p(y | x_t)``: an oracle that separates the engine's error
@@ -51,7 +57,7 @@ from functools import partial
 from typing import Callable, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 from torch.distributions import MultivariateNormal
 
@@ -61,8 +67,8 @@ from invdiff.noise import GaussianNoise
 from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (MeasurementTwist, ResampleMove, SMCOptions, TargetPoint, chunked, particle_weights,
-                         weighted_result)
+from invdiff.smc import (MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions, TargetPoint, chunked,
+                         particle_weights, weighted_result)
 
 
 TwistFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -161,6 +167,15 @@ class TwistedSMCOptions(SMCOptions):
                               "pilot_rounds - 1 refits to this sampler's own samples guided by the previous fit")
     pilot_inflation: float = Field(1.0, ge=1.0, description="guidance 'pilot': the factor on each fit's per-value "
                                    "variance")
+    split_time: float | None = Field(None, gt=0, lt=1, description="with num_runs > 1: the particles move as one "
+                                     "run until the first step at or below this time, then split into num_runs runs "
+                                     "(the one run's weights choose among the modes, the runs keep the samples apart)")
+
+    @model_validator(mode="after")
+    def _split_needs_runs(self) -> "TwistedSMCOptions":
+        if self.split_time is not None and self.num_runs == 1:
+            raise ValueError("split_time splits one run into num_runs runs: set num_runs > 1 with it")
+        return self
 
 
 class TwistedSMC(Sampler):
@@ -241,6 +256,10 @@ class TwistedSMC(Sampler):
         dtype, device = posterior.dtype, posterior.device
         grid = prior.sde.time_grid(self.options.num_steps)
         weights = particle_weights(self.options, num_samples, generator=generator, device=device)
+        split_runs = self.options.num_runs if self.options.split_time is not None else None
+        if split_runs:   # one run of all the particles until split_time
+            weights = ParticleWeights(weights.total_particles, scheme=self.options.resampling,
+                                      threshold=self.options.resampling_threshold, generator=generator, device=device)
 
         measurement_twist = MeasurementTwist(posterior, self.options)
         mover = ResampleMove(posterior, self.options, measurement_twist.svd, generator)
@@ -281,6 +300,8 @@ class TwistedSMC(Sampler):
                     x, (denoised, log_twist, gradient), move_diagnostics["move_acceptance"] = mover.move(
                         x, s, (denoised, log_twist, gradient), twist, partial(self._target_point, posterior))
                     weights.record_move()
+                if split_runs and weights.num_runs == 1 and float(s) <= self.options.split_time:
+                    x, denoised, log_twist, gradient = weights.split(split_runs, x, denoised, log_twist, gradient)
             monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
 

@@ -81,6 +81,40 @@ def test_the_runs_share_the_particles():
         SMCOptions(num_runs=4, num_particles=30)
 
 
+def test_one_run_splits_into_runs_that_start_equally_weighted_on_its_copies():
+    weights = _weights(num_particles=8, num_runs=1)
+    peaked = torch.tensor([0.0, 60.0, 0.0, 0.0, 0.0, 0.0, 60.0, 0.0], dtype=torch.float64)
+    weights.reweight(peaked, "a step")
+    evidence = weights.log_evidence
+    (labels,) = weights.split(4, torch.arange(8))
+    assert set(labels.tolist()) == {1, 6}, "the split resamples from the one run's weights"
+    assert (weights.num_runs, weights.num_particles) == (4, 2)
+    assert torch.allclose(weights.log_weights, torch.full((8,), -math.log(2), dtype=torch.float64))
+    assert torch.allclose(weights.run_log_evidence, torch.full((4,), evidence, dtype=torch.float64))
+    assert weights.end_step()["ess"] == pytest.approx(2.0), "the step reports the one run's weights"
+    assert weights.ancestry[-1].tolist() == labels.tolist()
+    with pytest.raises(ValueError, match="only one run"):
+        weights.split(2, labels)
+
+
+def test_split_time_needs_runs():
+    with pytest.raises(ValueError, match="num_runs > 1"):
+        TwistedSMC(split_time=0.3)
+
+
+def test_a_split_run_matches_the_exact_linear_gaussian_posterior():
+    """One run of 512 particles split at t = 0.5 into 4 runs: pooled weighted mean, covariance and Z_hat / Z of
+    10 independent calls within REPLICATE_Z standard errors of the exact values of the 60-step model."""
+    posterior, _ = linear_gaussian()
+    exact = discretised_model_posterior(posterior, 60)
+    sampler = TwistedSMC(num_steps=60, num_particles=512, num_runs=4, split_time=0.5)
+    results = [sample_posterior(sampler, posterior, 8, generator=torch.Generator().manual_seed(seed))
+               for seed in range(10)]
+    assert all(result.distinct_ancestors[0] < 512 for result in results)
+    largest = weighted_runs_z_scores(results, exact)
+    assert max(largest.values()) < REPLICATE_Z, f"largest z-scores over 10 calls {largest} (limit {REPLICATE_Z})"
+
+
 @pytest.mark.parametrize("sampler", [TwistedSMC, VESMC], ids=["twisted_smc", "ve_smc"])
 def test_one_sample_per_run_gives_distinct_paths(sampler):
     """However the weights collapse within a run, samples from different runs share no ancestor."""
