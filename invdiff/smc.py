@@ -203,8 +203,8 @@ class ParticleWeights:
     def split(self, num_runs: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         """Turn one run into ``num_runs`` independent runs of ``K / num_runs`` particles: resample all ``K``
         particles from the run's weights (``tensors``, particles on the first axis) in random order, then weigh and
-        resample each run apart from here on, each run's ``Z_hat`` continuing from the one run's. The equally weighted copies
-        target what the run's weighted particles did, so each new run starts on its target."""
+        resample each run apart from here on, each run's ``Z_hat`` continuing from the one run's. The equally
+        weighted copies target what the run's weighted particles did, so each new run starts on its target."""
         if self.num_runs != 1 or self.num_particles % num_runs:
             raise ValueError(f"only one run of a multiple of {num_runs} particles splits into {num_runs} runs; "
                              f"this is {self.num_runs} run(s) of {self.num_particles}")
