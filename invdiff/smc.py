@@ -195,10 +195,14 @@ class ParticleWeights:
             ancestors[first:first + self.num_particles] = first + self.resample_indices(
                 by_run[run], self.num_particles, self.generator)
             log_weights[run] = -math.log(self.num_particles)
-        # two resamplings in one step compose: new particle j descends from old particle earlier[ancestors[j]]
-        self._step_ancestors = ancestors if self._step_ancestors is None else self._step_ancestors[ancestors]
+        self._record_ancestors(ancestors)
         self.log_weights = log_weights.flatten()
         return tuple(tensor[ancestors] for tensor in tensors), True
+
+    def _record_ancestors(self, ancestors: Tensor) -> None:
+        """Keep a resampling's ancestor indices for ``end_step``; two resamplings in one step compose: new
+        particle j descends from old particle earlier[ancestors[j]]."""
+        self._step_ancestors = ancestors if self._step_ancestors is None else self._step_ancestors[ancestors]
 
     def split(self, num_runs: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         """Turn one run into ``num_runs`` independent runs of ``K / num_runs`` particles: resample all ``K``
@@ -210,7 +214,7 @@ class ParticleWeights:
                              f"this is {self.num_runs} run(s) of {self.num_particles}")
         ancestors = self.resample_indices(self.log_weights, self.num_particles, self.generator)
         ancestors = ancestors[torch.randperm(len(ancestors), generator=self.generator, device=ancestors.device)]
-        self._step_ancestors = ancestors if self._step_ancestors is None else self._step_ancestors[ancestors]
+        self._record_ancestors(ancestors)
         self.num_runs, self.num_particles = num_runs, self.num_particles // num_runs
         self.log_weights = torch.full_like(self.log_weights, -math.log(self.num_particles))
         self.run_log_evidence = self.run_log_evidence.expand(num_runs).clone()
@@ -295,11 +299,13 @@ def particles_per_run(num_particles: int | None, num_samples: int, num_runs: int
 
 
 def particle_weights(options: SMCOptions, num_samples: int, *, generator: torch.Generator,
-                     device: torch.device | str) -> ParticleWeights:
+                     device: torch.device | str, one_run: bool = False) -> ParticleWeights:
     """The weights of a sampling run with these options: ``num_particles`` (default: the samples) shared
-    equally by ``num_runs`` runs, rounded up to a multiple of ``num_runs``."""
+    equally by ``num_runs`` runs, rounded up to a multiple of ``num_runs``; with ``one_run``, the same particles
+    as one run, to be split into the ``num_runs`` runs later (``ParticleWeights.split``)."""
     per_run = particles_per_run(options.num_particles, num_samples, options.num_runs)
-    return ParticleWeights(per_run, num_runs=options.num_runs, scheme=options.resampling,
+    runs = 1 if one_run else options.num_runs
+    return ParticleWeights(per_run * options.num_runs // runs, num_runs=runs, scheme=options.resampling,
                            threshold=options.resampling_threshold, generator=generator, device=device)
 
 

@@ -67,8 +67,8 @@ from invdiff.noise import GaussianNoise
 from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions, TargetPoint, chunked,
-                         particle_weights, weighted_result)
+from invdiff.smc import (MeasurementTwist, ResampleMove, SMCOptions, TargetPoint, chunked, particle_weights,
+                         weighted_result)
 
 
 TwistFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -255,11 +255,9 @@ class TwistedSMC(Sampler):
         prior = posterior.prior
         dtype, device = posterior.dtype, posterior.device
         grid = prior.sde.time_grid(self.options.num_steps)
-        weights = particle_weights(self.options, num_samples, generator=generator, device=device)
-        split_runs = self.options.num_runs if self.options.split_time is not None else None
-        if split_runs:   # one run of all the particles until split_time
-            weights = ParticleWeights(weights.total_particles, scheme=self.options.resampling,
-                                      threshold=self.options.resampling_threshold, generator=generator, device=device)
+        split_time = self.options.split_time   # None, or one run of all the particles until then
+        weights = particle_weights(self.options, num_samples, generator=generator, device=device,
+                                   one_run=split_time is not None)
 
         measurement_twist = MeasurementTwist(posterior, self.options)
         mover = ResampleMove(posterior, self.options, measurement_twist.svd, generator)
@@ -300,8 +298,9 @@ class TwistedSMC(Sampler):
                     x, (denoised, log_twist, gradient), move_diagnostics["move_acceptance"] = mover.move(
                         x, s, (denoised, log_twist, gradient), twist, partial(self._target_point, posterior))
                     weights.record_move()
-                if split_runs and weights.num_runs == 1 and float(s) <= self.options.split_time:
-                    x, denoised, log_twist, gradient = weights.split(split_runs, x, denoised, log_twist, gradient)
+                if split_time is not None and weights.num_runs == 1 and float(s) <= split_time:
+                    x, denoised, log_twist, gradient = weights.split(self.options.num_runs, x, denoised, log_twist,
+                                                                     gradient)
             monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
 
