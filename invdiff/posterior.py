@@ -257,6 +257,14 @@ class StepMonitor:
         if self.callback is not None:
             self.callback(index, record)
 
+    def add_steps(self, count: int) -> None:
+        """``count`` more calls of ``step`` than announced: a sampler that runs some steps again (twisted_smc's
+        ``restart_time``) says so when it knows."""
+        self.num_steps += count
+        if self.bar is not None:
+            self.bar.total = self.num_steps
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

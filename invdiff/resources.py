@@ -182,15 +182,19 @@ def _network_images(sampler: Sampler, posterior: Posterior, num_samples: int) ->
     Resample-move's ``move_steps`` are counted as if every step resampled (an upper bound). ``twisting:
     second_order`` on a prior without a closed-form covariance adds one Jacobian-vector product per measured
     value to every call (an upper bound: only the observed ones are made); ``guidance: pilot`` repeats the run
-    ``pilot_rounds`` times (the pilot sampler's own run is not counted)."""
+    ``pilot_rounds - 1`` times after the pilot sampler's own run of ``pilot_samples`` (a sampler's ``build_pilot``)."""
     inner_steps = _option(sampler, "inner_steps")
     calls_per_step = (inner_steps + 1 if inner_steps else 1) + (_option(sampler, "move_steps") or 0)
     if (_option(sampler, "twisting") == "second_order"
             and type(posterior.prior).measured_covariance is Prior.measured_covariance):
         calls_per_step *= 1 + posterior.measurement[0].numel()
     pool = (_option(sampler, "pool_size") or 0) * (_option(sampler, "pool_steps") or 0)
-    runs = _option(sampler, "pilot_rounds") if _option(sampler, "guidance") == "pilot" else 1
-    return runs * (max(sampler.num_steps, 1) * _chains(sampler, num_samples) * calls_per_step + pool)
+    pilot = sampler.build_pilot() if hasattr(sampler, "build_pilot") else None
+    runs, pilot_images = 1, 0
+    if pilot is not None:
+        runs = _option(sampler, "pilot_rounds")
+        pilot_images = _network_images(pilot, posterior, _option(sampler, "pilot_samples"))
+    return runs * (max(sampler.num_steps, 1) * _chains(sampler, num_samples) * calls_per_step + pool) + pilot_images
 
 
 def _images_per_call(sampler: Sampler, prior: Prior, states: int, needs_gradient: bool) -> int:

@@ -70,6 +70,16 @@ class SDE(ABC):
         noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
         return self.terminal_std() * noise
 
+    def forward_transition(self, x_s: Tensor, s: float | Tensor, t: float | Tensor, *,
+                           generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``x_t`` given ``x_s`` for ``t > s``: ``(lambda_t / lambda_s) x_s + sqrt(sigma_t^2 - (lambda_t /
+        lambda_s)^2 sigma_s^2) noise``, the forward process's Markov kernel (the same ``variance_ts`` as
+        ``reverse_kernel``'s)."""
+        lambda_ts = self.lambda_t(t) / self.lambda_t(s)
+        variance_ts = self.sigma_t(t) ** 2 - lambda_ts**2 * self.sigma_t(s) ** 2
+        noise = torch.randn(x_s.shape, generator=generator, dtype=x_s.dtype, device=x_s.device)
+        return lambda_ts.to(x_s.dtype) * x_s + variance_ts.clamp(min=0).sqrt().to(x_s.dtype) * noise
+
     def reverse_kernel(self, x_t: Tensor, denoised: Tensor, t: float | Tensor,
                        s: float | Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of the reverse step from time ``t`` to ``s < t``.

@@ -29,6 +29,13 @@ posterior's modes (runs of a few particles each settle where their proposal take
 the samples' paths apart (one run collapses at image dimension). Before the split one run of K particles, after
 it R runs of K / R: exact as K / R grows, like runs.
 
+With ``restart_time = t_r`` (above ``t_s``), right after the split every particle is noised forward by the SDE from
+``t_s`` to ``t_r`` (``SDE.forward_transition``), weighted by ``p~_{t_r}(y | x_{t_r}) / p~_{t_s}(y | x_{t_s})``, and
+the runs go down from ``t_r`` again: the one run chooses the mode, the noise makes the few paths it kept many again
+(restart sampling, Xu et al., NeurIPS 2023, re-noises the same way, without weights). The weight is the SMC
+sampler's with the prior's reverse transition as the backward kernel (Del Moral, Doucet and Jasra, JRSS B 2006):
+exact where the discretised model's marginal at ``t_s`` is the prior's, so as the steps grow.
+
 With ``twisting = "exact"`` (Gaussian-mixture priors, linear operators, Gaussian noise only) the twist is
 ``p(y | x_t)`` itself (``invdiff.exact.ExactTwist``), so the intermediate targets are the exact ``p(x_t | y)``
 and the proposal's gradient is the exact ``grad log p(y | x_t)``: an oracle that separates the engine's error
@@ -54,10 +61,10 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from torch import Tensor
 from torch.distributions import MultivariateNormal
 
@@ -66,9 +73,10 @@ from invdiff.exact import ExactTwist
 from invdiff.noise import GaussianNoise
 from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
+from invdiff.problems import format_validation_error
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (MeasurementTwist, ResampleMove, SMCOptions, TargetPoint, chunked, particle_weights,
-                         weighted_result)
+from invdiff.smc import (MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions, TargetPoint, chunked,
+                         particle_weights, weighted_result)
 
 
 TwistFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -162,6 +170,8 @@ class TwistedSMCOptions(SMCOptions):
         "backpropagation)")
     pilot_sampler: str = Field("dps", description="guidance 'pilot': the registered sampler whose samples (its "
                                "default options, this sampler's num_steps) make the first pilot")
+    pilot_options: dict[str, Any] = Field({}, description="guidance 'pilot': options of the pilot sampler (over its "
+                                          "defaults and this sampler's num_steps)")
     pilot_samples: int = Field(64, ge=2, description="guidance 'pilot': samples per pilot fit")
     pilot_rounds: int = Field(1, ge=1, description="guidance 'pilot': pilot fits, the pilot sampler's and then "
                               "pilot_rounds - 1 refits to this sampler's own samples guided by the previous fit")
@@ -171,10 +181,16 @@ class TwistedSMCOptions(SMCOptions):
                                      "run until the first step at or below this time, then split into num_runs runs "
                                      "(the one run's weights choose among the modes, the runs keep the samples apart)")
 
+    restart_time: float | None = Field(None, gt=0, lt=1, description="with split_time: right after the split, "
+                                       "every particle is noised forward by the SDE to the last grid time at or above "
+                                       "this one, and the runs go down from there (the steps between are run again)")
+
     @model_validator(mode="after")
     def _split_needs_runs(self) -> "TwistedSMCOptions":
         if self.split_time is not None and self.num_runs == 1:
             raise ValueError("split_time splits one run into num_runs runs: set num_runs > 1 with it")
+        if self.restart_time is not None and (self.split_time is None or self.restart_time <= self.split_time):
+            raise ValueError("restart_time noises the particles back from split_time: set split_time below it")
         return self
 
 
@@ -215,12 +231,25 @@ class TwistedSMC(Sampler):
             ExactTwist.check(posterior)
         if self.options.twisting == "second_order":
             SecondOrderTwist.check(posterior)
-        if self.options.guidance == "pilot":
-            try:
-                pilot = load_registry().get(self.options.pilot_sampler)
-            except PluginError as error:
-                raise UnsupportedProblem(f"pilot_sampler: {error}") from None
-            pilot.sampler_class().check(posterior)
+        pilot_sampler = self.build_pilot()
+        if pilot_sampler is not None:
+            pilot_sampler.check(posterior)
+
+    def build_pilot(self) -> Sampler | None:
+        """With ``guidance 'pilot'``, the pilot sampler (its defaults, this sampler's ``num_steps`` where it has steps,
+        then ``pilot_options``), else None; an unknown name or a bad option is an ``UnsupportedProblem``."""
+        if self.options.guidance != "pilot":
+            return None
+        try:
+            pilot_class = load_registry().get(self.options.pilot_sampler).sampler_class
+        except PluginError as error:
+            raise UnsupportedProblem(f"pilot_sampler: {error}") from None
+        steps = {"num_steps": self.options.num_steps} if "num_steps" in pilot_class.Options.model_fields else {}
+        try:
+            return pilot_class(**{**steps, **self.options.pilot_options})
+        except ValidationError as error:
+            raise UnsupportedProblem(format_validation_error(error, f"pilot_options ({pilot_class.name})",
+                                                             model=pilot_class.Options)) from None
 
     def _pilot(self, posterior: Posterior, generator: torch.Generator, progress: bool) -> PilotGuidance | None:
         """``guidance 'pilot'``: the pilot sampler's fit, refitted ``pilot_rounds - 1`` times (module docstring);
@@ -229,9 +258,7 @@ class TwistedSMC(Sampler):
             return None
         seeds = torch.randint(2**62, (self.options.pilot_rounds,), generator=generator, device=generator.device)
         generators = [torch.Generator(device=generator.device).manual_seed(int(seed)) for seed in seeds]
-        pilot_class = load_registry().get(self.options.pilot_sampler).sampler_class
-        steps = {"num_steps": self.options.num_steps} if "num_steps" in pilot_class.Options.model_fields else {}
-        pilot_sampler = pilot_class(**steps)
+        pilot_sampler = self.build_pilot()
         samples = sample_posterior(pilot_sampler, posterior, self.options.pilot_samples, generator=generators[0],
                                    progress=progress)
         guidance = PilotGuidance(posterior, samples.samples, self.options.pilot_inflation)
@@ -275,7 +302,9 @@ class TwistedSMC(Sampler):
         x = prior.terminal_sample(weights.total_particles, generator=generator, dtype=dtype, device=device)
         denoised, log_twist, gradient = twist(x, grid[0])
         weights.reweight(log_twist, where=f"the initial weights (t={float(grid[0]):.4g})")
-        for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+        index = 0
+        while index < len(grid) - 1:
+            t, s = grid[index], grid[index + 1]
             where = f"step {index + 1}/{self.options.num_steps} (t={float(s):.4g})"
             mean, variance = prior.sde.reverse_kernel(x, denoised, t, s)
             if index == len(grid) - 2:   # the last kernel is the deterministic x_0 = x0_hat(t_1, x_1)
@@ -301,8 +330,31 @@ class TwistedSMC(Sampler):
                 if split_time is not None and weights.num_runs == 1 and float(s) <= split_time:
                     x, denoised, log_twist, gradient = weights.split(self.options.num_runs, x, denoised, log_twist,
                                                                      gradient)
+                    if self.options.restart_time is not None:
+                        monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
+                        split_index = index
+                        index, (x, denoised, log_twist, gradient) = self._restart(
+                            posterior, grid, s, x, log_twist, weights, twist, generator)
+                        monitor.add_steps(split_index + 1 - index + 1)
+                        monitor.step(index - 1, grid[index], x, **weights.end_step())
+                        continue
             monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
+            index += 1
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
+
+    def _restart(self, posterior: Posterior, grid: Tensor, s: Tensor, x: Tensor, log_twist: Tensor,
+                 weights: ParticleWeights, twist: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
+                 generator: torch.Generator) -> tuple[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Noise the particles forward from ``s`` to ``r``, the last grid time at or above ``restart_time``, and
+        weigh them by ``p~_r(y | x_r) / p~_s(y | x_s)``: with the prior's reverse kernel as the backward kernel
+        (an SMC sampler's L-kernel, Del Moral, Doucet and Jasra, JRSS B 2006), ``p_s(x_s) q(x_r | x_s) = p_r(x_r)
+        p(x_s | x_r)`` cancels the rest, so the particles target the twisted ``p_r(x) p~_r(y | x)`` exactly as
+        the first pass did at ``r``. Returns the grid index of ``r`` and the particles with their twist."""
+        index = int((grid >= self.options.restart_time).nonzero().max())
+        restarted = posterior.prior.sde.forward_transition(x, s, grid[index], generator=generator)
+        denoised, new_log_twist, gradient = twist(restarted, grid[index])
+        weights.reweight(new_log_twist - log_twist, where=f"the restart (t={float(grid[index]):.4g})")
+        return index, (restarted, denoised, new_log_twist, gradient)
 
 
 @invdiff.hookimpl

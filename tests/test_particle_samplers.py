@@ -202,6 +202,12 @@ def test_second_order_twist_and_pilot_guidance_are_checked_and_counted():
                                           pilot_samples=8), posterior, 4)
     # the DPS pilot (8 chains, this sampler's 10 steps), then one refit round and the run itself (16 particles)
     assert piloted.network_evaluations == 8 * 10 + 2 * alone.network_evaluations
+    with pytest.raises(UnsupportedProblem, match=r"pilot_options \(dps\)\.scale: Input should be greater than 0"):
+        sample_posterior(TwistedSMC(num_steps=10, guidance="pilot", pilot_options={"scale": -1}), posterior, 4)
+    # pilot_options over the pilot's defaults and this sampler's steps: a DPS pilot of 5 steps
+    short_pilot = sample_posterior(TwistedSMC(num_steps=10, num_particles=16, guidance="pilot", pilot_samples=8,
+                                              pilot_options={"num_steps": 5}), posterior, 4)
+    assert short_pilot.network_evaluations == 8 * 5 + alone.network_evaluations
 
 
 def test_the_exact_twist_is_refused_without_a_closed_form():

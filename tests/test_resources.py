@@ -136,7 +136,7 @@ def test_a_one_image_run_is_probed_by_one_call_on_one_image(tmp_path):
 
 def test_second_order_twisting_and_pilot_rounds_are_counted_as_network_evaluations():
     """A network prior pays one Jacobian-vector product per measured value for the second-order twist (the mixture
-    has it in closed form); each pilot round is one more run."""
+    has it in closed form); the pilot sampler's run counts, and each refit round is one more run."""
     network = load_problem(PROBLEMS / "inpaint.yaml", "digits-box")
     mixture = load_problem(PROBLEMS / "inpaint.yaml", "digits-gmm-box")
     options = {"num_steps": 10, "num_particles": 8}
@@ -144,5 +144,6 @@ def test_second_order_twisting_and_pilot_rounds_are_counted_as_network_evaluatio
         plain = estimate_run(problem.posterior, sampler("twisted_smc", **options), 8)
         second = estimate_run(problem.posterior, sampler("twisted_smc", twisting="second_order", **options), 8)
         assert second.network_images == factor * plain.network_images, f"{problem.config.name}: factor {factor}"
-    piloted = estimate_run(mixture.posterior, sampler("twisted_smc", guidance="pilot", pilot_rounds=3, **options), 8)
-    assert piloted.network_images == 3 * plain.network_images, "3 pilot rounds are 3 runs"
+    piloted = estimate_run(mixture.posterior, sampler("twisted_smc", guidance="pilot", pilot_rounds=3,
+                                                      pilot_samples=4, **options), 8)
+    assert piloted.network_images == 4 * 10 + 3 * plain.network_images, "the DPS pilot, two refits, the run"

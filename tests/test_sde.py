@@ -53,6 +53,20 @@ def test_reverse_kernel_preserves_the_forward_marginal(sde):
 
 
 @pytest.mark.parametrize("sde", SDES, ids=lambda sde: sde.settings()["type"])
+def test_forward_transition_carries_the_marginal_at_s_to_the_marginal_at_t(sde):
+    """x_s = lambda_s x0 + sigma_s z, then ``forward_transition`` to t > s: mean lambda_t x0 and standard deviation
+    sigma_t, within 5 standard errors of 20000 draws."""
+    x0 = torch.full((20000, 1), 0.7, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    s, t = 0.1 * sde.T, 0.6 * sde.T
+    x_s = sde.lambda_t(s) * x0 + sde.sigma_t(s) * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    x_t = sde.forward_transition(x_s, s, t, generator=generator)
+    sigma_t, error = float(sde.sigma_t(t)), 1 / math.sqrt(len(x0))
+    assert float(x_t.mean()) == pytest.approx(0.7 * float(sde.lambda_t(t)), abs=5 * sigma_t * error)
+    assert float(x_t.std()) == pytest.approx(sigma_t, rel=5 * error / math.sqrt(2))
+
+
+@pytest.mark.parametrize("sde", SDES, ids=lambda sde: sde.settings()["type"])
 def test_last_reverse_step_returns_the_denoised_estimate(sde):
     x, denoised = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
     grid = sde.time_grid(5)
