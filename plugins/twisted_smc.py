@@ -50,11 +50,11 @@ fixed (one backpropagation through the denoiser, as Tweedie's).
 With ``guidance = "pilot"`` the proposal and the moves follow, instead of the twist's gradient,
 ``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)`` with ``p(x0 | y)`` replaced by the per-value Gaussian
 ``N(m, diag(v))`` of a pilot run's samples, so that ``E[x0 | x_t, y]`` is closed form (``PilotGuidance``; no
-backpropagation). The pilot is ``pilot_samples`` samples of ``pilot_sampler`` (its default options but this
-sampler's ``num_steps``), refitted ``pilot_rounds - 1`` times to this sampler's own samples under the previous
-fit (iterated auxiliary particle filters, Guarniero, Johansen and Lee, JASA 2017, in the small). The weights see
-only the twist, so the sampler stays asymptotically exact whatever the pilot; the pilot's runs count in the
-network evaluations.
+backpropagation). The pilot is ``pilot_samples`` samples of ``pilot_sampler`` (its default options, this sampler's
+``num_steps``, then ``pilot_options``: e.g. twisted_smc itself with a ``split_time``), refitted ``pilot_rounds - 1``
+times to this sampler's own samples under the previous fit (iterated auxiliary particle filters, Guarniero, Johansen
+and Lee, JASA 2017, in the small). The weights see only the twist, so the sampler stays asymptotically exact whatever
+the pilot; the pilot's runs count in the network evaluations.
 """
 
 from __future__ import annotations
