@@ -73,7 +73,6 @@ from invdiff.exact import ExactTwist
 from invdiff.noise import GaussianNoise
 from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
-from invdiff.problems import format_validation_error
 from invdiff.sde import gaussian_log_density
 from invdiff.smc import (MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions, TargetPoint, chunked,
                          particle_weights, weighted_result)
@@ -169,7 +168,7 @@ class TwistedSMCOptions(SMCOptions):
         "gradient of log p(y | x_t) were p(x0 | y) the per-value Gaussian of a pilot's samples (no "
         "backpropagation)")
     pilot_sampler: str = Field("dps", description="guidance 'pilot': the registered sampler whose samples (its "
-                               "default options, this sampler's num_steps) make the first pilot")
+                               "default options, this sampler's num_steps, pilot_options) make the first pilot")
     pilot_options: dict[str, Any] = Field({}, description="guidance 'pilot': options of the pilot sampler (over its "
                                           "defaults and this sampler's num_steps)")
     pilot_samples: int = Field(64, ge=2, description="guidance 'pilot': samples per pilot fit")
@@ -180,7 +179,6 @@ class TwistedSMCOptions(SMCOptions):
     split_time: float | None = Field(None, gt=0, lt=1, description="with num_runs > 1: the particles move as one "
                                      "run until the first step at or below this time, then split into num_runs runs "
                                      "(the one run's weights choose among the modes, the runs keep the samples apart)")
-
     restart_time: float | None = Field(None, gt=0, lt=1, description="with split_time: right after the split, "
                                        "every particle is noised forward by the SDE to the last grid time at or above "
                                        "this one, and the runs go down from there (the steps between are run again)")
@@ -248,6 +246,8 @@ class TwistedSMC(Sampler):
         try:
             return pilot_class(**{**steps, **self.options.pilot_options})
         except ValidationError as error:
+            from invdiff.problems import format_validation_error   # here: listing samplers must not load deepinv
+
             raise UnsupportedProblem(format_validation_error(error, f"pilot_options ({pilot_class.name})",
                                                              model=pilot_class.Options)) from None
 
@@ -335,7 +335,7 @@ class TwistedSMC(Sampler):
                         split_index = index
                         index, (x, denoised, log_twist, gradient) = self._restart(
                             posterior, grid, s, x, log_twist, weights, twist, generator)
-                        monitor.add_steps(split_index + 1 - index + 1)
+                        monitor.add_steps(split_index - index + 2)   # the restart, then steps index..split_index again
                         monitor.step(index - 1, grid[index], x, **weights.end_step())
                         continue
             monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
