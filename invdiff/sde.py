@@ -70,13 +70,16 @@ class SDE(ABC):
         noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
         return self.terminal_std() * noise
 
+    def _forward_coefficients(self, s: float | Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``lambda_ts = lambda_t / lambda_s`` and ``variance_ts = sigma_t^2 - lambda_ts^2 sigma_s^2``: the forward
+        process's Markov kernel ``x_t | x_s ~ N(lambda_ts x_s, variance_ts)`` for ``t > s``."""
+        lambda_ts = self.lambda_t(t) / self.lambda_t(s)
+        return lambda_ts, self.sigma_t(t) ** 2 - lambda_ts**2 * self.sigma_t(s) ** 2
+
     def forward_transition(self, x_s: Tensor, s: float | Tensor, t: float | Tensor, *,
                            generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``x_t`` given ``x_s`` for ``t > s``: ``(lambda_t / lambda_s) x_s + sqrt(sigma_t^2 - (lambda_t /
-        lambda_s)^2 sigma_s^2) noise``, the forward process's Markov kernel (the same ``variance_ts`` as
-        ``reverse_kernel``'s)."""
-        lambda_ts = self.lambda_t(t) / self.lambda_t(s)
-        variance_ts = self.sigma_t(t) ** 2 - lambda_ts**2 * self.sigma_t(s) ** 2
+        """Draw ``x_t`` given ``x_s`` for ``t > s`` from the forward process's Markov kernel."""
+        lambda_ts, variance_ts = self._forward_coefficients(s, t)
         noise = torch.randn(x_s.shape, generator=generator, dtype=x_s.dtype, device=x_s.device)
         return lambda_ts.to(x_s.dtype) * x_s + variance_ts.clamp(min=0).sqrt().to(x_s.dtype) * noise
 
@@ -90,10 +93,8 @@ class SDE(ABC):
         for VE it is ``x_t + (sigma_t^2 - sigma_s^2) score``. At ``s = 0`` the variance is zero and
         the mean is ``denoised``. The variance is returned as a 0-dim tensor.
         """
-        lambda_t, lambda_s = self.lambda_t(t), self.lambda_t(s)
-        sigma_t, sigma_s = self.sigma_t(t), self.sigma_t(s)
-        lambda_ts = lambda_t / lambda_s
-        variance_ts = sigma_t**2 - lambda_ts**2 * sigma_s**2
+        lambda_s, sigma_t, sigma_s = self.lambda_t(s), self.sigma_t(t), self.sigma_t(s)
+        lambda_ts, variance_ts = self._forward_coefficients(s, t)
         x_coefficient = lambda_ts * sigma_s**2 / sigma_t**2
         denoised_coefficient = lambda_s * variance_ts / sigma_t**2
         variance = variance_ts * sigma_s**2 / sigma_t**2
