@@ -332,15 +332,25 @@ class TwistedSMC(Sampler):
                                                                      gradient)
                     if self.options.restart_time is not None:
                         monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
-                        split_index = index
                         index, (x, denoised, log_twist, gradient) = self._restart(
                             posterior, grid, s, x, log_twist, weights, twist, generator)
-                        monitor.add_steps(split_index - index + 2)   # the restart, then steps index..split_index again
+                        monitor.add_steps(self.restart_steps(grid))
                         monitor.step(index - 1, grid[index], x, **weights.end_step())
                         continue
             monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
             index += 1
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
+
+    def restart_steps(self, grid: Tensor) -> int:
+        """The steps ``restart_time`` adds on ``grid`` (0 without it): the restart's own, then the steps from the
+        restart's grid time down to the split's, run again. The run estimate counts them."""
+        if self.options.restart_time is None:
+            return 0
+        split_index = int((grid[1:] <= self.options.split_time).nonzero().min())
+        if split_index >= len(grid) - 2:   # the split would be the last step: it does not happen
+            return 0
+        restart_index = int((grid >= self.options.restart_time).nonzero().max())
+        return split_index - restart_index + 2
 
     def _restart(self, posterior: Posterior, grid: Tensor, s: Tensor, x: Tensor, log_twist: Tensor,
                  weights: ParticleWeights, twist: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],

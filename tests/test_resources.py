@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from invdiff.plugins import load_registry
+from invdiff.posterior import sample_posterior
 from invdiff.problems import build_sampler, load_problem
 from invdiff.resources import LONG_RUN_SECONDS, ResourceError, available_memory, check_run, estimate_run
 
@@ -147,3 +149,19 @@ def test_second_order_twisting_and_pilot_rounds_are_counted_as_network_evaluatio
     piloted = estimate_run(mixture.posterior, sampler("twisted_smc", guidance="pilot", pilot_rounds=3,
                                                       pilot_samples=4, **options), 8)
     assert piloted.network_images == 4 * 10 + 3 * plain.network_images, "the DPS pilot, two refits, the run"
+
+
+def test_restart_steps_are_counted_as_the_run_makes_them():
+    """``restart_time`` runs the steps between the split and the restart again: the estimate counts exactly the
+    network evaluations the run makes (no moves, so no upper bound is involved)."""
+    problem = load_problem(PROBLEMS / "inpaint.yaml", "digits-gmm-box")
+    options = {"num_steps": 10, "num_particles": 8, "num_runs": 2, "split_time": 0.25}
+    split = sampler("twisted_smc", **options)
+    restarted = sampler("twisted_smc", restart_time=0.55, **options)
+    assert restarted.restart_steps(problem.posterior.prior.sde.time_grid(10)) == 5, \
+        "split after step 8 (t = 0.2), restarted at t = 0.6: its own call, then steps 5..8 (0.6 to 0.2) again"
+    for each in (split, restarted):
+        estimate = estimate_run(problem.posterior, each, 8)
+        result = sample_posterior(each, problem.posterior, 8, generator=torch.Generator().manual_seed(0))
+        assert estimate.network_images == result.network_evaluations
+    assert estimate_run(problem.posterior, restarted, 8).network_images == 8 * (10 + 5)
