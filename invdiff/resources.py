@@ -182,8 +182,8 @@ def _network_images(sampler: Sampler, posterior: Posterior, num_samples: int) ->
     Resample-move's ``move_steps`` are counted as if every step resampled (an upper bound). ``twisting:
     second_order`` on a prior without a closed-form covariance adds one Jacobian-vector product per measured
     value to every call (an upper bound: only the observed ones are made); ``guidance: pilot`` repeats the run
-    ``pilot_rounds - 1`` times after the pilot sampler's own run of ``pilot_samples`` (a sampler's ``build_pilot``);
-    steps a sampler runs again are added (its ``restart_steps``)."""
+    ``pilot_rounds - 1`` times after the pilot sampler's ``pilot_count`` runs of ``pilot_samples`` (a sampler's
+    ``build_pilot``); steps a sampler runs again are added (its ``restart_steps``)."""
     inner_steps = _option(sampler, "inner_steps")
     calls_per_step = (inner_steps + 1 if inner_steps else 1) + (_option(sampler, "move_steps") or 0)
     if (_option(sampler, "twisting") == "second_order"
@@ -194,7 +194,8 @@ def _network_images(sampler: Sampler, posterior: Posterior, num_samples: int) ->
     runs, pilot_images = 1, 0
     if pilot is not None:
         runs = _option(sampler, "pilot_rounds")
-        pilot_images = _network_images(pilot, posterior, _option(sampler, "pilot_samples"))
+        pilot_images = _option(sampler, "pilot_count") * _network_images(pilot, posterior,
+                                                                          _option(sampler, "pilot_samples"))
     steps = max(sampler.num_steps, 1)
     if hasattr(sampler, "restart_steps"):
         steps += sampler.restart_steps(posterior.prior.sde.time_grid(sampler.num_steps))

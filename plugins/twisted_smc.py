@@ -53,7 +53,9 @@ With ``guidance = "pilot"`` the proposal and the moves follow, instead of the tw
 backpropagation). The pilot is ``pilot_samples`` samples of ``pilot_sampler`` (its default options, this sampler's
 ``num_steps``, then ``pilot_options``: e.g. twisted_smc itself with a ``split_time``), refitted ``pilot_rounds - 1``
 times to this sampler's own samples under the previous fit (iterated auxiliary particle filters, Guarniero, Johansen
-and Lee, JASA 2017, in the small). The weights see only the twist, so the sampler stays asymptotically exact whatever
+and Lee, JASA 2017, in the small). With ``pilot_count = P > 1`` the pilot sampler runs P times and ``p(x0 | y)`` is
+replaced by the equal-weight mixture of the P Gaussians, so that pilots settling in different modes guide the
+particles to all of them (each particle's share follows its responsibilities under the noised mixture). The weights see only the twist, so the sampler stays asymptotically exact whatever
 the pilot; the pilot's runs count in the network evaluations.
 """
 
@@ -135,21 +137,29 @@ class SecondOrderTwist:
 
 class PilotGuidance:
     """The twist's gradient replaced by ``(lambda_t / sigma_t^2) (E[x0 | x_t, y] - x0_hat)`` with ``p(x0 | y)``
-    replaced by ``N(m, diag(v))``, the per-value mean and variance of a pilot's samples. As ``x_t`` depends on
-    ``y`` only through ``x0``, ``E[x0 | x_t, y] = (m / v + lambda_t x_t / sigma_t^2) / (1 / v + lambda_t^2 /
-    sigma_t^2)``: the exact gradient ``grad log p(y | x_t)`` if the posterior were that Gaussian. ``inflation``
-    multiplies ``v``: a pilot narrower than the posterior pulls every particle to its mean."""
+    replaced by the equal-weight mixture of ``N(m_p, diag(v_p))``, the per-value mean and variance of each pilot's
+    samples (one set of samples per pilot). As ``x_t`` depends on ``y`` only through ``x0``, each component gives
+    ``E_p[x0 | x_t] = (m_p / v_p + lambda_t x_t / sigma_t^2) / (1 / v_p + lambda_t^2 / sigma_t^2)``, weighted by
+    its responsibility for ``x_t`` under ``N(lambda_t m_p, lambda_t^2 v_p + sigma_t^2)``: the exact gradient
+    ``grad log p(y | x_t)`` if the posterior were that mixture (one pilot: that Gaussian). ``inflation`` multiplies
+    each ``v_p``: a pilot narrower than the posterior pulls every particle to its mean."""
 
-    def __init__(self, posterior: Posterior, samples: Tensor, inflation: float = 1.0):
+    def __init__(self, posterior: Posterior, samples: list[Tensor], inflation: float = 1.0):
         self.sde = posterior.prior.sde
-        samples = samples.flatten(1).to(torch.float64)
-        self.mean, self.variance = samples.mean(0), inflation * samples.var(0).clamp(min=1e-8)
+        flat = [each.flatten(1).to(torch.float64) for each in samples]
+        self.means = torch.stack([each.mean(0) for each in flat])
+        self.variances = inflation * torch.stack([each.var(0) for each in flat]).clamp(min=1e-8)
 
     def __call__(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
         lambda_t, sigma_t = float(self.sde.lambda_t(t)), float(self.sde.sigma_t(t))
-        flat = x.flatten(1).to(torch.float64)
-        conditional_mean = ((self.mean / self.variance + lambda_t * flat / sigma_t**2)
-                            / (1 / self.variance + lambda_t**2 / sigma_t**2))
+        flat = x.flatten(1).to(torch.float64)[:, None, :]   # (particles, 1, values) against (pilots, values)
+        conditional_means = ((self.means / self.variances + lambda_t * flat / sigma_t**2)
+                             / (1 / self.variances + lambda_t**2 / sigma_t**2))
+        marginal_variances = lambda_t**2 * self.variances + sigma_t**2
+        log_densities = -0.5 * (((flat - lambda_t * self.means) ** 2 / marginal_variances).sum(-1)
+                                + marginal_variances.log().sum(-1))
+        responsibilities = torch.softmax(log_densities, dim=1)[:, :, None]
+        conditional_mean = (responsibilities * conditional_means).sum(1)
         gradient = lambda_t / sigma_t**2 * (conditional_mean - denoised.flatten(1).to(torch.float64))
         return gradient.reshape(x.shape).to(x.dtype)
 
@@ -172,6 +182,9 @@ class TwistedSMCOptions(SMCOptions):
     pilot_options: dict[str, Any] = Field({}, description="guidance 'pilot': options of the pilot sampler (over its "
                                           "defaults and this sampler's num_steps)")
     pilot_samples: int = Field(64, ge=2, description="guidance 'pilot': samples per pilot fit")
+    pilot_count: int = Field(1, ge=1, description="guidance 'pilot': independent runs of the pilot sampler, each of "
+                             "pilot_samples samples; the guide is the equal-weight mixture of their per-value "
+                             "Gaussians (pilots that settle in different modes describe them all)")
     pilot_rounds: int = Field(1, ge=1, description="guidance 'pilot': pilot fits, the pilot sampler's and then "
                               "pilot_rounds - 1 refits to this sampler's own samples guided by the previous fit")
     pilot_inflation: float = Field(1.0, ge=1.0, description="guidance 'pilot': the factor on each fit's per-value "
@@ -189,6 +202,9 @@ class TwistedSMCOptions(SMCOptions):
             raise ValueError("split_time splits one run into num_runs runs: set num_runs > 1 with it")
         if self.restart_time is not None and (self.split_time is None or self.restart_time <= self.split_time):
             raise ValueError("restart_time noises the particles back from split_time: set split_time below it")
+        if self.pilot_count > 1 and self.pilot_rounds > 1:
+            raise ValueError("pilot_rounds refits one Gaussian to this sampler's own samples: with pilot_count > 1, "
+                             "set pilot_rounds to 1")
         return self
 
 
@@ -256,20 +272,21 @@ class TwistedSMC(Sampler):
         the generators of these runs are seeded from ``generator``; each run gets its own progress bar."""
         if self.options.guidance != "pilot":
             return None
-        seeds = torch.randint(2**62, (self.options.pilot_rounds,), generator=generator, device=generator.device)
+        pilots, rounds = self.options.pilot_count, self.options.pilot_rounds
+        seeds = torch.randint(2**62, (pilots + rounds - 1,), generator=generator, device=generator.device)
         generators = [torch.Generator(device=generator.device).manual_seed(int(seed)) for seed in seeds]
         pilot_sampler = self.build_pilot()
-        samples = sample_posterior(pilot_sampler, posterior, self.options.pilot_samples, generator=generators[0],
-                                   progress=progress)
-        guidance = PilotGuidance(posterior, samples.samples, self.options.pilot_inflation)
-        for round_index, round_generator in enumerate(generators[1:], start=2):
+        samples = [sample_posterior(pilot_sampler, posterior, self.options.pilot_samples, generator=pilot_generator,
+                                    progress=progress).samples for pilot_generator in generators[:pilots]]
+        guidance = PilotGuidance(posterior, samples, self.options.pilot_inflation)
+        for round_index, round_generator in enumerate(generators[pilots:], start=2):
             name = f"{self.name} pilot round {round_index}/{self.options.pilot_rounds}"
             monitor = StepMonitor(name, self.options.num_steps, progress)
             try:
                 result = self._run(posterior, self.options.pilot_samples, round_generator, monitor, guidance)
             finally:
                 monitor.close()
-            guidance = PilotGuidance(posterior, result.samples, self.options.pilot_inflation)
+            guidance = PilotGuidance(posterior, [result.samples], self.options.pilot_inflation)
         return guidance
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,

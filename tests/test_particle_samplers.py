@@ -181,13 +181,40 @@ def test_a_pilot_with_the_posterior_s_moments_gives_the_exact_twist_s_gradient(i
     posterior = Posterior(prior, operator, operator.measure(prior.sample_clean(1, generator=generator), generator))
     exact = ExactPosterior.from_posterior(posterior)
     mean, half_width = exact.means[0], (torch.diagonal(exact.covariances[0]) / (2 * inflation)).sqrt()
-    guidance = PilotGuidance(posterior, torch.stack([mean - half_width, mean + half_width]), inflation)
+    guidance = PilotGuidance(posterior, [torch.stack([mean - half_width, mean + half_width])], inflation)
     for t in (0.9, 0.3, 0.05):
         x = (prior.sde.lambda_t(t) * prior.sample_clean(4, generator=generator)
              + prior.sde.sigma_t(t) * torch.randn(4, 5, generator=generator, dtype=torch.float64)).requires_grad_(True)
         (exact_gradient,) = torch.autograd.grad(ExactTwist(posterior).log_likelihood(x, t).sum(), x)
         pilot_gradient = guidance(x.detach(), prior.denoise(x.detach(), t), t)
         assert torch.allclose(pilot_gradient, exact_gradient, atol=1e-8), f"t={t}"
+
+
+def test_several_pilots_guide_by_the_score_of_their_mixture():
+    """With several pilots the guide is Tweedie's formula for their equal-weight mixture: adding the prior's score
+    ``(lambda_t x0_hat - x) / sigma_t^2`` to it gives ``grad log`` of the mixture noised to ``t``, ``sum_p N(x;
+    lambda_t m_p, lambda_t^2 v_p + sigma_t^2) / P``, whatever ``x0_hat``; near ``t = 0`` a particle follows the
+    pilot it is closest to."""
+    from invdiff_plugins.twisted_smc import PilotGuidance
+
+    generator = torch.Generator().manual_seed(0)
+    posterior = linear_gaussian(sde=VPSDE())[0]
+    dimension = posterior.prior.event_shape[-1]
+    pilots = [center + 0.3 * torch.randn(6, dimension, generator=generator, dtype=torch.float64)
+              for center in (-1.0, 0.5, 2.0)]
+    guidance = PilotGuidance(posterior, pilots, inflation=2.0)
+    sde = posterior.prior.sde
+    for t in (0.9, 0.3, 0.05):
+        lambda_t, sigma_t = sde.lambda_t(t), sde.sigma_t(t)
+        x = (lambda_t * torch.randn(5, dimension, generator=generator, dtype=torch.float64)).requires_grad_(True)
+        denoised = torch.randn(5, dimension, generator=generator, dtype=torch.float64)
+        components = [torch.distributions.Normal(lambda_t * each.mean(0),
+                                                 (lambda_t**2 * 2.0 * each.var(0) + sigma_t**2).sqrt())
+                      for each in pilots]
+        log_mixture = torch.logsumexp(torch.stack([law.log_prob(x).sum(-1) for law in components]), 0)
+        (mixture_score,) = torch.autograd.grad(log_mixture.sum(), x)
+        prior_score = (lambda_t * denoised - x.detach()) / sigma_t**2
+        assert torch.allclose(guidance(x.detach(), denoised, t) + prior_score, mixture_score, atol=1e-8), f"t={t}"
 
 
 def test_second_order_twist_and_pilot_guidance_are_checked_and_counted():
@@ -208,6 +235,11 @@ def test_second_order_twist_and_pilot_guidance_are_checked_and_counted():
     short_pilot = sample_posterior(TwistedSMC(num_steps=10, num_particles=16, guidance="pilot", pilot_samples=8,
                                               pilot_options={"num_steps": 5}), posterior, 4)
     assert short_pilot.network_evaluations == 8 * 5 + alone.network_evaluations
+    two_pilots = sample_posterior(TwistedSMC(num_steps=10, num_particles=16, guidance="pilot", pilot_samples=8,
+                                             pilot_count=2), posterior, 4)
+    assert two_pilots.network_evaluations == 2 * 8 * 10 + alone.network_evaluations
+    with pytest.raises(ValueError, match="with pilot_count > 1, set pilot_rounds to 1"):
+        TwistedSMC(guidance="pilot", pilot_count=2, pilot_rounds=2)
 
 
 def test_the_exact_twist_is_refused_without_a_closed_form():

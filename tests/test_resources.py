@@ -149,6 +149,9 @@ def test_second_order_twisting_and_pilot_rounds_are_counted_as_network_evaluatio
     piloted = estimate_run(mixture.posterior, sampler("twisted_smc", guidance="pilot", pilot_rounds=3,
                                                       pilot_samples=4, **options), 8)
     assert piloted.network_images == 4 * 10 + 3 * plain.network_images, "the DPS pilot, two refits, the run"
+    two_pilots = estimate_run(mixture.posterior, sampler("twisted_smc", guidance="pilot", pilot_count=2,
+                                                         pilot_samples=4, **options), 8)
+    assert two_pilots.network_images == 2 * 4 * 10 + plain.network_images, "two DPS pilots, the run"
 
 
 def test_restart_steps_are_counted_as_the_run_makes_them():
