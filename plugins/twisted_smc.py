@@ -55,8 +55,9 @@ backpropagation). The pilot is ``pilot_samples`` samples of ``pilot_sampler`` (i
 times to this sampler's own samples under the previous fit (iterated auxiliary particle filters, Guarniero, Johansen
 and Lee, JASA 2017, in the small). With ``pilot_count = P > 1`` the pilot sampler runs P times and ``p(x0 | y)`` is
 replaced by the equal-weight mixture of the P Gaussians, so that pilots settling in different modes guide the
-particles to all of them (each particle's share follows its responsibilities under the noised mixture). The weights see only the twist, so the sampler stays asymptotically exact whatever
-the pilot; the pilot's runs count in the network evaluations.
+particles to all of them (each particle follows its responsibilities under the noised mixture). The weights see only
+the twist, so the sampler stays asymptotically exact whatever the pilot; the pilot's runs count in the network
+evaluations.
 """
 
 from __future__ import annotations
