@@ -367,8 +367,11 @@ class TwistedSMC(Sampler):
         split_index = int((grid[1:] <= self.options.split_time).nonzero().min())
         if split_index >= len(grid) - 2:   # the split would be the last step: it does not happen
             return 0
-        restart_index = int((grid >= self.options.restart_time).nonzero().max())
-        return split_index - restart_index + 2
+        return split_index - self._restart_index(grid) + 2
+
+    def _restart_index(self, grid: Tensor) -> int:
+        """The index of the last grid time at or above ``restart_time``: where the runs go down again."""
+        return int((grid >= self.options.restart_time).nonzero().max())
 
     def _restart(self, posterior: Posterior, grid: Tensor, s: Tensor, x: Tensor, log_twist: Tensor,
                  weights: ParticleWeights, twist: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
@@ -378,7 +381,7 @@ class TwistedSMC(Sampler):
         (an SMC sampler's L-kernel, Del Moral, Doucet and Jasra, JRSS B 2006), ``p_s(x_s) q(x_r | x_s) = p_r(x_r)
         p(x_s | x_r)`` cancels the rest, so the particles target the twisted ``p_r(x) p~_r(y | x)`` exactly as
         the first pass did at ``r``. Returns the grid index of ``r`` and the particles with their twist."""
-        index = int((grid >= self.options.restart_time).nonzero().max())
+        index = self._restart_index(grid)
         restarted = posterior.prior.sde.forward_transition(x, s, grid[index], generator=generator)
         denoised, new_log_twist, gradient = twist(restarted, grid[index])
         weights.reweight(new_log_twist - log_twist, where=f"the restart (t={float(grid[index]):.4g})")

@@ -167,4 +167,4 @@ def test_restart_steps_are_counted_as_the_run_makes_them():
         estimate = estimate_run(problem.posterior, each, 8)
         result = sample_posterior(each, problem.posterior, 8, generator=torch.Generator().manual_seed(0))
         assert estimate.network_images == result.network_evaluations
-    assert estimate_run(problem.posterior, restarted, 8).network_images == 8 * (10 + 5)
+    assert estimate.network_images == 8 * (10 + 5), "the restarted run's estimate (the loop's last)"
