@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["DIGITS_SPLIT", "digits", "NATURAL_SPLIT", "NATURAL_RGB_SPLIT", "natural_images", "heldout_crop",
-           "random_patches"]
+           "random_patches", "training_covariance"]
 
 #: how the digits are split: a permutation drawn with this seed; the first ``test_size`` are held out
 DIGITS_SPLIT = {"seed": 0, "test_size": 300}
@@ -127,3 +127,28 @@ class random_patches:
             patches[chosen] = torch.rot90(patches[chosen], turn, dims=(1, 2))
         # a fresh (B, C, size, size) layout: a permuted view would make convolutions pick channels-last kernels
         return patches.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
+
+
+def training_covariance(data: dict, event_shape: tuple[int, ...], num_patches: int = 16384,
+                        seed: int = 0) -> Tensor | None:
+    """The covariance ``(d, d)``, float64, of the training data that ``data`` describes (a training
+    configuration's ``data``: ``{source: digits}``, or ``{source: natural | natural_rgb, scales}``), mapped
+    to ``[-1, 1]`` as training maps it, over events of ``event_shape``: every training digit, or
+    ``num_patches`` random patches of that size (``random_patches``, seeded). None for another source or an
+    event shape the data do not have."""
+    source = data.get("source")
+    if source == "digits":
+        if tuple(event_shape) != (1, 8, 8):
+            return None
+        images = digits("train").flatten(1)
+    elif source in ("natural", "natural_rgb"):
+        channels = 3 if source == "natural_rgb" else 1
+        if len(event_shape) != 3 or event_shape[0] != channels or event_shape[1] != event_shape[2]:
+            return None
+        patches = random_patches(natural_images("train", source == "natural_rgb"), event_shape[1],
+                                 tuple(data.get("scales", (1, 2, 4))))
+        images = patches.sample(num_patches, torch.Generator().manual_seed(seed)).flatten(1)
+    else:
+        return None
+    centred = 2 * (images - images.mean(0))
+    return centred.T @ centred / (len(images) - 1)

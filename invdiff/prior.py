@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from invdiff.data import training_covariance
 from invdiff.sde import SDE
 
 __all__ = ["Prior", "NetworkPrior", "PriorDenoiser", "PARAMETRISATIONS", "GaussianMixturePrior", "GaussianPrior"]
@@ -83,6 +84,11 @@ class Prior(ABC):
             columns.append(derivative.reshape(x.shape[0], -1).to(torch.float64) @ matrix.T)
         covariance = scale * torch.stack(columns, -1)
         return 0.5 * (covariance + covariance.transpose(1, 2))
+
+    def data_covariance(self) -> Tensor | None:
+        """The covariance ``(d, d)``, float64, of the clean data ``X_0`` where the prior knows it, else None
+        (a Gaussian fit's second moment, e.g. for the ``gaussian_fit`` twist of ``twisted_smc``)."""
+        return None
 
     @property
     def image_map(self) -> tuple[float, float]:
@@ -250,6 +256,20 @@ class NetworkPrior(Prior):
         return NetworkPrior(self.network, self.sde, event_shape, self.parametrisation, self.data_range, self.name,
                             self.metadata, self.batch_size, self.clip_denoised)
 
+    #: most values per event for which ``data_covariance`` builds the dense matrix (32x32 RGB; the patches it is
+    #: estimated from take about 130 kB per value)
+    MAX_COVARIANCE_DIMENSION = 3072
+
+    def data_covariance(self):
+        """The covariance of the training data recorded in the checkpoint's metadata (``training.config.data``:
+        the shipped sources, ``invdiff.data.training_covariance``), at this prior's event shape; computed once.
+        None for other data or above ``MAX_COVARIANCE_DIMENSION`` values."""
+        if not hasattr(self, "_data_covariance"):
+            data = self.metadata.get("training", {}).get("config", {}).get("data", {})
+            small = math.prod(self.event_shape) <= self.MAX_COVARIANCE_DIMENSION
+            self._data_covariance = training_covariance(data, self.event_shape) if small else None
+        return self._data_covariance
+
     def settings(self):
         return {"kind": self.name, "parametrisation": self.parametrisation, "clip_denoised": self.clip_denoised,
                 **self.metadata, "sde": self.sde.settings()}
@@ -338,6 +358,12 @@ class GaussianMixturePrior(Prior):
     def settings(self):
         return {"kind": self.name, "components": len(self.log_weights), "dimension": self.dimension,
                 "covariance": "diag" if self.diagonal else "full", **self.metadata, "sde": self.sde.settings()}
+
+    def data_covariance(self):
+        """The mixture's covariance ``sum_k w_k (Sigma_k + mu_k mu_k^T) - mu mu^T``."""
+        weights = self.log_weights.exp()
+        centred = self.means - weights @ self.means
+        return torch.einsum("k,kde->de", weights, self.covariances) + centred.T @ (weights[:, None] * centred)
 
     def _rotated_terms(self, x: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
         """Per component: the centred point in the eigenbasis ``(B, K, d)`` and the diffused eigenvalues ``(K, d)``."""

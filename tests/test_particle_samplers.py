@@ -93,8 +93,8 @@ def test_particles_default_to_the_number_of_samples_and_chunking_changes_nothing
 
 
 @pytest.mark.parametrize("options", [{"twisting": "capped"}, {"twisting": "none"}, {"twisting": "second_order"},
-                                     {"twisting": "second_order", "guidance": "pilot"}],
-                         ids=["capped", "none", "second_order", "second_order-pilot"])
+                                     {"twisting": "second_order", "guidance": "pilot"}, {"twisting": "gaussian_fit"}],
+                         ids=["capped", "none", "second_order", "second_order-pilot", "gaussian_fit"])
 def test_other_twisting_rules_stay_exact_in_the_limit(options):
     """Any twisting and any guidance keep the weights right (only efficiency changes): the weighted means
     of 10 independent runs (K = 1024) average to the 50-step model's posterior mean within REPLICATE_Z
@@ -162,6 +162,66 @@ def test_the_second_order_twist_is_the_exact_twist_of_a_gaussian_prior(sde):
         gap = difference(gaussian, t)
         assert gap < 1e-8, f"t={t}: Gaussian prior, twist minus log p(y | x_t): {gap:.3g}"
     assert difference(mixture, 0.9) > 1e-2, "t=0.9: the mixture's second-order twist is log p(y | x_t) itself"
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(0.02, 60.0)], ids=["vp", "ve"])
+def test_the_gaussian_fit_twist_is_exact_for_a_gaussian_prior_and_uses_the_mixture_s_covariance(sde):
+    """The Gaussian-fit twist's ``C_t = sigma_t^2 Sigma (lambda_t^2 Sigma + sigma_t^2 I)^-1`` is ``Cov[x0 | x_t]`` of a
+    Gaussian prior, so there it is ``p(y | x_t)`` itself; for a mixture ``Sigma`` is the mixture's covariance (that of
+    many exact draws), the same at every particle, and the twist differs from the second-order one."""
+    from invdiff.exact import ExactTwist
+    from invdiff_plugins.twisted_smc import GaussianFitTwist, SecondOrderTwist
+
+    def points(prior, t):
+        generator = torch.Generator().manual_seed(0)
+        return prior.sde.lambda_t(t) * prior.sample_clean(6, generator=generator) + prior.sde.sigma_t(t) * torch.randn(
+            6, prior.dimension, generator=generator, dtype=torch.float64)
+
+    gaussian, mixture = linear_gaussian(sde=sde)[0], gaussian_mixture(measurements=1, sde=sde)[0]
+    for t in (0.9, 0.3, 0.02):
+        x = points(gaussian.prior, t).requires_grad_(True)
+        fit = GaussianFitTwist(gaussian, 0.0)
+        twist = fit(x, gaussian.prior.denoise(x, t), t)
+        exact = ExactTwist(gaussian).log_likelihood(x, t)
+        gap = float((twist - exact).abs().max().detach())
+        assert gap < 1e-8, f"t={t}: Gaussian prior, Gaussian-fit twist minus log p(y | x_t): {gap:.3g}"
+        (exact_gradient,) = torch.autograd.grad(exact.sum(), x)
+        gradient = fit.gradient(x.detach(), gaussian.prior.denoise(x.detach(), t), t)
+        assert torch.allclose(gradient, exact_gradient, atol=1e-8), f"t={t}: the fit's gradient is not the exact one"
+    draws = mixture.prior.sample_clean(200000, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(mixture.prior.data_covariance(), torch.cov(draws.T), atol=0.05 * float(draws.var(0).max()))
+    x = points(mixture.prior, 0.5)
+    fitted = GaussianFitTwist(mixture, 0.0)(x, mixture.prior.denoise(x, 0.5), 0.5)
+    second = SecondOrderTwist(mixture)(x, mixture.prior.denoise(x, 0.5), 0.5)
+    assert float((fitted - second).abs().max()) > 1e-3, "the Gaussian fit is the mixture's own second-order twist"
+
+
+def test_the_gaussian_fit_twist_needs_a_prior_that_knows_its_data_covariance():
+    """Refused in one line before any work for a network prior with no recorded training data; a network prior
+    trained on the shipped digits gets their covariance (every training digit, in [-1, 1])."""
+    from invdiff.data import digits
+    from invdiff.operators import GaussianNoise, box_mask, inpainting
+    from invdiff.prior import NetworkPrior
+    from invdiff_plugins.twisted_smc import GaussianFitTwist
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    def posterior_with(metadata):
+        prior = NetworkPrior(Zero(), VPSDE(), (1, 8, 8), "epsilon", metadata=metadata)
+        operator = inpainting((1, 8, 8), GaussianNoise(0.1), mask=box_mask((1, 8, 8), 2, 2, 4, 4))
+        return Posterior(prior, operator, torch.zeros(1, 1, 8, 8))
+
+    with pytest.raises(UnsupportedProblem, match="twisting 'gaussian_fit' needs the prior's data covariance"):
+        sample_posterior(TwistedSMC(num_steps=10, twisting="gaussian_fit"), posterior_with({}), 4)
+    trained = posterior_with({"training": {"config": {"data": {"source": "digits"}}}})
+    expected = torch.cov((2 * digits("train") - 1).flatten(1).T)
+    assert torch.allclose(trained.prior.data_covariance(), expected)
+    GaussianFitTwist.check(trained)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    log_twist = GaussianFitTwist(trained, 1e-4)(x, trained.prior.denoise(x, 0.3), torch.tensor(0.3))
+    assert log_twist.shape == (3,) and torch.isfinite(log_twist).all()
 
 
 @pytest.mark.parametrize("inflation", [1.0, 3.0])

@@ -164,3 +164,21 @@ def test_measured_covariance_by_jacobian_products_matches_the_closed_forms():
         for source in (network, gaussian):
             assert torch.allclose(source.measured_covariance(x, t, matrix), expected, rtol=1e-8, atol=1e-10), \
                 f"t={t}: {type(source).__name__}'s covariance differs from the Gaussian's"
+
+
+def test_a_shipped_network_prior_knows_its_training_data_covariance():
+    """The natural prior's checkpoint records its training data, so ``data_covariance`` is the covariance of 16384
+    training patches at its event shape (in [-1, 1]; computed once, the same every time); above
+    ``MAX_COVARIANCE_DIMENSION`` values, and for a network with no recorded data, there is none."""
+    from invdiff.checkpoints import load_prior
+    from invdiff.data import training_covariance
+
+    prior = load_prior("natural")
+    covariance = prior.data_covariance()
+    assert covariance.shape == (1024, 1024) and prior.data_covariance() is covariance
+    assert torch.allclose(covariance, covariance.T) and float(torch.linalg.eigvalsh(covariance)[0]) > 0
+    assert 0.05 < float(covariance.diagonal().mean()) < 0.5
+    assert torch.equal(covariance, training_covariance({"source": "natural", "scales": [1, 2, 4]}, (1, 32, 32)))
+    assert prior.resized((1, 64, 64)).data_covariance() is None
+    prior.metadata = {}
+    assert prior.resized((1, 32, 32)).data_covariance() is None
