@@ -132,16 +132,15 @@ class SecondOrderTwist:
         self.constant = -0.5 * float((unobserved**2).sum() / self.noise_variance
                                      + len(unobserved) * math.log(2 * math.pi * self.noise_variance))
 
-    def observed_covariance(self, x: Tensor, t: Tensor) -> Tensor:
-        """``A C A^T`` on the observed values: ``(B, m, m)``, or ``(m, m)`` shared by every particle."""
-        return self.prior.measured_covariance(x, t, self.matrix)
+    def factor(self, x: Tensor, t: Tensor) -> Tensor:
+        """The Cholesky factor of ``sigma_y^2 I + A C A^T`` on the observed values, ``(B, m, m)``."""
+        covariance = self.prior.measured_covariance(x, t, self.matrix)
+        return torch.linalg.cholesky(covariance + self.noise_variance * torch.eye(
+            len(self.matrix), dtype=torch.float64, device=covariance.device))
 
     def __call__(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
-        covariance = self.observed_covariance(x, t)
-        covariance = covariance + self.noise_variance * torch.eye(len(self.matrix), dtype=torch.float64,
-                                                                   device=covariance.device)
         mean = denoised.flatten(1).to(torch.float64) @ self.matrix.T
-        law = MultivariateNormal(mean, scale_tril=torch.linalg.cholesky(covariance), validate_args=False)
+        law = MultivariateNormal(mean, scale_tril=self.factor(x, t), validate_args=False)
         return (law.log_prob(self.residual) + self.constant).to(x.dtype)
 
 
@@ -173,23 +172,28 @@ class GaussianFitTwist(SecondOrderTwist):
         self.eigenvalues, self.eigenvectors = eigenvalues.clamp(min=0.0), eigenvectors
         self.rotated = self.matrix @ eigenvectors                                      # A U, (m, d)
         self.fit_error = fit_error
+        self._factors: dict[float, Tensor] = {}   # by time: every particle, chunk and move at t shares it
 
     def _shrunk(self, t: Tensor) -> tuple[float, float, Tensor]:
         """``lambda_t``, ``sigma_t`` and the eigenvalues of the Gaussian fit's ``Cov[x0 | x_t]``."""
         lambda_t, sigma_t = float(self.prior.sde.lambda_t(t)), float(self.prior.sde.sigma_t(t))
         return lambda_t, sigma_t, self.eigenvalues * sigma_t**2 / (lambda_t**2 * self.eigenvalues + sigma_t**2)
 
-    def observed_covariance(self, x: Tensor, t: Tensor) -> Tensor:
-        lambda_t, sigma_t, shrunk = self._shrunk(t)
-        error = self.fit_error * sigma_t**2 / lambda_t**2
-        return (self.rotated * shrunk) @ self.rotated.T + error * self.matrix @ self.matrix.T
+    def factor(self, x: Tensor, t: Tensor) -> Tensor:
+        """The Cholesky factor of ``sigma_y^2 I + A C_t A^T + fit_error sigma_t^2 / lambda_t^2 A A^T``, ``(m, m)``."""
+        key = float(t)
+        if key not in self._factors:
+            lambda_t, sigma_t, shrunk = self._shrunk(t)
+            error = self.fit_error * sigma_t**2 / lambda_t**2
+            covariance = (self.rotated * shrunk) @ self.rotated.T + error * self.matrix @ self.matrix.T
+            self._factors = {key: torch.linalg.cholesky(covariance + self.noise_variance * torch.eye(
+                len(self.matrix), dtype=torch.float64, device=covariance.device))}
+        return self._factors[key]
 
     def gradient(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
         lambda_t, sigma_t, shrunk = self._shrunk(t)
-        covariance = self.observed_covariance(x, t) + self.noise_variance * torch.eye(
-            len(self.matrix), dtype=torch.float64, device=self.matrix.device)
         residual = self.residual - denoised.flatten(1).to(torch.float64) @ self.matrix.T          # (B, m)
-        pulled = torch.cholesky_solve(residual.T, torch.linalg.cholesky(covariance)).T @ self.matrix   # (B, d)
+        pulled = torch.cholesky_solve(residual.T, self.factor(x, t)).T @ self.matrix               # (B, d)
         gradient = lambda_t / sigma_t**2 * ((pulled @ self.eigenvectors) * shrunk) @ self.eigenvectors.T
         return gradient.reshape(x.shape).to(x.dtype)
 
