@@ -284,6 +284,12 @@ class TwistedSMC(Sampler):
     Options = TwistedSMCOptions
     asymptotically_exact = True
 
+    @property
+    def needs_network_gradient(self) -> bool:
+        """Backpropagation through the network: for the twist's gradient, except the Gaussian fit's (a pilot
+        sampler may backpropagate)."""
+        return self.options.twisting != "gaussian_fit" or self.options.guidance == "pilot"
+
     @staticmethod
     def _twist(posterior: Posterior, log_twist_of: TwistFunction, x: Tensor, t: Tensor,
                guidance: PilotGuidance | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -53,6 +53,8 @@ def test_forward_only_samplers_need_fewer_activations(tmp_path):
     forward.needs_network_gradient = False
     assert backward.needs_network_gradient, "a sampler that says nothing is assumed to backpropagate"
     assert not load_registry().get("ve_smc").sampler_class.needs_network_gradient, "ve_smc runs forward only"
+    assert sampler("twisted_smc").needs_network_gradient, "twisted_smc backpropagates for the twist's gradient"
+    assert not sampler("twisted_smc", twisting="gaussian_fit").needs_network_gradient, "the Gaussian fit's gradient"
     with_gradient = estimate_run(posterior, backward, 4)
     without_gradient = estimate_run(posterior, forward, 4)
     assert without_gradient.activation_bytes < with_gradient.activation_bytes / 2, \
