@@ -67,23 +67,21 @@ evaluations.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field, ValidationError, model_validator
 from torch import Tensor
-from torch.distributions import MultivariateNormal
 
 import invdiff
 from invdiff.exact import ExactTwist
-from invdiff.noise import GaussianNoise
 from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
 from invdiff.sde import gaussian_log_density
 from invdiff.smc import (MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions, TargetPoint, chunked,
                          particle_weights, weighted_result)
+from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist, SecondOrderTwist
 
 
 TwistFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -97,105 +95,6 @@ def _tweedie_twist(twist: MeasurementTwist, x: Tensor, denoised: Tensor, t: Tens
 def _exact_twist(twist: ExactTwist, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
     """The oracle twist ``log p(y | x_t)`` of a Gaussian-mixture prior, a function of the particle itself."""
     return twist.log_likelihood(x, t)
-
-
-class SecondOrderTwist:
-    """``log N(y; A x0_hat + b, sigma_y^2 I + A C A^T)`` with ``C = Cov[x0 | x_t]`` the prior's own
-    (``Prior.measured_covariance``), held fixed under differentiation: the Gaussian with the right first two
-    moments of ``x0`` given ``x_t``, where Tweedie's twist puts ``r_t^2 I`` for ``C``. On the observed values only
-    (rows of ``A`` that are not zero); each other value adds its constant ``log N(y_i - b_i; 0, sigma_y^2)``.
-    """
-
-    #: most observed values: the twist factors an ``m x m`` matrix per particle and step
-    MAX_OBSERVED = 4096
-
-    @staticmethod
-    def check(posterior: Posterior) -> None:
-        operator = posterior.operator
-        if not operator.linear or not isinstance(operator.noise, GaussianNoise):
-            raise UnsupportedProblem(f"twisting 'second_order' needs a linear operator with Gaussian noise; "
-                                     f"'{operator.name}' with {operator.noise.settings()['type']} noise is not")
-        values = posterior.measurement[0].numel()
-        if values > SecondOrderTwist.MAX_OBSERVED:
-            raise UnsupportedProblem(f"twisting 'second_order' factors an m x m matrix per particle and step; this "
-                                     f"measurement has m = {values} values, at most {SecondOrderTwist.MAX_OBSERVED} "
-                                     f"are allowed (use twisting 'tweedie')")
-
-    def __init__(self, posterior: Posterior):
-        self.prior = posterior.prior
-        matrix, offset = posterior.operator.matrix(self.prior.event_shape, device=posterior.measurement.device)
-        residual = posterior.measurement.flatten().to(torch.float64) - offset
-        observed = matrix.abs().sum(1) > 0
-        self.matrix, self.residual = matrix[observed], residual[observed]
-        self.noise_variance = posterior.operator.noise.sigma_y ** 2
-        unobserved = residual[~observed]
-        self.constant = -0.5 * float((unobserved**2).sum() / self.noise_variance
-                                     + len(unobserved) * math.log(2 * math.pi * self.noise_variance))
-
-    def factor(self, x: Tensor, t: Tensor) -> Tensor:
-        """The Cholesky factor of ``sigma_y^2 I + A C A^T`` on the observed values, ``(B, m, m)``."""
-        covariance = self.prior.measured_covariance(x, t, self.matrix)
-        return torch.linalg.cholesky(covariance + self.noise_variance * torch.eye(
-            len(self.matrix), dtype=torch.float64, device=covariance.device))
-
-    def __call__(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
-        mean = denoised.flatten(1).to(torch.float64) @ self.matrix.T
-        law = MultivariateNormal(mean, scale_tril=self.factor(x, t), validate_args=False)
-        return (law.log_prob(self.residual) + self.constant).to(x.dtype)
-
-
-class GaussianFitTwist(SecondOrderTwist):
-    """``SecondOrderTwist`` with ``C = Cov[x0 | x_t]`` were the prior the Gaussian with its data covariance
-    ``Sigma`` (``Prior.data_covariance``), ``sigma_t^2 Sigma (lambda_t^2 Sigma + sigma_t^2 I)^-1``, plus the error of
-    the network's ``x0_hat``, ``fit_error sigma_t^2 / lambda_t^2 I`` (``fit_error``: the mean squared error of its
-    noise prediction; the estimate divides it by ``lambda_t / sigma_t``, so at large ``t`` it dominates). The same
-    for every particle, so it costs no network evaluation (the analytic posterior covariance of Peng et al.,
-    "Improving diffusion models for inverse problems using optimal posterior covariance", ICML 2024; Tweedie's
-    twist is ``Sigma = infinity``, the ``capped`` twist ``Sigma = tau^2 I``). One ``m x m`` factor per step.
-
-    ``gradient`` is the twist's gradient with the Jacobian of ``x0_hat`` replaced by the Gaussian fit's,
-    ``lambda_t C_t / sigma_t^2``: no backpropagation, and bounded where a network's Jacobian, ``1 / lambda_t`` times
-    its noise prediction's, is mostly error (large ``t``), which would throw the proposal far off.
-    """
-
-    @staticmethod
-    def check(posterior: Posterior) -> None:
-        SecondOrderTwist.check(posterior)
-        if posterior.prior.data_covariance() is None:
-            raise UnsupportedProblem("twisting 'gaussian_fit' needs the prior's data covariance, which this prior does "
-                                     "not know (mixture priors do, and network priors trained by invdiff on its "
-                                     "shipped data, on images of at most 3072 values; use twisting 'tweedie')")
-
-    def __init__(self, posterior: Posterior, fit_error: float):
-        super().__init__(posterior)
-        eigenvalues, eigenvectors = torch.linalg.eigh(self.prior.data_covariance().to(self.matrix))
-        self.eigenvalues, self.eigenvectors = eigenvalues.clamp(min=0.0), eigenvectors
-        self.rotated = self.matrix @ eigenvectors                                      # A U, (m, d)
-        self.fit_error = fit_error
-        self._factors: dict[float, Tensor] = {}   # by time: every particle, chunk and move at t shares it
-
-    def _shrunk(self, t: Tensor) -> tuple[float, float, Tensor]:
-        """``lambda_t``, ``sigma_t`` and the eigenvalues of the Gaussian fit's ``Cov[x0 | x_t]``."""
-        lambda_t, sigma_t = float(self.prior.sde.lambda_t(t)), float(self.prior.sde.sigma_t(t))
-        return lambda_t, sigma_t, self.eigenvalues * sigma_t**2 / (lambda_t**2 * self.eigenvalues + sigma_t**2)
-
-    def factor(self, x: Tensor, t: Tensor) -> Tensor:
-        """The Cholesky factor of ``sigma_y^2 I + A C_t A^T + fit_error sigma_t^2 / lambda_t^2 A A^T``, ``(m, m)``."""
-        key = float(t)
-        if key not in self._factors:
-            lambda_t, sigma_t, shrunk = self._shrunk(t)
-            error = self.fit_error * sigma_t**2 / lambda_t**2
-            covariance = (self.rotated * shrunk) @ self.rotated.T + error * self.matrix @ self.matrix.T
-            self._factors = {key: torch.linalg.cholesky(covariance + self.noise_variance * torch.eye(
-                len(self.matrix), dtype=torch.float64, device=covariance.device))}
-        return self._factors[key]
-
-    def gradient(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
-        lambda_t, sigma_t, shrunk = self._shrunk(t)
-        residual = self.residual - denoised.flatten(1).to(torch.float64) @ self.matrix.T          # (B, m)
-        pulled = torch.cholesky_solve(residual.T, self.factor(x, t)).T @ self.matrix               # (B, d)
-        gradient = lambda_t / sigma_t**2 * ((pulled @ self.eigenvectors) * shrunk) @ self.eigenvectors.T
-        return gradient.reshape(x.shape).to(x.dtype)
 
 
 class PilotGuidance:
@@ -238,10 +137,7 @@ class TwistedSMCOptions(SMCOptions):
         "Jacobian-vector product per observed value, per particle and step); or 'gaussian_fit': the same with C "
         "the covariance of x0 given x_t were the prior the Gaussian with its data covariance (no extra network "
         "evaluation)")
-    fit_error: float = Field(1e-4, ge=0, description="twisting 'gaussian_fit': the mean squared error of the "
-                             "network's noise prediction, which adds fit_error sigma_t^2 / lambda_t^2 to the twist's "
-                             "variance (0 for an exact score; the shipped natural prior's held-out error at t = 0.9 is "
-                             "1.7e-4)")
+    fit_error: float = FIT_ERROR_OPTION
     guidance: Literal["twist", "pilot"] = Field(
         "twist", description="what the proposal and the moves follow: the twist's gradient, or 'pilot': the "
         "gradient of log p(y | x_t) were p(x0 | y) the per-value Gaussian of a pilot's samples (no "

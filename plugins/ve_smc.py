@@ -29,6 +29,14 @@ With ``move_steps = M > 0``, each resampling is followed by M Langevin moves of 
 backpropagation through the network: the proposal's twist gradient freezes the score, as the
 gradient proposal does, and the accept step corrects for that. The weights are unchanged.
 
+With ``twisting = "gaussian_fit"`` (linear operators with Gaussian noise) the twist is
+``invdiff.twists.GaussianFitTwist``: ``N(y; A x0_hat + b, sigma_y^2 I + A C_s A^T + e_s A A^T)`` with ``C_s`` the
+covariance of ``x0`` given ``x_s`` were the prior the Gaussian with its data covariance and ``e_s`` the network's
+error, the same for every particle. The proposal stays closed form, with the twist's covariance dense on the ``m``
+observed values (Matheron's rule, ``_fitted_step``: one ``m x m`` factor per step, shared by the particles); the moves
+follow the twist's gradient with the fit's Jacobian. Tweedie's ``r_s^2 I`` is unbounded at large ``s``, where this
+``C_s`` is bounded by the data covariance, so the twist starts to act while structure forms.
+
 With ``num_runs = R > 1`` the particles form R independent runs (``invdiff.smc``: weighted and
 resampled apart, the samples spread over them, each run weighted 1/R).
 """
@@ -42,6 +50,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 from torch import Tensor
+from torch.distributions import MultivariateNormal
 
 import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem
@@ -49,9 +58,15 @@ from invdiff.sde import gaussian_log_density
 from invdiff.smc import (MeasurementTwist, ResampleMove, SMCOptions, TargetPoint, chunked, particle_weights,
                          twisting_variance, weighted_result)
 from invdiff.spectral import DenseSVD, LinearGaussianSVD
+from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist
 
 
 class VESMCOptions(SMCOptions):
+    twisting: Literal["tweedie", "capped", "none", "gaussian_fit"] = Field(
+        "tweedie", description=SMCOptions.model_fields["twisting"].description + "; or 'gaussian_fit': "
+        "N(y; A x0_hat + b, sigma_y^2 I + A C A^T) with C the covariance of x0 given x_t were the prior the Gaussian "
+        "with its data covariance, plus the network's error (linear operators with Gaussian noise)")
+    fit_error: float = FIT_ERROR_OPTION
     proposal: Literal["auto", "closed_form", "gradient"] = Field(
         "auto", description="closed_form (Gaussian noise and a mask, circular blur or circular downsampling "
         f"of any size, or another linear operator on events up to {DenseSVD.MAX_DIMENSION} values), gradient, or "
@@ -71,6 +86,8 @@ class VESMC(Sampler):
     needs_network_gradient = False
 
     def check(self, posterior: Posterior) -> None:
+        if self.options.twisting == "gaussian_fit":
+            GaussianFitTwist.check(posterior)
         if self.options.proposal == "closed_form" and not LinearGaussianSVD.exists_for(posterior):
             raise UnsupportedProblem(NO_CLOSED_FORM)
 
@@ -84,6 +101,10 @@ class VESMC(Sampler):
         if self.options.proposal == "closed_form" and svd is None:   # a structured form that failed its check
             raise UnsupportedProblem(NO_CLOSED_FORM)
         closed_form = svd is not None and self.options.proposal != "gradient"
+        fit = None
+        if self.options.twisting == "gaussian_fit":   # its closed form is dense on the observed values
+            twist = fit = GaussianFitTwist(posterior, self.options.fit_error)
+            closed_form = self.options.proposal != "gradient"
         grid = sde.time_grid(self.options.num_steps)
         weights = particle_weights(self.options, num_samples, generator=generator, device=device)
         mover = ResampleMove(posterior, self.options, svd, generator)
@@ -110,7 +131,10 @@ class VESMC(Sampler):
                 else:
                     frozen_shift = sde.sigma_t(s).to(dtype) ** 2 * score
                     lambda_s = float(sde.lambda_t(s))
-                    if closed_form:
+                    if closed_form and fit is not None:
+                        x, log_proposal = self._fitted_step(fit, mean, variance, frozen_shift, lambda_s, s,
+                                                            generator)
+                    elif closed_form:
                         spread = twisting_variance(sde, s, self.options)
                         x, log_proposal = self._closed_form_step(svd, posterior, mean, variance, frozen_shift,
                                                                  lambda_s, spread, generator)
@@ -132,15 +156,20 @@ class VESMC(Sampler):
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
 
     @staticmethod
-    def _target_point(posterior: Posterior, twist: MeasurementTwist, x: Tensor, t: Tensor,
+    def _target_point(posterior: Posterior, twist: MeasurementTwist | GaussianFitTwist, x: Tensor, t: Tensor,
                       carried: tuple[Tensor, Tensor]) -> TargetPoint:
         """What a move needs from the carried ``(score, log_twist)``: the twist gradient with the score
-        frozen, ``grad_x log p~_t(y | (x + sigma_t^2 s_bar) / lambda_t)``, which needs no network call."""
+        frozen, ``grad_x log p~_t(y | (x + sigma_t^2 s_bar) / lambda_t)``, which needs no network call; with the
+        Gaussian-fit twist the gradient with the fit's Jacobian (``GaussianFitTwist.gradient``), since the frozen
+        score's ``I / lambda_t`` meets the fit's narrow directions in full and throws the moves off (all rejected)."""
         score, log_twist = carried
         sde = posterior.prior.sde
         lambda_t = sde.lambda_t(t).to(x.dtype)
+        denoised = (x + sde.sigma_t(t).to(x.dtype) ** 2 * score) / lambda_t
+        if isinstance(twist, GaussianFitTwist):
+            return TargetPoint(score, log_twist, twist.gradient(x, denoised, t))
         with torch.enable_grad():
-            denoised = ((x + sde.sigma_t(t).to(x.dtype) ** 2 * score) / lambda_t).detach().requires_grad_(True)
+            denoised = denoised.detach().requires_grad_(True)
             (gradient,) = torch.autograd.grad(twist.log_likelihood(denoised, t).sum(), denoised)
         return TargetPoint(score, log_twist, gradient / lambda_t)
 
@@ -170,7 +199,35 @@ class VESMC(Sampler):
         return svd.image(rotated_draw).to(mean.dtype), log_density.to(mean.dtype)
 
     @staticmethod
-    def _gradient_step(twist: MeasurementTwist, x: Tensor, mean: Tensor, variance: Tensor, frozen_shift: Tensor,
+    def _fitted_step(fit: GaussianFitTwist, mean: Tensor, variance: Tensor, frozen_shift: Tensor, lambda_s: float,
+                     s: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Draw from ``N(x; mean, v) N(y; A (x + shift) / lambda_s + b, S_s)`` normalised, ``S_s`` the Gaussian fit's
+        twist covariance (dense on the observed values), and return the draw with its log-density.
+
+        Matheron's rule: ``z ~ N(mean, v)``, ``e ~ N(0, S_s)``, ``x = z + (v / lambda_s) A^T M^-1 (r - A z / lambda_s - e)``
+        with ``r = y - b - A shift / lambda_s`` and ``M = S_s + (v / lambda_s^2) A A^T``; the density by Bayes' rule,
+        ``N(x; mean, v) N(r; A x / lambda_s, S_s) / N(r; A mean / lambda_s, M)``. One ``m x m`` factor per step.
+        """
+        matrix, spread = fit.matrix, float(variance)
+        noise_factor = fit.factor(mean, s)
+        marginal_factor = torch.linalg.cholesky(noise_factor @ noise_factor.T + spread / lambda_s**2 * matrix @ matrix.T)
+        flat_mean = mean.flatten(1).to(torch.float64)
+        target = fit.residual - frozen_shift.flatten(1).to(torch.float64) @ matrix.T / lambda_s           # r, (B, m)
+        noise = torch.randn(flat_mean.shape, generator=generator, dtype=torch.float64, device=mean.device)
+        measurement_noise = torch.randn(target.shape, generator=generator, dtype=torch.float64, device=mean.device)
+        prior_draw = flat_mean + math.sqrt(spread) * noise
+        innovation = target - prior_draw @ matrix.T / lambda_s - measurement_noise @ noise_factor.T
+        draw = prior_draw + spread / lambda_s * torch.cholesky_solve(innovation.T, marginal_factor).T @ matrix
+        log_density = (-0.5 * ((draw - flat_mean) ** 2).sum(1) / spread
+                       - 0.5 * draw.shape[1] * math.log(2 * math.pi * spread)
+                       + MultivariateNormal(draw @ matrix.T / lambda_s, scale_tril=noise_factor,
+                                            validate_args=False).log_prob(target)
+                       - MultivariateNormal(flat_mean @ matrix.T / lambda_s, scale_tril=marginal_factor,
+                                            validate_args=False).log_prob(target))
+        return draw.reshape(mean.shape).to(mean.dtype), log_density.to(mean.dtype)
+
+    @staticmethod
+    def _gradient_step(twist: MeasurementTwist | GaussianFitTwist, x: Tensor, mean: Tensor, variance: Tensor, frozen_shift: Tensor,
                        lambda_s: float, s: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Draw from ``N(mean + v grad_x log p~_s(y | (x + shift) / lambda_s) at x_t, v)``; return it with
         its log-density."""

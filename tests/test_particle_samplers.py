@@ -92,10 +92,13 @@ def test_particles_default_to_the_number_of_samples_and_chunking_changes_nothing
     assert whole.log_evidence == pytest.approx(chunks.log_evidence)
 
 
-@pytest.mark.parametrize("options", [{"twisting": "capped"}, {"twisting": "none"}, {"twisting": "second_order"},
-                                     {"twisting": "second_order", "guidance": "pilot"}, {"twisting": "gaussian_fit"}],
-                         ids=["capped", "none", "second_order", "second_order-pilot", "gaussian_fit"])
-def test_other_twisting_rules_stay_exact_in_the_limit(options):
+@pytest.mark.parametrize("sampler, options", [
+    (TwistedSMC, {"twisting": "capped"}), (TwistedSMC, {"twisting": "none"}), (TwistedSMC, {"twisting": "second_order"}),
+    (TwistedSMC, {"twisting": "second_order", "guidance": "pilot"}), (TwistedSMC, {"twisting": "gaussian_fit"}),
+    (VESMC, {"twisting": "gaussian_fit"}), (VESMC, {"twisting": "gaussian_fit", "proposal": "gradient"})],
+    ids=["capped", "none", "second_order", "second_order-pilot", "gaussian_fit", "ve_smc-gaussian_fit",
+         "ve_smc-gaussian_fit-gradient"])
+def test_other_twisting_rules_stay_exact_in_the_limit(sampler, options):
     """Any twisting and any guidance keep the weights right (only efficiency changes): the weighted means
     of 10 independent runs (K = 1024) average to the 50-step model's posterior mean within REPLICATE_Z
     standard errors of their spread. (One run's ESS understates its error when the weights are as
@@ -104,7 +107,7 @@ def test_other_twisting_rules_stay_exact_in_the_limit(options):
     exact = discretised_model_posterior(posterior, 50)
     means = []
     for seed in range(10):
-        result = sample_posterior(TwistedSMC(num_steps=50, num_particles=1024, **options), posterior, 8,
+        result = sample_posterior(sampler(num_steps=50, num_particles=1024, **options), posterior, 8,
                                   generator=torch.Generator().manual_seed(seed))
         means.append((torch.softmax(result.log_weights, 0)[:, None] * result.particles).sum(0))
     largest = float(replicate_z_scores(torch.stack(means), exact.mean).max())
@@ -148,7 +151,7 @@ def test_the_second_order_twist_is_the_exact_twist_of_a_gaussian_prior(sde):
     A C A^T)`` is ``p(y | x_t)`` itself; for a mixture it is not where ``x_t`` leaves the component open (large
     ``t``; at small ``t`` one component takes all the weight and the two agree again)."""
     from invdiff.exact import ExactTwist
-    from invdiff_plugins.twisted_smc import SecondOrderTwist
+    from invdiff.twists import SecondOrderTwist
 
     def difference(posterior, t):
         prior, generator = posterior.prior, torch.Generator().manual_seed(0)
@@ -170,7 +173,7 @@ def test_the_gaussian_fit_twist_is_exact_for_a_gaussian_prior_and_uses_the_mixtu
     Gaussian prior, so there it is ``p(y | x_t)`` itself; for a mixture ``Sigma`` is the mixture's covariance (that of
     many exact draws), the same at every particle, and the twist differs from the second-order one."""
     from invdiff.exact import ExactTwist
-    from invdiff_plugins.twisted_smc import GaussianFitTwist, SecondOrderTwist
+    from invdiff.twists import GaussianFitTwist, SecondOrderTwist
 
     def points(prior, t):
         generator = torch.Generator().manual_seed(0)
@@ -196,13 +199,37 @@ def test_the_gaussian_fit_twist_is_exact_for_a_gaussian_prior_and_uses_the_mixtu
     assert float((fitted - second).abs().max()) > 1e-3, "the Gaussian fit is the mixture's own second-order twist"
 
 
+def test_ve_smc_s_gaussian_fit_proposal_is_the_normalised_product_of_kernel_and_twist():
+    """ve_smc's closed-form proposal with the Gaussian-fit twist, ``N(x; m, v) N(r; A x / lambda, S)`` normalised,
+    against the dense Gaussian: the returned log-density is the dense one at every draw, and 4000 draws' mean lies
+    within Z_SCORE standard errors of the dense mean."""
+    from invdiff.twists import GaussianFitTwist
+
+    posterior, _ = linear_gaussian()
+    fit, t, lambda_t, variance = GaussianFitTwist(posterior, 1e-3), torch.tensor(0.4), 0.8, torch.tensor(0.05)
+    generator = torch.Generator().manual_seed(0)
+    mean, shift = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+    draws, log_density = VESMC._fitted_step(fit, mean.expand(4000, 4), variance, shift.expand(4000, 4), lambda_t, t,
+                                            generator)
+    covariance = fit.factor(mean, t) @ fit.factor(mean, t).T
+    target = fit.residual - fit.matrix @ shift / lambda_t
+    precision = torch.eye(4, dtype=torch.float64) / variance + fit.matrix.T @ torch.linalg.solve(
+        covariance, fit.matrix) / lambda_t**2
+    dense_mean = torch.linalg.solve(precision, mean / variance + fit.matrix.T @ torch.linalg.solve(
+        covariance, target) / lambda_t)
+    dense = torch.distributions.MultivariateNormal(dense_mean, precision_matrix=precision)
+    assert torch.allclose(log_density, dense.log_prob(draws), atol=1e-8)
+    errors = (draws.mean(0) - dense_mean) / (dense.covariance_matrix.diagonal() / len(draws)).sqrt()
+    assert float(errors.abs().max()) < Z_SCORE, f"the draws' mean is {errors.tolist()} standard errors off"
+
+
 def test_the_gaussian_fit_twist_needs_a_prior_that_knows_its_data_covariance():
     """Refused in one line before any work for a network prior with no recorded training data; a network prior
     trained on the shipped digits gets their covariance (every training digit, in [-1, 1])."""
     from invdiff.data import digits
     from invdiff.operators import GaussianNoise, box_mask, inpainting
     from invdiff.prior import NetworkPrior
-    from invdiff_plugins.twisted_smc import GaussianFitTwist
+    from invdiff.twists import GaussianFitTwist
 
     class Zero(torch.nn.Module):
         def forward(self, x, t):
@@ -213,8 +240,9 @@ def test_the_gaussian_fit_twist_needs_a_prior_that_knows_its_data_covariance():
         operator = inpainting((1, 8, 8), GaussianNoise(0.1), mask=box_mask((1, 8, 8), 2, 2, 4, 4))
         return Posterior(prior, operator, torch.zeros(1, 1, 8, 8))
 
-    with pytest.raises(UnsupportedProblem, match="twisting 'gaussian_fit' needs the prior's data covariance"):
-        sample_posterior(TwistedSMC(num_steps=10, twisting="gaussian_fit"), posterior_with({}), 4)
+    for sampler in (TwistedSMC, VESMC):
+        with pytest.raises(UnsupportedProblem, match="twisting 'gaussian_fit' needs the prior's data covariance"):
+            sample_posterior(sampler(num_steps=10, twisting="gaussian_fit"), posterior_with({}), 4)
     trained = posterior_with({"training": {"config": {"data": {"source": "digits"}}}})
     expected = torch.cov((2 * digits("train") - 1).flatten(1).T)
     assert torch.allclose(trained.prior.data_covariance(), expected)
