@@ -124,7 +124,8 @@ class GaussianFitTwist(SecondOrderTwist):
         return self(denoised, denoised, t)
 
     def gradient(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
-        """The twist's gradient in ``x`` with the Gaussian fit's Jacobian of ``x0_hat``, ``lambda_t C_t / sigma_t^2``."""
+        """The twist's gradient in ``x`` with the Gaussian fit's Jacobian of ``x0_hat``,
+        ``lambda_t C_t / sigma_t^2``."""
         lambda_t, sigma_t, shrunk = self._shrunk(t)
         residual = self.residual - denoised.flatten(1).to(torch.float64) @ self.matrix.T          # (B, m)
         pulled = torch.cholesky_solve(residual.T, self.factor(x, t)).T @ self.matrix               # (B, d)

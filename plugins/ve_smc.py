@@ -204,13 +204,15 @@ class VESMC(Sampler):
         """Draw from ``N(x; mean, v) N(y; A (x + shift) / lambda_s + b, S_s)`` normalised, ``S_s`` the Gaussian fit's
         twist covariance (dense on the observed values), and return the draw with its log-density.
 
-        Matheron's rule: ``z ~ N(mean, v)``, ``e ~ N(0, S_s)``, ``x = z + (v / lambda_s) A^T M^-1 (r - A z / lambda_s - e)``
-        with ``r = y - b - A shift / lambda_s`` and ``M = S_s + (v / lambda_s^2) A A^T``; the density by Bayes' rule,
+        Matheron's rule: ``z ~ N(mean, v)``, ``e ~ N(0, S_s)``,
+        ``x = z + (v / lambda_s) A^T M^-1 (r - A z / lambda_s - e)`` with ``r = y - b - A shift / lambda_s`` and
+        ``M = S_s + (v / lambda_s^2) A A^T``; the density by Bayes' rule,
         ``N(x; mean, v) N(r; A x / lambda_s, S_s) / N(r; A mean / lambda_s, M)``. One ``m x m`` factor per step.
         """
         matrix, spread = fit.matrix, float(variance)
         noise_factor = fit.factor(mean, s)
-        marginal_factor = torch.linalg.cholesky(noise_factor @ noise_factor.T + spread / lambda_s**2 * matrix @ matrix.T)
+        marginal_factor = torch.linalg.cholesky(noise_factor @ noise_factor.T
+                                                + spread / lambda_s**2 * matrix @ matrix.T)
         flat_mean = mean.flatten(1).to(torch.float64)
         target = fit.residual - frozen_shift.flatten(1).to(torch.float64) @ matrix.T / lambda_s           # r, (B, m)
         noise = torch.randn(flat_mean.shape, generator=generator, dtype=torch.float64, device=mean.device)
@@ -227,8 +229,9 @@ class VESMC(Sampler):
         return draw.reshape(mean.shape).to(mean.dtype), log_density.to(mean.dtype)
 
     @staticmethod
-    def _gradient_step(twist: MeasurementTwist | GaussianFitTwist, x: Tensor, mean: Tensor, variance: Tensor, frozen_shift: Tensor,
-                       lambda_s: float, s: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _gradient_step(twist: MeasurementTwist | GaussianFitTwist, x: Tensor, mean: Tensor, variance: Tensor,
+                       frozen_shift: Tensor, lambda_s: float, s: Tensor,
+                       generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Draw from ``N(mean + v grad_x log p~_s(y | (x + shift) / lambda_s) at x_t, v)``; return it with
         its log-density."""
         with torch.enable_grad():

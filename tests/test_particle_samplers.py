@@ -93,7 +93,8 @@ def test_particles_default_to_the_number_of_samples_and_chunking_changes_nothing
 
 
 @pytest.mark.parametrize("sampler, options", [
-    (TwistedSMC, {"twisting": "capped"}), (TwistedSMC, {"twisting": "none"}), (TwistedSMC, {"twisting": "second_order"}),
+    (TwistedSMC, {"twisting": "capped"}), (TwistedSMC, {"twisting": "none"}),
+    (TwistedSMC, {"twisting": "second_order"}),
     (TwistedSMC, {"twisting": "second_order", "guidance": "pilot"}), (TwistedSMC, {"twisting": "gaussian_fit"}),
     (VESMC, {"twisting": "gaussian_fit"}), (VESMC, {"twisting": "gaussian_fit", "proposal": "gradient"})],
     ids=["capped", "none", "second_order", "second_order-pilot", "gaussian_fit", "ve_smc-gaussian_fit",
