@@ -21,11 +21,16 @@ class YAMLFileError(ValueError):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``SafeLoader`` that refuses a key given twice in one mapping (YAML forbids it; PyYAML keeps the last)."""
+    """``SafeLoader`` that refuses a key given twice in one mapping (YAML forbids it; PyYAML keeps the last).
+
+    A merge key (``<<: *anchor``) is allowed: the mapping's own keys override the merged ones, as YAML says.
+    """
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen

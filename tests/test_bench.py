@@ -148,7 +148,7 @@ def test_an_oracle_row_is_tuned_on_each_test_image_and_labelled(tmp_path):
 
 @pytest.mark.parametrize("change, expected", [
     (("  exact:\n", "  exactt:\n"), "samplers.exactt: unknown sampler 'exactt'; available:"),
-    (("cases: [digits-gmm-box]", "cases: [nope]"), "unknown case 'nope'; allowed: digits-box"),
+    (("cases: [digits-gmm-box]", "cases: [nope]"), "unknown case 'nope'; allowed: natural-box-quick, digits-box"),
     (("num_steps: 5", "num_stepz: 5"), "num_stepz: unknown key; allowed: batch_size, num_steps"),
     (("dps: {options: {num_steps: 5}}", "dps: {tune: {scale: [1, -1]}}"), "has no validation images"),
     (("  pseudo_inverse:\n", "  wiener:\n"), "baselines.wiener: unknown baseline; allowed: pseudo_inverse, tv"),

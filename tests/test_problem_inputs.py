@@ -15,6 +15,7 @@ import torch
 from cli_helpers import VALID, error_of, write_problem
 from invdiff.cli import main
 from invdiff.problems import load_problem
+from invdiff.yamlfile import YAMLFileError, read_mapping
 
 DIGIT_TRUTH = "truth: {source: digits, index: 3}"
 FILE_TRUTH = "truth: {source: file, path: image.npy}"
@@ -56,6 +57,17 @@ def test_a_problem_file_that_cannot_be_read_is_one_line(tmp_path, capsys, make, 
     path = tmp_path / "problem.yaml"
     make(path)
     assert expected.format(path=path) in solve_error(path, tmp_path, capsys)
+
+
+def test_a_merge_key_shares_a_problem_between_cases_and_keys_still_cannot_repeat(tmp_path):
+    """``<<: *anchor`` (as problems/inpaint.yaml's natural-box cases use it): own keys override merged ones."""
+    path = tmp_path / "cases.yaml"
+    path.write_text("a: &shared {prior: digits, num_samples: 4}\nb:\n  <<: *shared\n  num_samples: 8\n")
+    assert read_mapping(path, "problem file") == {"a": {"prior": "digits", "num_samples": 4},
+                                                   "b": {"prior": "digits", "num_samples": 8}}
+    path.write_text("a: &shared {prior: digits}\nb:\n  <<: *shared\n  num_samples: 8\n  num_samples: 9\n")
+    with pytest.raises(YAMLFileError, match="line 5, column 3: key 'num_samples' is given twice"):
+        read_mapping(path, "problem file")
 
 
 # --- files the problem names: the truth and the measurement --------------------------------------------
