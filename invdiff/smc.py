@@ -49,8 +49,8 @@ from invdiff.sde import SDE
 from invdiff.spectral import LinearGaussianSVD
 
 __all__ = ["effective_sample_size", "RESAMPLING_SCHEMES", "ParticleWeights", "distinct_ancestors", "SMCOptions",
-           "particles_per_run", "particle_weights", "twisting_variance", "MeasurementTwist", "TargetPoint",
-           "ResampleMove", "chunked", "weighted_result"]
+           "SPLIT_TIME_OPTION", "check_split_time", "particles_per_run", "particle_weights", "twisting_variance",
+           "MeasurementTwist", "TargetPoint", "ResampleMove", "chunked", "weighted_result"]
 
 
 def effective_sample_size(log_weights: Tensor, dim: int = 0) -> Tensor:
@@ -291,6 +291,19 @@ class SMCOptions(SamplerOptions):
             raise ValueError(f"num_particles ({self.num_particles}) must be a multiple of num_runs ({self.num_runs}): "
                              f"each run gets num_particles / num_runs")
         return self
+
+
+#: the option of a sampler whose particles move as one run before they split into ``num_runs`` runs
+#: (``ParticleWeights.split``); its options' validator calls ``check_split_time``
+SPLIT_TIME_OPTION = Field(None, gt=0, lt=1, description="with num_runs > 1: the particles move as one run until the "
+                          "first step at or below this time, then split into num_runs runs (the one run's weights "
+                          "choose among the modes, the runs keep the samples apart)")
+
+
+def check_split_time(options: SMCOptions) -> None:
+    """Refuse ``split_time`` without runs to split into."""
+    if options.split_time is not None and options.num_runs == 1:
+        raise ValueError("split_time splits one run into num_runs runs: set num_runs > 1 with it")
 
 
 def particles_per_run(num_particles: int | None, num_samples: int, num_runs: int) -> int:

@@ -79,8 +79,8 @@ from invdiff.exact import ExactTwist
 from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions, TargetPoint, chunked,
-                         particle_weights, weighted_result)
+from invdiff.smc import (SPLIT_TIME_OPTION, MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions, TargetPoint,
+                         check_split_time, chunked, particle_weights, weighted_result)
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist, SecondOrderTwist
 
 
@@ -154,17 +154,14 @@ class TwistedSMCOptions(SMCOptions):
                               "pilot_rounds - 1 refits to this sampler's own samples guided by the previous fit")
     pilot_inflation: float = Field(1.0, ge=1.0, description="guidance 'pilot': the factor on each fit's per-value "
                                    "variance")
-    split_time: float | None = Field(None, gt=0, lt=1, description="with num_runs > 1: the particles move as one "
-                                     "run until the first step at or below this time, then split into num_runs runs "
-                                     "(the one run's weights choose among the modes, the runs keep the samples apart)")
+    split_time: float | None = SPLIT_TIME_OPTION
     restart_time: float | None = Field(None, gt=0, lt=1, description="with split_time: right after the split, "
                                        "every particle is noised forward by the SDE to the last grid time at or above "
                                        "this one, and the runs go down from there (the steps between are run again)")
 
     @model_validator(mode="after")
     def _split_needs_runs(self) -> "TwistedSMCOptions":
-        if self.split_time is not None and self.num_runs == 1:
-            raise ValueError("split_time splits one run into num_runs runs: set num_runs > 1 with it")
+        check_split_time(self)
         if self.restart_time is not None and (self.split_time is None or self.restart_time <= self.split_time):
             raise ValueError("restart_time noises the particles back from split_time: set split_time below it")
         if self.pilot_count > 1 and self.pilot_rounds > 1:

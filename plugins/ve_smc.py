@@ -38,7 +38,9 @@ follow the twist's gradient with the fit's Jacobian. Tweedie's ``r_s^2 I`` is un
 ``C_s`` is bounded by the data covariance, so the twist starts to act while structure forms.
 
 With ``num_runs = R > 1`` the particles form R independent runs (``invdiff.smc``: weighted and
-resampled apart, the samples spread over them, each run weighted 1/R).
+resampled apart, the samples spread over them, each run weighted 1/R). With ``split_time = t_s`` they move as one
+run until the first step at or below ``t_s``, then split into the R runs (``ParticleWeights.split``, as twisted_smc):
+the one run's weights choose among the posterior's modes, the runs keep the samples' paths apart.
 """
 
 from __future__ import annotations
@@ -48,15 +50,15 @@ from functools import partial
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 from torch.distributions import MultivariateNormal
 
 import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (MeasurementTwist, ResampleMove, SMCOptions, TargetPoint, chunked, particle_weights,
-                         twisting_variance, weighted_result)
+from invdiff.smc import (SPLIT_TIME_OPTION, MeasurementTwist, ResampleMove, SMCOptions, TargetPoint, check_split_time,
+                         chunked, particle_weights, twisting_variance, weighted_result)
 from invdiff.spectral import DenseSVD, LinearGaussianSVD
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist
 
@@ -71,6 +73,12 @@ class VESMCOptions(SMCOptions):
         "auto", description="closed_form (Gaussian noise and a mask, circular blur or circular downsampling "
         f"of any size, or another linear operator on events up to {DenseSVD.MAX_DIMENSION} values), gradient, or "
         "auto: closed_form where it applies")
+    split_time: float | None = SPLIT_TIME_OPTION
+
+    @model_validator(mode="after")
+    def _split_needs_runs(self) -> "VESMCOptions":
+        check_split_time(self)
+        return self
 
 
 NO_CLOSED_FORM = ("ve_smc proposal closed_form needs a linear operator with Gaussian noise: a mask, circular blur or "
@@ -106,7 +114,9 @@ class VESMC(Sampler):
             twist = fit = GaussianFitTwist(posterior, self.options.fit_error)
             closed_form = self.options.proposal != "gradient"
         grid = sde.time_grid(self.options.num_steps)
-        weights = particle_weights(self.options, num_samples, generator=generator, device=device)
+        split_time = self.options.split_time   # None, or one run of all the particles until then
+        weights = particle_weights(self.options, num_samples, generator=generator, device=device,
+                                   one_run=split_time is not None)
         mover = ResampleMove(posterior, self.options, svd, generator)
 
         def evaluate(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,6 +162,8 @@ class VESMC(Sampler):
                         x, (score, log_twist), move_diagnostics["move_acceptance"] = mover.move(
                             x, s, (score, log_twist), evaluate, partial(self._target_point, posterior, twist))
                         weights.record_move()
+                    if split_time is not None and weights.num_runs == 1 and float(s) <= split_time:
+                        x, score, log_twist = weights.split(self.options.num_runs, x, score, log_twist)
                 monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
 

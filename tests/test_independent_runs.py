@@ -97,20 +97,24 @@ def test_one_run_splits_into_runs_that_start_equally_weighted_on_its_copies():
         weights.split(2, labels)
 
 
-def test_split_time_needs_runs():
+@pytest.mark.parametrize("sampler_class", [TwistedSMC, VESMC])
+def test_split_time_needs_runs(sampler_class):
     with pytest.raises(ValueError, match="num_runs > 1"):
-        TwistedSMC(split_time=0.3)
+        sampler_class(split_time=0.3)
 
 
-def test_a_split_run_matches_the_exact_linear_gaussian_posterior():
+@pytest.mark.parametrize("sampler_class", [TwistedSMC, VESMC])
+def test_a_split_run_matches_the_exact_linear_gaussian_posterior(sampler_class):
     """One run of 512 particles split at t = 0.5 into 4 runs: pooled weighted mean, covariance and Z_hat / Z of
     10 independent calls within REPLICATE_Z standard errors of the exact values of the 60-step model."""
     posterior, _ = linear_gaussian()
     exact = discretised_model_posterior(posterior, 60)
-    sampler = TwistedSMC(num_steps=60, num_particles=512, num_runs=4, split_time=0.5)
+    sampler = sampler_class(num_steps=60, num_particles=512, num_runs=4, split_time=0.5)
     results = [sample_posterior(sampler, posterior, 8, generator=torch.Generator().manual_seed(seed))
                for seed in range(10)]
     assert all(result.distinct_ancestors[0] < 512 for result in results)
+    split_step = next(index for index, record in enumerate(results[0].diagnostics) if record["time"] <= 0.5)
+    assert results[0].diagnostics[split_step]["resampled"] == 1.0, "the split resamples the one run"
     largest = weighted_runs_z_scores(results, exact)
     assert max(largest.values()) < REPLICATE_Z, f"largest z-scores over 10 calls {largest} (limit {REPLICATE_Z})"
 
