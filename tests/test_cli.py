@@ -290,7 +290,8 @@ def test_a_refusal_comes_before_the_long_run_warning(tmp_path, capsys):
 def test_unknown_case_lists_the_cases(tmp_path, capsys):
     error = error_of(["solve", str(INPAINT), "--case", "faces", "--sampler", "dps", "--out", str(tmp_path / "r")],
                      capsys)
-    assert "inpaint.yaml: unknown case 'faces'; allowed: natural-box-quick, digits-box, digits-random, natural-box" in error
+    assert ("inpaint.yaml: unknown case 'faces'; allowed: natural-box-quick, digits-box, digits-random, natural-box"
+            in error)
 
 
 def test_particle_flags_reach_the_sampler_and_are_refused_where_meaningless(tmp_path, capsys):
