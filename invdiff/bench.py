@@ -117,7 +117,8 @@ class BenchConfig(StrictModel):
     baselines: dict[str, MethodEntry | None] = {}
     seeds: list[int] = Field([0], min_length=1)
     num_samples: int | None = Field(None, ge=1)
-    cpus_per_cell: int = Field(1, ge=1, description="CPUs a Ray task asks for (--ray)")
+    cpus_per_cell: int = Field(1, ge=1, description="CPUs a Ray task asks for (--ray), the threads of a --workers "
+                               "process")
     fresh_process: bool = Field(False, description="each cell in a new process, so that its peak memory is its own "
                                                    "(a process reuses memory freed by earlier cells); a few seconds "
                                                    "more per cell")
@@ -519,9 +520,9 @@ class BenchFolder:
 # --- running ----------------------------------------------------------------------------------------
 
 def _compute(folder: BenchFolder, specs: list[dict], bench: Bench, force: bool, progress: bool,
-             ray_address: str | None, what: str) -> dict[str, dict]:
+             ray_address: str | None, workers: int, what: str) -> dict[str, dict]:
     """The results of ``specs`` by cell key: from the cache, the rest computed (in this process, a new process
-    per cell with ``fresh_process``, or on Ray)."""
+    per cell with ``fresh_process``, in ``workers`` local processes at once, or on Ray)."""
     results = {}
     missing = []
     for spec in specs:
@@ -536,6 +537,8 @@ def _compute(folder: BenchFolder, specs: list[dict], bench: Bench, force: bool, 
     fresh = bench.config.fresh_process
     if ray_address is not None and missing:
         finished = _compute_on_ray(missing, ray_address, bench.config.cpus_per_cell, bench.device, fresh)
+    elif workers > 1 and missing:
+        finished = _compute_in_processes(missing, workers, bench.config.cpus_per_cell, fresh)
     else:
         finished = ((spec, _in_new_process(spec) if fresh else run_cell(spec)) for spec in missing)
     for spec, result in finished:
@@ -544,6 +547,16 @@ def _compute(folder: BenchFolder, specs: list[dict], bench: Bench, force: bool, 
         bar.update()
     bar.close()
     return results
+
+
+#: the result of a cell whose process died
+DIED = {"status": "failed", "message": "the cell's process died (killed: out of memory?)"}
+
+
+def _thread_variables(threads: int) -> dict[str, str]:
+    """The environment that gives a process started with it ``threads`` threads: torch reads it as it loads (a
+    later ``torch.set_num_threads`` gives other float sums in the last bits)."""
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 def _in_new_process(spec: dict) -> dict:
@@ -557,7 +570,35 @@ def _in_new_process(spec: dict) -> dict:
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             return pool.submit(run_cell, spec).result()
     except BrokenProcessPool:
-        return {"status": "failed", "message": "the cell's process died (killed: out of memory?)"}
+        return DIED
+
+
+def _compute_in_processes(specs: list[dict], workers: int, threads: int, fresh: bool):
+    """The cells in ``workers`` local processes at once (``--workers``: a machine's cores, or one GPU shared by
+    processes that each leave it idle between small kernels), spawned with ``threads`` threads each (this
+    process's environment says so while the cells run); with ``fresh``, a new process per cell. Yields
+    ``(spec, result)`` as each cell finishes; an error of a cell (e.g. ``ProblemError``) cancels the cells not
+    started and is raised here, as in one process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    saved = dict(os.environ)
+    os.environ.update(_thread_variables(threads))
+    spawn = multiprocessing.get_context("spawn")
+    pool = ThreadPoolExecutor(workers) if fresh else ProcessPoolExecutor(max_workers=workers, mp_context=spawn)
+    try:
+        futures = {pool.submit(_in_new_process if fresh else run_cell, spec): spec for spec in specs}
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                result = DIED
+            yield futures[future], result
+    finally:
+        pool.shutdown(cancel_futures=True)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str, fresh: bool):
@@ -570,7 +611,7 @@ def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str, fre
         raise BenchError('--ray: ray is not installed; pip install "invdiff[ray]"') from None
     if not ray.is_initialized():  # auto: the running cluster, else a local one
         ray.init(address=None if address == "auto" else address, include_dashboard=False, log_to_driver=False)
-    threads = {name: str(cpus) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}  # the task's CPUs, not the node's
+    threads = _thread_variables(cpus)  # the task's CPUs, not the node's
     remote = ray.remote(max_calls=1)(run_cell) if fresh else ray.remote(run_cell)  # max_calls: not an option
     task = remote.options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, runtime_env={"env_vars": threads})
     pending = {task.remote(spec): spec for spec in specs}
@@ -608,7 +649,7 @@ def _grid_specs(bench: Bench, case: Case, method: Method, role: str, registry) -
 
 
 def run_bench(bench: Bench, folder: BenchFolder, *, force: bool = False, progress: bool = True,
-              ray_address: str | None = None) -> tuple[list[dict], list[dict]]:
+              ray_address: str | None = None, workers: int = 1) -> tuple[list[dict], list[dict]]:
     """Tune on the validation images, run the test cells (and the oracle grids), write the reports; returns
     (rows, tuning records)."""
     from invdiff.bench_report import write_reports
@@ -619,7 +660,7 @@ def run_bench(bench: Bench, folder: BenchFolder, *, force: bool = False, progres
                                                      _grid_specs(bench, case, method, "validation", registry))
                   for case in bench.cases for method in bench.methods if method.tune}
     validation_specs = [spec for *_, grid in candidates.values() for _, specs in grid for spec in specs]
-    results = _compute(folder, validation_specs, bench, force, progress, ray_address, "tuning")
+    results = _compute(folder, validation_specs, bench, force, progress, ray_address, workers, "tuning")
     records = {}
     for key, (case, method, grid) in candidates.items():
         scores = [(values, _score(specs, results)) for values, specs in grid]
@@ -637,7 +678,8 @@ def run_bench(bench: Bench, folder: BenchFolder, *, force: bool = False, progres
     oracle = {(case.config.name, method.label): _grid_specs(bench, case, method, "test", registry)
               for case in bench.cases for method in bench.methods if method.oracle}
     oracle_specs = [spec for grid in oracle.values() for _, specs in grid for spec in specs]
-    results.update(_compute(folder, test_specs + oracle_specs, bench, force, progress, ray_address, "cells"))
+    results.update(_compute(folder, test_specs + oracle_specs, bench, force, progress, ray_address, workers,
+                            "cells"))
     rows = [_row(spec, results[spec["cell"]]) for spec in validation_specs + test_specs]
     for key, grid in oracle.items():
         choices = _oracle_choices(grid, results)

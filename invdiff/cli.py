@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to sample (default cpu)")
     bench.add_argument("--ray", metavar="auto|ADDRESS", help="run each cell as a Ray task (pip install "
                        "'invdiff[ray]'): auto = the running cluster, else a local one")
+    bench.add_argument("--workers", type=int, default=1, metavar="N", help="run N cells at once in local processes "
+                       "(each with cpus_per_cell torch threads; with --device cuda, N processes share the GPU); "
+                       "default 1")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(handler=_bench)
 
@@ -291,11 +294,15 @@ def _bench(arguments) -> int:
     from invdiff.bench import BenchFolder, load_bench, run_bench
 
     _check_device(arguments.device)
+    if arguments.workers < 1:
+        raise UsageError(f"--workers {arguments.workers}: the number of processes must be at least 1")
+    if arguments.workers > 1 and arguments.ray is not None:
+        raise UsageError("--workers and --ray both say where the cells run: give one of them")
     bench = load_bench(arguments.config, arguments.samplers, arguments.device)  # every check before any work
     folder = BenchFolder(Path(arguments.out))
     start = time.perf_counter()
     rows, _ = run_bench(bench, folder, force=arguments.force, progress=not arguments.quiet,
-                        ray_address=arguments.ray)
+                        ray_address=arguments.ray, workers=arguments.workers)
     not_run = sum(row["status"] != "ok" for row in rows)
     print(f"{len(rows)} cells ({not_run} not run: see tables.md) in {time.perf_counter() - start:.1f} s\n"
           f"wrote {arguments.out}/tables.md, results.csv, results.json, tuning.md, figures/")

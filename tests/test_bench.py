@@ -204,6 +204,36 @@ def test_ray_tasks_give_the_cells_of_an_in_process_run(tmp_path):
             {key: _rounded(value) for key, value in second.items() if key not in TIMINGS}
 
 
+def test_worker_processes_give_the_cells_of_an_in_process_run(tmp_path):
+    """``--workers 2`` runs the tiny matrix in two local processes of one torch thread each (cpus_per_cell):
+    every metric equals that of a one-thread run in one process; with ``fresh_process`` a new process per
+    cell gives the same too."""
+    config = write_config(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [0]"))
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "invdiff", "bench", str(config), "--out", str(tmp_path / "local"), "--quiet"],
+                   env=one_thread, check=True)
+    assert main(["bench", str(config), "--out", str(tmp_path / "workers"), "--quiet", "--workers", "2"]) == 0
+    assert main(["bench", str(_one_cell(tmp_path, True)), "--out", str(tmp_path / "fresh"), "--quiet",
+                 "--workers", "2"]) == 0
+    (fresh,) = rows_of(tmp_path / "fresh")
+    assert fresh["status"] == "ok" and _same_but_cost(fresh, rows_of(tmp_path / "local")[0])
+    local, in_workers = rows_of(tmp_path / "local"), rows_of(tmp_path / "workers")
+    assert len(local) == len(in_workers) == 6
+    for first, second in zip(local, in_workers):
+        assert {key: _rounded(value) for key, value in first.items() if key not in TIMINGS} == \
+            {key: _rounded(value) for key, value in second.items() if key not in TIMINGS}
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--workers", "0"], "--workers 0: the number of processes must be at least 1"),
+    (["--workers", "2", "--ray", "auto"], "--workers and --ray both say where the cells run"),
+])
+def test_bad_workers_are_one_line_and_exit_2(tmp_path, capsys, arguments, expected):
+    config = write_config(tmp_path, TINY)
+    assert expected in error_of(["bench", str(config), "--out", str(tmp_path / "out"), *arguments], capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def _one_cell(tmp_path, fresh: bool):
     """TINY cut to one cell (exact, digit 7, seed 0), optionally with ``fresh_process: true``."""
     text = TINY.replace("seeds: [0, 1]", "seeds: [0]").replace("  dps: {options: {num_steps: 5}}\n", "")
