@@ -23,10 +23,10 @@ seeds (replicates per image) and the number of samples::
     num_samples: 16                                                  # default: each case's own
 
 One **cell** is (problem case, image, method with its resolved options, seed); ``run_cell`` is a pure
-function of its JSON spec, so it runs in-process or as a Ray task alike. Its result is cached in
-``DIR/cells/<key>.json``, the key a hash of what determines it (the problem with the image, the
-sampler's name, version and every option, the seed, the number of samples, the device and
-invdiff's version), so a rerun computes only missing cells. Options: the problem file's
+function of its JSON spec, so it runs in-process, in a local worker process (``--workers``) or as a Ray
+task alike. Its result is cached in ``DIR/cells/<key>.json``, the key a hash of what determines it (the
+problem with the image, the sampler's name, version and every option, the seed, the number of samples,
+the device and invdiff's version), so a rerun computes only missing cells. Options: the problem file's
 ``sampler_options`` for that case, updated by the configuration's ``options``, updated by the
 tuned values. A ``tune`` grid (the product over its options) runs on the validation images only,
 per case; the value with the best mean PSNR of the posterior mean (seeds averaged per image first)

@@ -197,11 +197,7 @@ def test_ray_tasks_give_the_cells_of_an_in_process_run(tmp_path):
         ray.shutdown()
     (fresh,) = rows_of(tmp_path / "ray-fresh")
     assert fresh["status"] == "ok" and _same_but_cost(fresh, rows_of(tmp_path / "local")[0])
-    local, on_ray = rows_of(tmp_path / "local"), rows_of(tmp_path / "ray")
-    assert len(local) == len(on_ray) == 6
-    for first, second in zip(local, on_ray):
-        assert {key: _rounded(value) for key, value in first.items() if key not in TIMINGS} == \
-            {key: _rounded(value) for key, value in second.items() if key not in TIMINGS}
+    _assert_same_cells(rows_of(tmp_path / "local"), rows_of(tmp_path / "ray"))
 
 
 def test_worker_processes_give_the_cells_of_an_in_process_run(tmp_path):
@@ -217,9 +213,13 @@ def test_worker_processes_give_the_cells_of_an_in_process_run(tmp_path):
                  "--workers", "2"]) == 0
     (fresh,) = rows_of(tmp_path / "fresh")
     assert fresh["status"] == "ok" and _same_but_cost(fresh, rows_of(tmp_path / "local")[0])
-    local, in_workers = rows_of(tmp_path / "local"), rows_of(tmp_path / "workers")
-    assert len(local) == len(in_workers) == 6
-    for first, second in zip(local, in_workers):
+    _assert_same_cells(rows_of(tmp_path / "local"), rows_of(tmp_path / "workers"))
+
+
+def _assert_same_cells(local: list[dict], other: list[dict]) -> None:
+    """The six test rows of the tiny matrix (one seed) are the same in both runs, but for their cost."""
+    assert len(local) == len(other) == 6
+    for first, second in zip(local, other):
         assert {key: _rounded(value) for key, value in first.items() if key not in TIMINGS} == \
             {key: _rounded(value) for key, value in second.items() if key not in TIMINGS}
 
