@@ -549,7 +549,7 @@ def _compute(folder: BenchFolder, specs: list[dict], bench: Bench, force: bool, 
     return results
 
 
-#: the result of a cell whose process died
+#: the result of a cell whose process died (copied for each such cell)
 DIED = {"status": "failed", "message": "the cell's process died (killed: out of memory?)"}
 
 
@@ -570,7 +570,7 @@ def _in_new_process(spec: dict) -> dict:
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             return pool.submit(run_cell, spec).result()
     except BrokenProcessPool:
-        return DIED
+        return dict(DIED)
 
 
 def _compute_in_processes(specs: list[dict], workers: int, threads: int, fresh: bool):
@@ -593,7 +593,7 @@ def _compute_in_processes(specs: list[dict], workers: int, threads: int, fresh: 
             try:
                 result = future.result()
             except BrokenProcessPool:
-                result = DIED
+                result = dict(DIED)
             yield futures[future], result
     finally:
         pool.shutdown(cancel_futures=True)
