@@ -99,24 +99,33 @@ class GaussianFitTwist(SecondOrderTwist):
         eigenvalues, eigenvectors = torch.linalg.eigh(self.prior.data_covariance().to(self.matrix))
         self.eigenvalues, self.eigenvectors = eigenvalues.clamp(min=0.0), eigenvectors
         self.rotated = self.matrix @ eigenvectors                                      # A U, (m, d)
+        self.gram = self.matrix @ self.matrix.T                                        # A A^T, (m, m)
         self.fit_error = fit_error
-        self._factors: dict[float, Tensor] = {}   # by time: every particle, chunk and move at t shares it
+        # by time, the covariance and its Cholesky factor: every particle, chunk and move at t shares them
+        self._at_time: dict[float, tuple[Tensor, Tensor]] = {}
 
     def _shrunk(self, t: Tensor) -> tuple[float, float, Tensor]:
         """``lambda_t``, ``sigma_t`` and the eigenvalues of the Gaussian fit's ``Cov[x0 | x_t]``."""
         lambda_t, sigma_t = float(self.prior.sde.lambda_t(t)), float(self.prior.sde.sigma_t(t))
         return lambda_t, sigma_t, self.eigenvalues * sigma_t**2 / (lambda_t**2 * self.eigenvalues + sigma_t**2)
 
+    def covariance(self, t: Tensor) -> Tensor:
+        """The twist's covariance ``sigma_y^2 I + A C_t A^T + fit_error sigma_t^2 / lambda_t^2 A A^T``, ``(m, m)``."""
+        return self._covariance_and_factor(t)[0]
+
     def factor(self, x: Tensor, t: Tensor) -> Tensor:
-        """The Cholesky factor of ``sigma_y^2 I + A C_t A^T + fit_error sigma_t^2 / lambda_t^2 A A^T``, ``(m, m)``."""
+        """The Cholesky factor of ``covariance(t)``, ``(m, m)``."""
+        return self._covariance_and_factor(t)[1]
+
+    def _covariance_and_factor(self, t: Tensor) -> tuple[Tensor, Tensor]:
         key = float(t)
-        if key not in self._factors:
+        if key not in self._at_time:
             lambda_t, sigma_t, shrunk = self._shrunk(t)
             error = self.fit_error * sigma_t**2 / lambda_t**2
-            covariance = (self.rotated * shrunk) @ self.rotated.T + error * self.matrix @ self.matrix.T
-            self._factors = {key: torch.linalg.cholesky(covariance + self.noise_variance * torch.eye(
-                len(self.matrix), dtype=torch.float64, device=covariance.device))}
-        return self._factors[key]
+            covariance = (self.rotated * shrunk) @ self.rotated.T + error * self.gram
+            covariance.diagonal().add_(self.noise_variance)
+            self._at_time = {key: (covariance, torch.linalg.cholesky(covariance))}
+        return self._at_time[key]
 
     def log_likelihood(self, denoised: Tensor, t: float | Tensor) -> Tensor:
         """The twist at a denoised estimate alone (``MeasurementTwist``'s signature: the fit's ``C`` does not

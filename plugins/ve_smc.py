@@ -223,8 +223,7 @@ class VESMC(Sampler):
         """
         matrix, spread = fit.matrix, float(variance)
         noise_factor = fit.factor(mean, s)
-        marginal_factor = torch.linalg.cholesky(noise_factor @ noise_factor.T
-                                                + spread / lambda_s**2 * matrix @ matrix.T)
+        marginal_factor = torch.linalg.cholesky(fit.covariance(s) + spread / lambda_s**2 * fit.gram)
         flat_mean = mean.flatten(1).to(torch.float64)
         target = fit.residual - frozen_shift.flatten(1).to(torch.float64) @ matrix.T / lambda_s           # r, (B, m)
         noise = torch.randn(flat_mean.shape, generator=generator, dtype=torch.float64, device=mean.device)
