@@ -559,15 +559,21 @@ def _thread_variables(threads: int) -> dict[str, str]:
     return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def _in_new_process(spec: dict) -> dict:
-    """``run_cell(spec)`` in a new Python process (spawned, not forked: nothing of this one is inherited); a
-    process that dies (killed, e.g. out of memory) is a failed cell."""
+def _spawn_pool(workers: int):
+    """A pool of ``workers`` new Python processes (spawned, not forked: nothing of this one is inherited)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _in_new_process(spec: dict) -> dict:
+    """``run_cell(spec)`` in a new Python process; a process that dies (killed, e.g. out of memory) is a failed
+    cell."""
     from concurrent.futures.process import BrokenProcessPool
 
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with _spawn_pool(1) as pool:
             return pool.submit(run_cell, spec).result()
     except BrokenProcessPool:
         return dict(DIED)
@@ -579,14 +585,12 @@ def _compute_in_processes(specs: list[dict], workers: int, threads: int, fresh: 
     process's environment says so while the cells run); with ``fresh``, a new process per cell. Yields
     ``(spec, result)`` as each cell finishes; an error of a cell (e.g. ``ProblemError``) cancels the cells not
     started and is raised here, as in one process."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+    from concurrent.futures import ThreadPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
     saved = dict(os.environ)
     os.environ.update(_thread_variables(threads))
-    spawn = multiprocessing.get_context("spawn")
-    pool = ThreadPoolExecutor(workers) if fresh else ProcessPoolExecutor(max_workers=workers, mp_context=spawn)
+    pool = ThreadPoolExecutor(workers) if fresh else _spawn_pool(workers)
     try:
         futures = {pool.submit(_in_new_process if fresh else run_cell, spec): spec for spec in specs}
         for future in as_completed(futures):

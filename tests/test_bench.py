@@ -183,10 +183,7 @@ def test_ray_tasks_give_the_cells_of_an_in_process_run(tmp_path):
     Ray under the same thread settings (a task gets OMP_NUM_THREADS = its CPUs, 1 here): the thread count,
     fixed when torch loads, changes float sums in the last bits, which DPS amplifies to 1e-4 dB in five steps."""
     ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'invdiff[ray]'")
-    config = write_config(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [0]"))
-    one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}   # what a 1-CPU Ray task gets
-    subprocess.run([sys.executable, "-m", "invdiff", "bench", str(config), "--out", str(tmp_path / "local"), "--quiet"],
-                   env=one_thread, check=True)
+    config = _one_thread_bench(tmp_path, "local")   # what a 1-CPU Ray task gets
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert main(["bench", str(config), "--out", str(tmp_path / "ray"), "--quiet", "--ray", "auto"]) == 0
@@ -204,16 +201,23 @@ def test_worker_processes_give_the_cells_of_an_in_process_run(tmp_path):
     """``--workers 2`` runs the tiny matrix in two local processes of one torch thread each (cpus_per_cell):
     every metric equals that of a one-thread run in one process; with ``fresh_process`` a new process per
     cell gives the same too."""
-    config = write_config(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [0]"))
-    one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "invdiff", "bench", str(config), "--out", str(tmp_path / "local"), "--quiet"],
-                   env=one_thread, check=True)
+    config = _one_thread_bench(tmp_path, "local")
     assert main(["bench", str(config), "--out", str(tmp_path / "workers"), "--quiet", "--workers", "2"]) == 0
     assert main(["bench", str(_one_cell(tmp_path, True)), "--out", str(tmp_path / "fresh"), "--quiet",
                  "--workers", "2"]) == 0
     (fresh,) = rows_of(tmp_path / "fresh")
     assert fresh["status"] == "ok" and _same_but_cost(fresh, rows_of(tmp_path / "local")[0])
     _assert_same_cells(rows_of(tmp_path / "local"), rows_of(tmp_path / "workers"))
+
+
+def _one_thread_bench(tmp_path, out: str):
+    """The tiny matrix with one seed, run by ``invdiff bench`` in a new process of one torch thread into
+    ``tmp_path / out``; returns the configuration's path."""
+    config = write_config(tmp_path, TINY.replace("seeds: [0, 1]", "seeds: [0]"))
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "invdiff", "bench", str(config), "--out", str(tmp_path / out), "--quiet"],
+                   env=one_thread, check=True)
+    return config
 
 
 def _assert_same_cells(local: list[dict], other: list[dict]) -> None:
