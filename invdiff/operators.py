@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import deepinv
+import numpy as np
 import torch
 from deepinv.physics.functional import gaussian_blur as gaussian_blur_filter
 from torch import Tensor
@@ -162,13 +163,18 @@ def box_mask(image_shape, top: int, left: int, height: int, width: int) -> Tenso
 
 
 def random_mask(image_shape, fraction_observed: float, seed: int) -> Tensor:
-    """A mask keeping each pixel (all channels together) with probability ``fraction_observed``."""
+    """A mask keeping each pixel (all channels together) with probability ``fraction_observed``.
+
+    Drawn from numpy's PCG64 stream of ``seed``, not torch's: torch's generator of the same seed draws the
+    measurement noise (``noise_seed``), and a mask drawn by its ``rand`` keeps the pixels whose ``randn`` noise is
+    small and positive (with both seeds 0 on 32x32 at 20%: noise of mean +0.35 sigma_y and standard deviation
+    0.63 sigma_y on the kept pixels, a biased measurement the noise model does not describe).
+    """
     channels, rows, columns = _image_size(image_shape)
     if not 0 < fraction_observed <= 1:
         raise ValueError(f"fraction_observed must be in (0, 1], got {fraction_observed}")
-    generator = torch.Generator().manual_seed(seed)
-    kept = (torch.rand((1, rows, columns), generator=generator) < fraction_observed).float()
-    return kept.expand(channels, rows, columns).clone()
+    kept = torch.as_tensor(np.random.default_rng(seed).random((1, rows, columns)) < fraction_observed)
+    return kept.float().expand(channels, rows, columns).clone()
 
 
 def inpainting(image_shape, noise: NoiseModel, *, mask: Tensor, dtype=torch.float32,
