@@ -30,9 +30,9 @@ OPTIONS = {"dps": {"num_steps": 100, "scale": 1.0}, "ve_smc": {"num_steps": 100,
 NUM_SAMPLES = 16
 
 
-def noise_correlations(sampler, posterior: Posterior, noise: torch.Tensor, seed: int) -> list[float]:
-    """Per sample, the correlation between (sample - exact posterior mean) and the measurement noise."""
-    mean = ExactPosterior.from_posterior(posterior).mean.flatten()
+def noise_correlations(sampler, posterior: Posterior, mean: torch.Tensor, noise: torch.Tensor,
+                       seed: int) -> list[float]:
+    """Per sample, the correlation between (sample - ``mean``, the exact posterior mean) and the measurement noise."""
     samples = sample_posterior(sampler, posterior, NUM_SAMPLES, generator=torch.Generator().manual_seed(seed)).samples
     errors = samples.flatten(1).to(torch.float64) - mean
     return [float(torch.corrcoef(torch.stack([error, noise]))[0, 1]) for error in errors]
@@ -52,8 +52,9 @@ def main() -> None:
         measurement = base.operator.noise.sample(clean, torch.Generator().manual_seed(seed))
         posterior = Posterior(base.prior, base.operator, measurement)
         noise = (measurement - clean).flatten().to(torch.float64)
+        mean = ExactPosterior.from_posterior(posterior).mean.flatten()
         for label, sampler_seed in (("coupled", seed), ("uncoupled", seed + 1000)):
-            first, *others = noise_correlations(sampler, posterior, noise, sampler_seed)
+            first, *others = noise_correlations(sampler, posterior, mean, noise, sampler_seed)
             found.setdefault(f"{label}, first sample", []).append(first)
             found.setdefault(f"{label}, other samples", []).extend(others)
     for label, values in found.items():
