@@ -168,11 +168,14 @@ def _options_error(method: Method, case: Case, error: ProblemError) -> BenchErro
     return BenchError(f"samplers.{method.label} on {case.config.name}: {error}")
 
 
-def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu") -> Bench:
+def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu",
+               cases_wanted: str | None = None) -> Bench:
     """Read and check a benchmark configuration, without running anything; every mistake is a ``BenchError``.
 
     ``samplers``: ``all`` (every registered sampler) or comma-separated names, replacing the
     configuration's list (a name it configures keeps its entry; others take the problem files' options).
+    ``cases_wanted``: comma-separated case names of the configuration; only those run (their cells are the cells of
+    the whole configuration, so a rerun of a few stale cases shares its cache).
     """
     from invdiff.plugins import PluginError, load_registry
 
@@ -226,6 +229,8 @@ def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu
     if len(set(names)) < len(names):
         raise BenchError(f"{path.name}: problems: a case is listed twice "
                          f"({', '.join(sorted({name for name in names if names.count(name) > 1}))})")
+    if cases_wanted is not None:
+        cases = _chosen_cases(path, cases, cases_wanted)
     for case in cases:
         for method in methods:
             if method.tune and not case.validation:
@@ -238,6 +243,17 @@ def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu
                 except BenchError as error:
                     raise BenchError(f"{path.name}: {error}") from None
     return Bench(config, cases, methods, device)
+
+
+def _chosen_cases(config_path: Path, cases: list[Case], wanted: str) -> list[Case]:
+    """The configuration's cases named in ``wanted`` (comma-separated), in the configuration's order."""
+    names = [name.strip() for name in wanted.split(",") if name.strip()]
+    known = [case.name for case in cases]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise BenchError(f"--cases {wanted}: {', '.join(unknown) or 'no case'} is not a case of {config_path.name}; "
+                         f"allowed: {', '.join(known)}")
+    return [case for case in cases if case.name in names]
 
 
 def _cases(config_path: Path, entry: ProblemEntry, config: BenchConfig) -> list[Case]:

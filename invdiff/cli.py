@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="output folder: cells/ (the cache), results, tables, figures")
     bench.add_argument("--samplers", help="'all' (every registered sampler) or NAME,NAME,...: replaces the "
                        "configuration's samplers")
+    bench.add_argument("--cases", help="NAME,NAME,...: run only these cases of the configuration (its cache is "
+                       "shared: a later run of every case reuses their cells)")
     bench.add_argument("--force", action="store_true", help="recompute every cell, cached or not")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to sample (default cpu)")
     bench.add_argument("--ray", metavar="auto|ADDRESS", help="run each cell as a Ray task (pip install "
@@ -298,7 +300,8 @@ def _bench(arguments) -> int:
         raise UsageError(f"--workers {arguments.workers}: the number of processes must be at least 1")
     if arguments.workers > 1 and arguments.ray is not None:
         raise UsageError("--workers and --ray both say where the cells run: give one of them")
-    bench = load_bench(arguments.config, arguments.samplers, arguments.device)  # every check before any work
+    bench = load_bench(arguments.config, arguments.samplers, arguments.device,  # every check before any work
+                       cases_wanted=arguments.cases)
     folder = BenchFolder(Path(arguments.out))
     start = time.perf_counter()
     rows, _ = run_bench(bench, folder, force=arguments.force, progress=not arguments.quiet,

@@ -231,11 +231,28 @@ def _assert_same_cells(local: list[dict], other: list[dict]) -> None:
 @pytest.mark.parametrize("arguments, expected", [
     (["--workers", "0"], "--workers 0: the number of processes must be at least 1"),
     (["--workers", "2", "--ray", "auto"], "--workers and --ray both say where the cells run"),
+    (["--cases", "digits-box"], "--cases digits-box: digits-box is not a case of bench.yaml; allowed: digits-gmm-box"),
 ])
-def test_bad_workers_are_one_line_and_exit_2(tmp_path, capsys, arguments, expected):
+def test_bad_workers_and_cases_are_one_line_and_exit_2(tmp_path, capsys, arguments, expected):
     config = write_config(tmp_path, TINY)
     assert expected in error_of(["bench", str(config), "--out", str(tmp_path / "out"), *arguments], capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_cases_runs_only_those_cases_and_shares_the_cache_of_the_whole(tmp_path, monkeypatch):
+    deblur = INPAINT.with_name("deblur.yaml")
+    text = TINY.replace("seeds: [0, 1]", "seeds: [0]").replace("baselines:\n  pseudo_inverse:\n", "")
+    second = f"\n  - {{file: {deblur}, cases: [digits-gmm-gaussian]}}"
+    text = text.replace("cases: [digits-gmm-box]}", "cases: [digits-gmm-box]}" + second)
+    config, out = write_config(tmp_path, text), tmp_path / "out"
+    assert main(["bench", str(config), "--out", str(out), "--cases", "digits-gmm-gaussian", "--quiet"]) == 0
+    assert {row["case"] for row in rows_of(out)} == {"digits-gmm-gaussian"} and len(rows_of(out)) == 4
+    calls = []
+    original = invdiff.bench.run_cell
+    monkeypatch.setattr(invdiff.bench, "run_cell", lambda spec: calls.append(spec) or original(spec))
+    assert main(["bench", str(config), "--out", str(out), "--quiet"]) == 0
+    assert {spec["case"] for spec in calls} == {"digits-gmm-box"} and len(calls) == 4
+    assert {row["case"] for row in rows_of(out)} == {"digits-gmm-box", "digits-gmm-gaussian"}
 
 
 def _one_cell(tmp_path, fresh: bool):
