@@ -250,8 +250,10 @@ def _chosen_cases(config_path: Path, cases: list[Case], wanted: str) -> list[Cas
     names = [name.strip() for name in wanted.split(",") if name.strip()]
     known = [case.name for case in cases]
     unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        raise BenchError(f"--cases {wanted}: {', '.join(unknown) or 'no case'} is not a case of {config_path.name}; "
+    if not names:
+        raise BenchError(f"--cases {wanted!r}: names no case; allowed: {', '.join(known)}")
+    if unknown:
+        raise BenchError(f"--cases {wanted}: {', '.join(unknown)} is not a case of {config_path.name}; "
                          f"allowed: {', '.join(known)}")
     return [case for case in cases if case.name in names]
 

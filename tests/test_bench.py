@@ -232,6 +232,7 @@ def _assert_same_cells(local: list[dict], other: list[dict]) -> None:
     (["--workers", "0"], "--workers 0: the number of processes must be at least 1"),
     (["--workers", "2", "--ray", "auto"], "--workers and --ray both say where the cells run"),
     (["--cases", "digits-box"], "--cases digits-box: digits-box is not a case of bench.yaml; allowed: digits-gmm-box"),
+    (["--cases", ","], "--cases ',': names no case; allowed: digits-gmm-box"),
 ])
 def test_bad_workers_and_cases_are_one_line_and_exit_2(tmp_path, capsys, arguments, expected):
     config = write_config(tmp_path, TINY)
