@@ -46,6 +46,14 @@ def rows_of(out, role="test"):
     return [row for row in json.loads((out / "results.json").read_text())["rows"] if row["role"] == role]
 
 
+def computed_cells(monkeypatch) -> list[dict]:
+    """The specs of the cells computed from now on (a cached cell is not computed), as a list that fills up."""
+    calls = []
+    original = invdiff.bench.run_cell
+    monkeypatch.setattr(invdiff.bench, "run_cell", lambda spec: calls.append(spec) or original(spec))
+    return calls
+
+
 def test_tiny_matrix_writes_every_output_with_the_cells_of_solve(tmp_path):
     out = tmp_path / "out"
     assert main(["bench", str(write_config(tmp_path, TINY)), "--out", str(out), "--quiet"]) == 0
@@ -83,9 +91,7 @@ def test_a_rerun_computes_nothing_and_force_recomputes_everything(tmp_path, monk
     config, out = write_config(tmp_path, TINY), tmp_path / "out"
     assert main(["bench", str(config), "--out", str(out), "--quiet"]) == 0
     first = rows_of(out)
-    calls = []
-    original = invdiff.bench.run_cell
-    monkeypatch.setattr(invdiff.bench, "run_cell", lambda spec: calls.append(spec) or original(spec))
+    calls = computed_cells(monkeypatch)
     assert main(["bench", str(config), "--out", str(out), "--quiet"]) == 0
     assert calls == [] and rows_of(out) == first
     assert main(["bench", str(config), "--out", str(out), "--quiet", "--force"]) == 0
@@ -248,9 +254,7 @@ def test_cases_runs_only_those_cases_and_shares_the_cache_of_the_whole(tmp_path,
     config, out = write_config(tmp_path, text), tmp_path / "out"
     assert main(["bench", str(config), "--out", str(out), "--cases", "digits-gmm-gaussian", "--quiet"]) == 0
     assert {row["case"] for row in rows_of(out)} == {"digits-gmm-gaussian"} and len(rows_of(out)) == 4
-    calls = []
-    original = invdiff.bench.run_cell
-    monkeypatch.setattr(invdiff.bench, "run_cell", lambda spec: calls.append(spec) or original(spec))
+    calls = computed_cells(monkeypatch)
     assert main(["bench", str(config), "--out", str(out), "--quiet"]) == 0
     assert {spec["case"] for spec in calls} == {"digits-gmm-box"} and len(calls) == 4
     assert {row["case"] for row in rows_of(out)} == {"digits-gmm-box", "digits-gmm-gaussian"}
