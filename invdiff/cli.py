@@ -288,8 +288,25 @@ def _solve(arguments) -> int:
     shown = ", ".join(f"{key} {value:.3f}" for key, value in metrics.items() if isinstance(value, float))
     print(f"{info.name}: {num_samples} samples ({metrics['distinct_samples']} distinct) in {result.wall_time:.1f} s "
           f"({result.network_evaluations_per_sample:.0f} network evaluations per returned sample)"
-          f"{'; ' + shown if shown else ''}\nwrote {out}/")
+          f"{'; ' + shown if shown else ''}{_exact_line(summary)}\nwrote {out}/")
     return 0
+
+
+def _exact_line(summary: dict) -> str:
+    """The run against the exact posterior, where there is one: a line to print, or ''."""
+    exact, metrics = summary.get("exact_posterior"), summary["metrics"]
+    if exact is None:
+        return ""
+    parts = [f"sliced Wasserstein {exact['sliced_wasserstein_to_exact'] / exact['sliced_wasserstein_noise_floor']:.2f}x "
+             "the exact-vs-exact floor"]
+    if "psnr_exact_mean" in exact:
+        parts += [f"mean PSNR {metrics['psnr_posterior_mean']:.2f} (exact {exact['psnr_exact_mean']:.2f})",
+                  f"coverage_90 {metrics['coverage_90']:.3f} (exact {exact['coverage_90_exact']:.3f})"]
+    if "component_weights_exact" in exact:
+        shares = ", ".join(f"{k}: {share:.2f} ({exact['component_weights_exact'][k]:.2f})"
+                           for k, share in exact["component_weights_samples"].items())
+        parts.append(f"mixture components' shares of the samples (exact) {shares}")
+    return "\nagainst the exact posterior: " + "; ".join(parts)
 
 
 def _bench(arguments) -> int:

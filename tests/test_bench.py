@@ -66,6 +66,7 @@ def test_tiny_matrix_writes_every_output_with_the_cells_of_solve(tmp_path):
     for row in rows:
         if row["kind"] == "sampler":
             assert row["sliced_wasserstein_to_exact"] > 0 and row["sliced_wasserstein_noise_floor"] > 0
+            assert 0 <= row["component_tv_to_exact"] <= 1 and row["component_weights_exact"]
             assert 0 <= row["coverage_90"] <= 1 and row["distinct_samples"] == 8
             assert row["cpu_time_seconds"] > 0 and row["versions"]["invdiff"] and row["version"]
     assert {row["network_evaluations_per_sample"] for row in rows if row["method"] == "dps"} == {5}
@@ -75,6 +76,7 @@ def test_tiny_matrix_writes_every_output_with_the_cells_of_solve(tmp_path):
     tables = (out / "tables.md").read_text()
     assert "## inpaint-digits-gmm-box" in tables and "| exact posterior (ceiling) |" in tables
     assert "| dps |" in tables and "| pseudo_inverse |" in tables and "## Ranking" in tables
+    assert "| component TV |" in tables
     assert {path.name for path in (out / "figures").iterdir()} == {"inpaint-digits-gmm-box.png",
                                                                   "inpaint-digits-gmm-box-psnr-nfe.png"}
     # a cell is what `invdiff solve` computes for the same problem, image (index 7: the file's), seed and options
@@ -85,6 +87,7 @@ def test_tiny_matrix_writes_every_output_with_the_cells_of_solve(tmp_path):
     assert cell["psnr_posterior_mean"] == summary["metrics"]["psnr_posterior_mean"]
     assert cell["sliced_wasserstein_to_exact"] == summary["exact_posterior"]["sliced_wasserstein_to_exact"]
     assert cell["psnr_exact_mean"] == summary["exact_posterior"]["psnr_exact_mean"]
+    assert cell["component_tv_to_exact"] == summary["exact_posterior"]["component_tv_to_exact"]
 
 
 def test_a_rerun_computes_nothing_and_force_recomputes_everything(tmp_path, monkeypatch):

@@ -1,7 +1,9 @@
 """Degeneracy is visible: the genealogy of particle samplers, the number of distinct samples, the ESS
-before resampling, the cost per returned sample, the collapse warning and the exact posterior's ceiling."""
+before resampling, the cost per returned sample, the collapse warning, the exact posterior's ceiling and its mixture
+components' shares of the samples."""
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,11 +12,16 @@ import torch
 
 import invdiff.posterior
 from invdiff.cli import main
-from invdiff.evaluation import degeneracy_warning
+from invdiff.evaluation import component_masses, degeneracy_warning
+from invdiff.exact import ExactPosterior
 from invdiff.metrics import distinct_samples
-from invdiff.posterior import SampleResult, sample_posterior
+from invdiff.operators import GaussianNoise, matrix_operator
+from invdiff.posterior import Posterior, SampleResult, sample_posterior
+from invdiff.prior import GaussianMixturePrior
 from invdiff.problems import load_problem
+from invdiff.sde import VPSDE
 from invdiff.smc import ParticleWeights, distinct_ancestors, weighted_result
+from invdiff.testing import Z_SCORE
 from invdiff_plugins.twisted_smc import TwistedSMC
 from invdiff_plugins.ve_smc import VESMC
 
@@ -148,6 +155,38 @@ def test_healthy_run_has_no_warning_and_the_summary_has_the_new_fields(tmp_path,
     assert 5 < exact["psnr_exact_mean"] < 60 and 0 < exact["ssim_exact_mean"] <= 1
     assert 0.5 < exact["coverage_90_exact"] <= 1, f"exact draws cover {exact['coverage_90_exact']} of the pixels " \
                                                   "with their 90% intervals"
+    shares, weights = exact["component_weights_samples"], exact["component_weights_exact"]
+    assert shares.keys() == weights.keys() and sum(weights.values()) <= 1 + 1e-9
+    assert exact["component_tv_to_exact"] == pytest.approx(0.5 * sum(abs(shares[k] - weights[k]) for k in shares),
+                                                           abs=0.01)
+    assert "against the exact posterior: sliced Wasserstein" in printed.out
+    assert "mixture components' shares of the samples (exact)" in printed.out
+
+
+def test_component_masses_find_samples_in_one_component_of_a_two_component_posterior():
+    """Mean responsibilities of exact draws estimate the exact posterior's component weights (unbiased: ``P(k | x,
+    y) = P(k | x)``); draws of one component's posterior alone are far from them, and the total variation says so."""
+    prior = GaussianMixturePrior(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0], [1.5]]),
+                                 torch.tensor([[0.5], [0.2]]), VPSDE())
+    operator = matrix_operator(torch.tensor([[1.3]], dtype=torch.float64), GaussianNoise(0.6))
+    exact = ExactPosterior.from_posterior(Posterior(prior, operator, torch.tensor([[-0.2]], dtype=torch.float64)))
+    weights = exact.log_weights.exp()
+    assert 0.4 < weights[0] < 0.5, f"the measurement should give two components of similar weight: {weights}"
+    generator = torch.Generator().manual_seed(0)
+    draws, reference = exact.sample(4000, generator=generator), exact.sample(4000, generator=generator)
+    second_only = exact.means[1] + exact.choleskys[1][0] * torch.randn(4000, 1, generator=generator,
+                                                                       dtype=torch.float64)
+    healthy, collapsed = (component_masses(prior, exact, samples, reference) for samples in (draws, second_only))
+    standard_error = math.sqrt(float(weights[0] * weights[1]) / 4000)
+    assert healthy["component_weights_exact"] == {"0": float(weights[0]), "1": float(weights[1])}
+    share = healthy["component_weights_samples"]["0"]
+    assert abs(share - float(weights[0])) < Z_SCORE * standard_error, \
+        f"exact draws give component 0 a share of {share:.4f} against its weight {float(weights[0]):.4f}"
+    assert healthy["component_tv_to_exact"] < Z_SCORE * standard_error
+    assert healthy["component_tv_noise_floor"] < Z_SCORE * standard_error
+    assert collapsed["component_weights_samples"]["1"] > 0.95
+    assert collapsed["component_tv_to_exact"] > float(weights[0]) - 0.05, \
+        f"draws of component 1 alone are {collapsed['component_tv_to_exact']:.3f} from the exact weights in TV"
 
 
 def test_summary_of_a_particle_sampler(tmp_path, capsys):

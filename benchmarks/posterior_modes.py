@@ -1,0 +1,45 @@
+"""Which held-out crops give a natural_gmm case a posterior of several modes: the exact posterior's component
+weights for a case of `natural_gmm_other_crop.yaml` moved over the 16x16 crops of a held-out photograph (1/4
+scale) on a grid. No sampler runs; seconds.
+
+    python benchmarks/posterior_modes.py      # box inpainting over coffee on a 16-pixel grid
+    python benchmarks/posterior_modes.py --case natural-gmm-random-coffee --image camera --step 8
+
+A line per crop: its top-left corner, pixel std, the three largest component weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from invdiff.data import natural_images
+from invdiff.exact import ExactPosterior
+from invdiff.problems import ProblemConfig, build_problem, load_problem_config
+
+FILE = Path(__file__).resolve().parent / "natural_gmm_other_crop.yaml"
+SIZE, SCALE = 16, 4   # the crop size, the natural prior's scale
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="natural-gmm-box-coffee", help="a case of natural_gmm_other_crop.yaml")
+    parser.add_argument("--image", default="coffee", help="the held-out photograph the crops are cut from")
+    parser.add_argument("--step", type=int, default=16, help="the grid's spacing in pixels")
+    arguments = parser.parse_args()
+    template = load_problem_config(FILE, arguments.case).model_dump()
+    height, width = (length // SCALE for length in natural_images("test")[arguments.image].shape)
+    for top in range(0, height - SIZE + 1, arguments.step):
+        for left in range(0, width - SIZE + 1, arguments.step):
+            truth = {**template["truth"], "image": arguments.image, "top": top, "left": left}
+            problem = build_problem(ProblemConfig.model_validate({**template, "truth": truth}), FILE)
+            weights = ExactPosterior.from_posterior(problem.posterior).log_weights.exp()
+            largest = torch.topk(weights, 3)
+            print(top, left, f"std {float(problem.truth.std()):.3f}",
+                  " ".join(f"{int(k)}: {float(w):.3f}" for w, k in zip(largest.values, largest.indices)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
