@@ -4,7 +4,8 @@ Tables give, per problem case, one row per method and the mean +- standard error
 images of each metric, the seeds (replicates) of an image averaged first. On cases with an exact
 posterior a ceiling row gives what the exact posterior itself scores (its mean's PSNR/SSIM, the
 coverage of as many exact draws), and the sliced Wasserstein column's ceiling entry is the
-exact-vs-exact floor (the component TV column's: that of as many exact draws). A ranking table orders the methods by PSNR of the posterior mean in each case.
+exact-vs-exact floor (the component TV column's: that of as many exact draws). A ranking table orders
+the methods by PSNR of the posterior mean in each case.
 """
 
 from __future__ import annotations

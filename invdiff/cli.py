@@ -297,8 +297,8 @@ def _exact_line(summary: dict) -> str:
     exact, metrics = summary.get("exact_posterior"), summary["metrics"]
     if exact is None:
         return ""
-    parts = [f"sliced Wasserstein {exact['sliced_wasserstein_to_exact'] / exact['sliced_wasserstein_noise_floor']:.2f}x "
-             "the exact-vs-exact floor"]
+    ratio = exact["sliced_wasserstein_to_exact"] / exact["sliced_wasserstein_noise_floor"]
+    parts = [f"sliced Wasserstein {ratio:.2f}x the exact-vs-exact floor"]
     if "psnr_exact_mean" in exact:
         parts += [f"mean PSNR {metrics['psnr_posterior_mean']:.2f} (exact {exact['psnr_exact_mean']:.2f})",
                   f"coverage_90 {metrics['coverage_90']:.3f} (exact {exact['coverage_90_exact']:.3f})"]

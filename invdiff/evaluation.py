@@ -5,9 +5,9 @@ that every number is computed by one function under one convention: images in [0
 posterior mean and per-pixel standard deviation from the weighted particles when a sampler has
 them, PSNR/SSIM of the mean (``invdiff.metrics``), coverage of the 90% per-pixel intervals and,
 when the posterior is tractable, the sliced Wasserstein distance to exact draws next to its floor and
-the exact posterior's own PSNR/SSIM and coverage (the ceiling), and under a mixture prior each component's
-share of the samples against its exact posterior weight (``component_masses``). A run whose samples collapsed onto a
-few paths gets a warning (``degeneracy_warning``), recorded in the summary.
+the exact posterior's own PSNR/SSIM and coverage (the ceiling), and under a mixture prior each
+component's share of the samples against its exact posterior weight (``component_masses``). A run
+whose samples collapsed onto a few paths gets a warning (``degeneracy_warning``), recorded in the summary.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from invdiff.prior import GaussianMixturePrior
 from invdiff.problems import Problem
 
 __all__ = ["run_images", "posterior_moments", "count_distinct_samples", "degeneracy_warning", "component_masses",
-           "run_summary",
-           "show_image", "write_run"]
+           "run_summary", "show_image", "write_run"]
 
 #: warn when fewer than this fraction of the returned samples are distinct
 DISTINCT_FRACTION_WARNING = 0.25
