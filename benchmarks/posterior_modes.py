@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from invdiff.data import natural_images
+from invdiff.data import NATURAL_SPLIT, natural_images
 from invdiff.exact import ExactPosterior
 from invdiff.problems import ProblemConfig, build_problem, load_problem_config
 
@@ -26,7 +26,8 @@ SIZE, SCALE = 16, 4   # the crop size, the natural prior's scale
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="natural-gmm-box-coffee", help="a case of natural_gmm_other_crop.yaml")
-    parser.add_argument("--image", default="coffee", help="the held-out photograph the crops are cut from")
+    parser.add_argument("--image", default="coffee", choices=NATURAL_SPLIT["test"],
+                        help="the held-out photograph the crops are cut from")
     parser.add_argument("--step", type=int, default=16, help="the grid's spacing in pixels")
     arguments = parser.parse_args()
     template = load_problem_config(FILE, arguments.case).model_dump()
