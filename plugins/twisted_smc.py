@@ -107,6 +107,8 @@ class PilotGuidance:
     each ``v_p``: a pilot narrower than the posterior pulls every particle to its mean."""
 
     def __init__(self, posterior: Posterior, samples: list[Tensor], inflation: float = 1.0):
+        if isinstance(samples, Tensor):     # iterating one tensor would give one-sample pilots, whose variance is NaN
+            raise TypeError("PilotGuidance takes a list of sample tensors, one per pilot; got one tensor")
         self.sde = posterior.prior.sde
         flat = [each.flatten(1).to(torch.float64) for each in samples]
         self.means = torch.stack([each.mean(0) for each in flat])

@@ -277,6 +277,8 @@ def test_a_pilot_with_the_posterior_s_moments_gives_the_exact_twist_s_gradient(i
         (exact_gradient,) = torch.autograd.grad(ExactTwist(posterior).log_likelihood(x, t).sum(), x)
         pilot_gradient = guidance(x.detach(), prior.denoise(x.detach(), t), t)
         assert torch.allclose(pilot_gradient, exact_gradient, atol=1e-8), f"t={t}"
+    with pytest.raises(TypeError, match="list of sample tensors"):
+        PilotGuidance(posterior, torch.stack([mean - half_width, mean + half_width]))
 
 
 def test_several_pilots_guide_by_the_score_of_their_mixture():
