@@ -254,7 +254,7 @@ def mixed_twisted_smc(families: TwistFamilies, value: str, gradient: str) -> typ
 
     class MixedTwistSMC(TwistedSMC):
         @staticmethod
-        def _twist(posterior, log_twist_of, x, t):
+        def _twist(posterior, log_twist_of, x, t, guidance=None):   # the families replace the pilot guidance
             denoised, log_twist, tweedie_gradient = TwistedSMC._twist(posterior, log_twist_of, x, t)
             if value != "tweedie":
                 log_twist = families.value(value, x, t).detach()
