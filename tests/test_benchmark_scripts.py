@@ -1,0 +1,43 @@
+"""The benchmark scripts that subclass or call a sampler's internals keep up with them: a change of signature there
+fails here in seconds instead of in a README command that runs for minutes (``benchmarks/twist_families.py``'s
+mixed twists once broke on ``TwistedSMC._twist``'s guidance argument, and its pilot on ``PilotGuidance``'s list)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from invdiff.posterior import sample_posterior
+from invdiff.problems import build_sampler
+from invdiff.testing import gaussian_mixture
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def twist_families():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import twist_families
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return twist_families
+
+
+@pytest.mark.parametrize("config", ["tweedie/pilot", "exact/exact", "moment/tweedie", "row_sums/row_sums"])
+def test_twist_families_mixes_a_value_and_a_gradient_into_twisted_smc(twist_families, config):
+    posterior, _ = gaussian_mixture(dimension=4, measurements=2)
+    families = twist_families.TwistFamilies(posterior, draws=4)
+    value, _, gradient = config.partition("/")
+    sampler = build_sampler(twist_families.mixed_twisted_smc(families, value, gradient),
+                            {"num_steps": 10, "num_particles": 8, "num_runs": 2, "move_steps": 1})
+    result = sample_posterior(sampler, posterior, 8, generator=torch.Generator().manual_seed(0))
+    assert result.samples.shape == (8, 4) and torch.isfinite(result.samples).all()
+
+
+@pytest.mark.parametrize("gradient", ["tweedie", "pilot", "moment"])
+def test_twist_families_alignment_is_a_finite_cosine_and_error(twist_families, gradient):
+    posterior, _ = gaussian_mixture(dimension=4, measurements=2)
+    cosine, error = twist_families.alignment(posterior, twist_families.TwistFamilies(posterior, draws=4), gradient,
+                                             0.3, states=4)
+    assert -1.0 <= cosine <= 1.0 and error >= 0.0
