@@ -96,7 +96,7 @@ def measure(architecture: str, problem_path: Path, samplers: list[str], argument
         sampler = sampler_class(**sampler_options(name, arguments.batch, arguments.steps))
         row = {"architecture": architecture, "sampler": name, "batch": arguments.batch, "steps": arguments.steps,
                **timed_run(sampler, posterior, arguments.batch, device)}
-        gradient = sampler_class.needs_network_gradient
+        gradient = sampler.needs_network_gradient
         calls = row["network_evaluations"] / arguments.batch  # network calls on the whole batch
         row.update(gradient=gradient, network_call_s=network[gradient],
                    seconds_per_step=row["wall_s"] / arguments.steps,

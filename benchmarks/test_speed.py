@@ -121,5 +121,5 @@ def test_sampler_run(benchmark, posteriors, prior, name, batch):
         pytest.skip(str(error))
     sampler = sampler_class(**sampler_options(name, batch, NUM_STEPS))
     timed_rounds(benchmark, lambda: run(sampler), kind="sampler", prior=prior, sampler=name, batch=batch,
-                 steps=sampler.num_steps, gradient=sampler_class.needs_network_gradient)
+                 steps=sampler.num_steps, gradient=sampler.needs_network_gradient)
     benchmark.extra_info["network_evaluations"] = evaluations[-1]  # of the last timed run
