@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["DIGITS_SPLIT", "digits", "NATURAL_SPLIT", "NATURAL_RGB_SPLIT", "natural_images", "heldout_crop",
-           "random_patches", "training_covariance"]
+           "random_patches", "training_moments"]
 
 #: how the digits are split: a permutation drawn with this seed; the first ``test_size`` are held out
 DIGITS_SPLIT = {"seed": 0, "test_size": 300}
@@ -129,11 +129,11 @@ class random_patches:
         return patches.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
-def training_covariance(data: dict, event_shape: tuple[int, ...], num_patches: int = 16384,
-                        seed: int = 0) -> Tensor | None:
-    """The covariance ``(d, d)``, float64, of the training data that ``data`` describes (a training
-    configuration's ``data``: ``{source: digits}``, or ``{source: natural | natural_rgb, scales}``), mapped
-    to ``[-1, 1]`` as training maps it, over events of ``event_shape``: every training digit, or
+def training_moments(data: dict, event_shape: tuple[int, ...], num_patches: int = 16384,
+                     seed: int = 0) -> tuple[Tensor, Tensor] | None:
+    """The mean ``(d,)`` and covariance ``(d, d)``, float64, of the training data that ``data`` describes (a
+    training configuration's ``data``: ``{source: digits}``, or ``{source: natural | natural_rgb, scales}``),
+    mapped to ``[-1, 1]`` as training maps it, over events of ``event_shape``: every training digit, or
     ``num_patches`` random patches of that size (``random_patches``, seeded). None for another source or an
     event shape the data do not have."""
     source = data.get("source")
@@ -151,4 +151,4 @@ def training_covariance(data: dict, event_shape: tuple[int, ...], num_patches: i
     else:
         return None
     centred = 2 * (images - images.mean(0))
-    return centred.T @ centred / (len(images) - 1)
+    return 2 * images.mean(0) - 1, centred.T @ centred / (len(images) - 1)

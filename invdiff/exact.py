@@ -39,10 +39,11 @@ def _gaussian_log_density(x: Tensor, mean: Tensor, cholesky: Tensor) -> Tensor:
     return -0.5 * ((whitened**2).sum(-1) + log_determinant + x.shape[-1] * math.log(2 * math.pi))
 
 
-def _check_linear_gaussian(posterior: Posterior, what: str) -> None:
-    """Raise ``NotTractable`` naming the ingredient ``what`` lacks: a mixture prior, a linear operator, Gaussian noise."""
+def _check_linear_gaussian(posterior: Posterior, what: str, mixture: bool = True) -> None:
+    """Raise ``NotTractable`` naming the ingredient ``what`` lacks: a mixture prior (unless ``mixture`` is false), a
+    linear operator, Gaussian noise."""
     prior, operator = posterior.prior, posterior.operator
-    if not isinstance(prior, GaussianMixturePrior):
+    if mixture and not isinstance(prior, GaussianMixturePrior):
         raise NotTractable(f"{what} needs a Gaussian or Gaussian-mixture prior, not {type(prior).__name__}")
     if not operator.linear:
         raise NotTractable(f"{what} needs a linear operator; '{operator.name}' is not")
@@ -50,9 +51,10 @@ def _check_linear_gaussian(posterior: Posterior, what: str) -> None:
         raise NotTractable(f"{what} needs Gaussian noise, not {operator.noise.settings()['type']}")
 
 
-def _linear_gaussian_parts(posterior: Posterior, what: str) -> tuple[Tensor, Tensor, Tensor, float]:
+def _linear_gaussian_parts(posterior: Posterior, what: str,
+                           mixture: bool = True) -> tuple[Tensor, Tensor, Tensor, float]:
     """``(A, b, y, sigma_y)`` on the CPU in float64, or ``NotTractable`` naming the ingredient ``what`` lacks."""
-    _check_linear_gaussian(posterior, what)
+    _check_linear_gaussian(posterior, what, mixture)
     prior, operator = posterior.prior, posterior.operator
     matrix, offset = operator.matrix(prior.event_shape, device=posterior.measurement.device)
     measurement = posterior.measurement.detach().to("cpu", torch.float64).flatten()
@@ -84,6 +86,28 @@ class ExactPosterior:
         matrix, offset, measurement, sigma_y = _linear_gaussian_parts(posterior, "the exact posterior")
         return cls.from_linear_gaussian(prior.log_weights.cpu(), prior.means.cpu(), prior.covariances.cpu(),
                                         matrix, offset, measurement, sigma_y, prior.event_shape, noise_level)
+
+    @staticmethod
+    def check_gaussian_fit(posterior: Posterior) -> None:
+        """Raise ``NotTractable`` if ``from_gaussian_fit`` cannot build ``posterior``'s Gaussian fit (cheap)."""
+        _check_linear_gaussian(posterior, "the Gaussian fit's posterior", mixture=False)
+        if posterior.prior.data_covariance() is None:
+            raise NotTractable("the Gaussian fit's posterior needs the prior's data mean and covariance, which this "
+                               "prior does not know (mixture priors do, and network priors trained by invdiff on its "
+                               "shipped data, on images of at most 3072 values)")
+
+    @classmethod
+    def from_gaussian_fit(cls, posterior: Posterior) -> "ExactPosterior":
+        """The posterior were the prior the Gaussian with its data mean and covariance (``Prior.data_mean``,
+        ``Prior.data_covariance``), in closed form (the Wiener filter's, with its uncertainty); ``NotTractable``
+        saying why where ``check_gaussian_fit`` refuses."""
+        ExactPosterior.check_gaussian_fit(posterior)
+        prior = posterior.prior
+        matrix, offset, measurement, sigma_y = _linear_gaussian_parts(posterior, "the Gaussian fit's posterior",
+                                                                      mixture=False)
+        return cls.from_linear_gaussian(torch.zeros(1, dtype=torch.float64), prior.data_mean().cpu()[None],
+                                        prior.data_covariance().cpu()[None], matrix, offset, measurement, sigma_y,
+                                        prior.event_shape)
 
     @classmethod
     def from_linear_gaussian(cls, log_weights: Tensor, means: Tensor, covariances: Tensor, matrix: Tensor,

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from invdiff.data import training_covariance
+from invdiff.data import training_moments
 from invdiff.sde import SDE
 
 __all__ = ["Prior", "NetworkPrior", "PriorDenoiser", "PARAMETRISATIONS", "GaussianMixturePrior", "GaussianPrior"]
@@ -88,6 +88,11 @@ class Prior(ABC):
     def data_covariance(self) -> Tensor | None:
         """The covariance ``(d, d)``, float64, of the clean data ``X_0`` where the prior knows it, else None
         (a Gaussian fit's second moment, e.g. for the ``gaussian_fit`` twist of ``twisted_smc``)."""
+        return None
+
+    def data_mean(self) -> Tensor | None:
+        """The mean ``(d,)``, float64, of the clean data ``X_0`` where the prior knows its covariance, else None
+        (the Gaussian fit's first moment, e.g. for the ``gaussian_fit`` guidance of ``twisted_smc``)."""
         return None
 
     @property
@@ -260,15 +265,25 @@ class NetworkPrior(Prior):
     #: estimated from take about 130 kB per value)
     MAX_COVARIANCE_DIMENSION = 3072
 
-    def data_covariance(self):
-        """The covariance of the training data recorded in the checkpoint's metadata (``training.config.data``:
-        the shipped sources, ``invdiff.data.training_covariance``), at this prior's event shape; computed once.
-        None for other data or above ``MAX_COVARIANCE_DIMENSION`` values."""
-        if not hasattr(self, "_data_covariance"):
+    def _data_moments(self) -> tuple[Tensor, Tensor] | None:
+        """The mean and covariance of the training data recorded in the checkpoint's metadata
+        (``training.config.data``: the shipped sources, ``invdiff.data.training_moments``), at this prior's event
+        shape; computed once. None for other data or above ``MAX_COVARIANCE_DIMENSION`` values."""
+        if not hasattr(self, "_moments"):
             data = self.metadata.get("training", {}).get("config", {}).get("data", {})
             small = math.prod(self.event_shape) <= self.MAX_COVARIANCE_DIMENSION
-            self._data_covariance = training_covariance(data, self.event_shape) if small else None
-        return self._data_covariance
+            self._moments = training_moments(data, self.event_shape) if small else None
+        return self._moments
+
+    def data_covariance(self):
+        """The training data's covariance (``_data_moments``), or None."""
+        moments = self._data_moments()
+        return None if moments is None else moments[1]
+
+    def data_mean(self):
+        """The training data's mean (``_data_moments``), or None."""
+        moments = self._data_moments()
+        return None if moments is None else moments[0]
 
     def settings(self):
         return {"kind": self.name, "parametrisation": self.parametrisation, "clip_denoised": self.clip_denoised,
@@ -358,6 +373,10 @@ class GaussianMixturePrior(Prior):
     def settings(self):
         return {"kind": self.name, "components": len(self.log_weights), "dimension": self.dimension,
                 "covariance": "diag" if self.diagonal else "full", **self.metadata, "sde": self.sde.settings()}
+
+    def data_mean(self):
+        """The mixture's mean ``mu = sum_k w_k mu_k``."""
+        return self.log_weights.exp() @ self.means
 
     def data_covariance(self):
         """The mixture's covariance ``sum_k w_k (Sigma_k + mu_k mu_k^T) - mu mu^T``."""

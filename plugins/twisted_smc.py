@@ -63,6 +63,10 @@ replaced by the equal-weight mixture of the P Gaussians, so that pilots settling
 particles to all of them (each particle follows its responsibilities under the noised mixture). The weights see only
 the twist, so the sampler stays asymptotically exact whatever the pilot; the pilot's runs count in the network
 evaluations.
+
+With ``guidance = "gaussian_fit"`` the same guide takes its per-value Gaussian from no run at all: the marginal means
+and variances of the posterior were the prior the Gaussian with its data mean and covariance
+(``ExactPosterior.from_gaussian_fit``: the Wiener filter's posterior, closed form), times ``pilot_inflation``.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ from pydantic import Field, ValidationError, model_validator
 from torch import Tensor
 
 import invdiff
-from invdiff.exact import ExactTwist
+from invdiff.exact import ExactPosterior, ExactTwist
 from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
 from invdiff.sde import gaussian_log_density
@@ -109,10 +113,25 @@ class PilotGuidance:
     def __init__(self, posterior: Posterior, samples: list[Tensor], inflation: float = 1.0):
         if isinstance(samples, Tensor):     # iterating one tensor would give one-sample pilots, whose variance is NaN
             raise TypeError("PilotGuidance takes a list of sample tensors, one per pilot; got one tensor")
-        self.sde = posterior.prior.sde
         flat = [each.flatten(1).to(torch.float64) for each in samples]
-        self.means = torch.stack([each.mean(0) for each in flat])
-        self.variances = inflation * torch.stack([each.var(0) for each in flat]).clamp(min=1e-8)
+        self._set(posterior, torch.stack([each.mean(0) for each in flat]), torch.stack([each.var(0) for each in flat]),
+                  inflation)
+
+    @classmethod
+    def of_gaussian_fit(cls, posterior: Posterior, inflation: float = 1.0) -> "PilotGuidance":
+        """One pilot given by its moments: the marginals of the Gaussian fit's posterior
+        (``ExactPosterior.from_gaussian_fit``), no samples."""
+        fit = ExactPosterior.from_gaussian_fit(posterior)
+        guidance = cls.__new__(cls)
+        guidance._set(posterior, fit.means, torch.diagonal(fit.covariances, dim1=1, dim2=2), inflation)
+        return guidance
+
+    def _set(self, posterior: Posterior, means: Tensor, variances: Tensor, inflation: float) -> None:
+        """Per pilot, the means ``(pilots, values)`` and the inflated variances, on the measurement's device."""
+        device = posterior.measurement.device
+        self.sde = posterior.prior.sde
+        self.means = means.to(device, torch.float64)
+        self.variances = inflation * variances.to(device, torch.float64).clamp(min=1e-8)
 
     def __call__(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
         lambda_t, sigma_t = float(self.sde.lambda_t(t)), float(self.sde.sigma_t(t))
@@ -140,10 +159,12 @@ class TwistedSMCOptions(SMCOptions):
         "the covariance of x0 given x_t were the prior the Gaussian with its data covariance (no extra network "
         "evaluation)")
     fit_error: float = FIT_ERROR_OPTION
-    guidance: Literal["twist", "pilot"] = Field(
+    guidance: Literal["twist", "pilot", "gaussian_fit"] = Field(
         "twist", description="what the proposal and the moves follow: the twist's gradient, or 'pilot': the "
         "gradient of log p(y | x_t) were p(x0 | y) the per-value Gaussian of a pilot's samples (no "
-        "backpropagation)")
+        "backpropagation), or 'gaussian_fit': the same with the per-value marginals of the posterior under the "
+        "Gaussian fit of the prior's data (closed form, no pilot run; linear operators with Gaussian noise, priors "
+        "that know their data's mean and covariance)")
     pilot_sampler: str = Field("dps", description="guidance 'pilot': the registered sampler whose samples (its "
                                "default options, this sampler's num_steps, pilot_options) make the first pilot")
     pilot_options: dict[str, Any] = Field({}, description="guidance 'pilot': options of the pilot sampler (over its "
@@ -154,8 +175,8 @@ class TwistedSMCOptions(SMCOptions):
                              "Gaussians (pilots that settle in different modes describe them all)")
     pilot_rounds: int = Field(1, ge=1, description="guidance 'pilot': pilot fits, the pilot sampler's and then "
                               "pilot_rounds - 1 refits to this sampler's own samples guided by the previous fit")
-    pilot_inflation: float = Field(1.0, ge=1.0, description="guidance 'pilot': the factor on each fit's per-value "
-                                   "variance")
+    pilot_inflation: float = Field(1.0, ge=1.0, description="guidance 'pilot' or 'gaussian_fit': the factor on "
+                                   "each fit's per-value variance")
     split_time: float | None = SPLIT_TIME_OPTION
     restart_time: float | None = Field(None, gt=0, lt=1, description="with split_time: right after the split, "
                                        "every particle is noised forward by the SDE to the last grid time at or above "
@@ -217,6 +238,8 @@ class TwistedSMC(Sampler):
             SecondOrderTwist.check(posterior)
         if self.options.twisting == "gaussian_fit":
             GaussianFitTwist.check(posterior)
+        if self.options.guidance == "gaussian_fit":
+            ExactPosterior.check_gaussian_fit(posterior)
         pilot_sampler = self.build_pilot()
         if pilot_sampler is not None:
             pilot_sampler.check(posterior)
@@ -241,7 +264,10 @@ class TwistedSMC(Sampler):
 
     def _pilot(self, posterior: Posterior, generator: torch.Generator, progress: bool) -> PilotGuidance | None:
         """``guidance 'pilot'``: the pilot sampler's fit, refitted ``pilot_rounds - 1`` times (module docstring);
-        the generators of these runs are seeded from ``generator``; each run gets its own progress bar."""
+        the generators of these runs are seeded from ``generator``; each run gets its own progress bar. With
+        ``guidance 'gaussian_fit'`` the Gaussian fit's guide (no run)."""
+        if self.options.guidance == "gaussian_fit":
+            return PilotGuidance.of_gaussian_fit(posterior, self.options.pilot_inflation)
         if self.options.guidance != "pilot":
             return None
         pilots, rounds = self.options.pilot_count, self.options.pilot_rounds

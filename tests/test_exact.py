@@ -31,6 +31,26 @@ def test_gaussian_posterior_matches_the_information_form():
     assert mean_error < 1e-10, f"mean differs from the information form by {mean_error:.3g}"
 
 
+def test_the_gaussian_fit_s_posterior_is_the_information_form_with_the_mixture_s_moments():
+    """``from_gaussian_fit`` replaces a mixture prior by the Gaussian of its mean and covariance: one component, the
+    posterior of that Gaussian (the Wiener filter's mean and covariance); a network prior gets the same from its data."""
+    posterior, _ = gaussian_mixture(dimension=4, measurements=2, sigma_y=0.5)
+    prior = posterior.prior
+    weights = prior.log_weights.exp()
+    mean = weights @ prior.means
+    second = torch.einsum("k,kde->de", weights, prior.covariances + prior.means[:, :, None] * prior.means[:, None, :])
+    covariance = second - mean[:, None] * mean[None, :]
+    matrix, _ = posterior.operator.matrix((4,))
+    precision = torch.linalg.inv(covariance) + matrix.T @ matrix / 0.5**2
+    expected_covariance = torch.linalg.inv(precision)
+    expected_mean = expected_covariance @ (torch.linalg.solve(covariance, mean)
+                                           + matrix.T @ posterior.measurement[0] / 0.5**2)
+    fit = ExactPosterior.from_gaussian_fit(posterior)
+    assert fit.means.shape == (1, 4)
+    assert torch.allclose(fit.means[0], expected_mean, atol=1e-8)
+    assert torch.allclose(fit.covariances[0], expected_covariance, atol=1e-8)
+
+
 def test_evidence_of_a_one_dimensional_mixture_by_quadrature():
     prior = GaussianMixturePrior(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0], [1.5]]),
                                  torch.tensor([[0.5], [0.2]]), VPSDE())

@@ -95,10 +95,12 @@ def test_particles_default_to_the_number_of_samples_and_chunking_changes_nothing
 @pytest.mark.parametrize("sampler, options", [
     (TwistedSMC, {"twisting": "capped"}), (TwistedSMC, {"twisting": "none"}),
     (TwistedSMC, {"twisting": "second_order"}),
-    (TwistedSMC, {"twisting": "second_order", "guidance": "pilot"}), (TwistedSMC, {"twisting": "gaussian_fit"}),
+    (TwistedSMC, {"twisting": "second_order", "guidance": "pilot"}),
+    (TwistedSMC, {"twisting": "second_order", "guidance": "gaussian_fit", "pilot_inflation": 2}),
+    (TwistedSMC, {"twisting": "gaussian_fit"}),
     (VESMC, {"twisting": "gaussian_fit"}), (VESMC, {"twisting": "gaussian_fit", "proposal": "gradient"})],
-    ids=["capped", "none", "second_order", "second_order-pilot", "gaussian_fit", "ve_smc-gaussian_fit",
-         "ve_smc-gaussian_fit-gradient"])
+    ids=["capped", "none", "second_order", "second_order-pilot", "second_order-gaussian_fit_guidance", "gaussian_fit",
+         "ve_smc-gaussian_fit", "ve_smc-gaussian_fit-gradient"])
 def test_other_twisting_rules_stay_exact_in_the_limit(sampler, options):
     """Any twisting and any guidance keep the weights right (only efficiency changes): the weighted means
     of 10 independent runs (K = 1024) average to the 50-step model's posterior mean within REPLICATE_Z
@@ -244,9 +246,12 @@ def test_the_gaussian_fit_twist_needs_a_prior_that_knows_its_data_covariance():
     for sampler in (TwistedSMC, VESMC):
         with pytest.raises(UnsupportedProblem, match="twisting 'gaussian_fit' needs the prior's data covariance"):
             sample_posterior(sampler(num_steps=10, twisting="gaussian_fit"), posterior_with({}), 4)
+    with pytest.raises(UnsupportedProblem, match="the Gaussian fit's posterior needs the prior's data mean"):
+        sample_posterior(TwistedSMC(num_steps=10, guidance="gaussian_fit"), posterior_with({}), 4)
     trained = posterior_with({"training": {"config": {"data": {"source": "digits"}}}})
     expected = torch.cov((2 * digits("train") - 1).flatten(1).T)
     assert torch.allclose(trained.prior.data_covariance(), expected)
+    assert torch.allclose(trained.prior.data_mean(), (2 * digits("train") - 1).flatten(1).mean(0))
     GaussianFitTwist.check(trained)
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     log_twist = GaussianFitTwist(trained, 1e-4)(x, trained.prior.denoise(x, 0.3), torch.tensor(0.3))
@@ -277,6 +282,9 @@ def test_a_pilot_with_the_posterior_s_moments_gives_the_exact_twist_s_gradient(i
         (exact_gradient,) = torch.autograd.grad(ExactTwist(posterior).log_likelihood(x, t).sum(), x)
         pilot_gradient = guidance(x.detach(), prior.denoise(x.detach(), t), t)
         assert torch.allclose(pilot_gradient, exact_gradient, atol=1e-8), f"t={t}"
+        if inflation == 1.0:   # a Gaussian prior is its own Gaussian fit: the fit's guide is the exact gradient too
+            fit_gradient = PilotGuidance.of_gaussian_fit(posterior)(x.detach(), prior.denoise(x.detach(), t), t)
+            assert torch.allclose(fit_gradient, exact_gradient, atol=1e-8), f"t={t}"
     with pytest.raises(TypeError, match="list of sample tensors"):
         PilotGuidance(posterior, torch.stack([mean - half_width, mean + half_width]))
 

@@ -171,14 +171,16 @@ def test_a_shipped_network_prior_knows_its_training_data_covariance():
     training patches at its event shape (in [-1, 1]; computed once, the same every time); above
     ``MAX_COVARIANCE_DIMENSION`` values, and for a network with no recorded data, there is none."""
     from invdiff.checkpoints import load_prior
-    from invdiff.data import training_covariance
+    from invdiff.data import training_moments
 
     prior = load_prior("natural")
     covariance = prior.data_covariance()
     assert covariance.shape == (1024, 1024) and prior.data_covariance() is covariance
     assert torch.allclose(covariance, covariance.T) and float(torch.linalg.eigvalsh(covariance)[0]) > 0
     assert 0.05 < float(covariance.diagonal().mean()) < 0.5
-    assert torch.equal(covariance, training_covariance({"source": "natural", "scales": [1, 2, 4]}, (1, 32, 32)))
+    mean, expected = training_moments({"source": "natural", "scales": [1, 2, 4]}, (1, 32, 32))
+    assert torch.equal(covariance, expected) and torch.equal(prior.data_mean(), mean) and mean.shape == (1024,)
+    assert -1 < float(mean.min()) and float(mean.max()) < 1
     assert prior.resized((1, 64, 64)).data_covariance() is None
     prior.metadata = {}
-    assert prior.resized((1, 32, 32)).data_covariance() is None
+    assert prior.resized((1, 32, 32)).data_covariance() is None and prior.resized((1, 32, 32)).data_mean() is None
