@@ -27,7 +27,9 @@ resampling, 200 steps, 64 samples, seed 0 or ``--seed``); only the twist changes
 * ``pilot`` (gradient only): the same identity with ``p(x0 | y)`` replaced by a diagonal Gaussian fitted to a pilot
   run's samples (per-value mean and variance), which makes ``E[x0 | x_t, y]`` closed form: no backpropagation
   through the network, one denoiser call. ``--pilot`` names the pilot: ``exact`` (4096 exact draws, an oracle of the
-  moments only), ``dps`` or ``twisted_smc`` (64 samples of that sampler with the problem file's options, seed
+  moments only), ``gaussian_fit`` (4096 draws of the posterior under the Gaussian fit of the prior's data,
+  ``ExactPosterior.from_gaussian_fit``: what twisted_smc's ``guidance: gaussian_fit`` follows, closed form for a
+  network prior too), ``dps`` or ``twisted_smc`` (64 samples of that sampler with the problem file's options, seed
   ``--seed`` + 1); ``--pilot-option KEY=NUMBER`` sets the pilot sampler's options over the file's;
   ``--pilot-rounds R`` refits it ``R - 1`` times to the pilot-guided sampler's own samples (``refine_pilot``;
   ``--refine-value`` names that sampler's twist value, Tweedie's unless set).
@@ -305,11 +307,14 @@ def alignment_table(cases: list[str], gradients: list[str], draws: int, pilot: s
 
 
 def pilot_samples(problem, source: str, overrides: dict[str, float] | None = None, seed: int = 1) -> Tensor | None:
-    """The samples whose per-value moments the ``pilot`` gradient uses: None (4096 exact draws) for ``exact``, else
-    the named sampler's 64 samples with the problem file's options and ``overrides``, seed ``seed`` (``twisted_smc``:
-    Tweedie's twist)."""
+    """The samples whose per-value moments the ``pilot`` gradient uses: None (4096 exact draws) for ``exact``, 4096
+    draws of the Gaussian fit's posterior for ``gaussian_fit``, else the named sampler's 64 samples with the problem
+    file's options and ``overrides``, seed ``seed`` (``twisted_smc``: Tweedie's twist)."""
     if source == "exact":
         return None
+    if source == "gaussian_fit":
+        fit = ExactPosterior.from_gaussian_fit(problem.posterior)
+        return fit.sample(4096, generator=torch.Generator().manual_seed(seed))
     registry = load_registry()
     options = {**problem.config.sampler_options.get(source, {}), **(overrides or {})}
     sampler = build_sampler(registry.get(source).sampler_class, options)
@@ -341,7 +346,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32, help="random probes (Jacobian-vector products) of 'lowrank'")
     parser.add_argument("--through-denoiser", action="store_true",
                         help="'lowrank' by Jacobian-vector products of the denoiser, not from the mixture's moments")
-    parser.add_argument("--pilot", default="exact", choices=["exact", "dps", "twisted_smc"],
+    parser.add_argument("--pilot", default="exact", choices=["exact", "gaussian_fit", "dps", "twisted_smc"],
                         help="where the 'pilot' gradient's moments of p(x0 | y) come from (pilot_samples)")
     parser.add_argument("--pilot-option", nargs="+", default=[], metavar="KEY=NUMBER",
                         help="options of the pilot sampler over the problem file's (e.g. scale=4 for dps)")
