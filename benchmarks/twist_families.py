@@ -100,7 +100,7 @@ class TwistFamilies:
 
     def set_pilot(self, samples: Tensor) -> None:
         """The per-value means and variances of ``samples`` become the ``pilot`` gradient's ``N(m, diag(v))``."""
-        self.pilot = PilotGuidance(self.posterior, [samples])
+        self.pilot = PilotGuidance.from_samples(self.posterior, [samples])
 
     def _moments(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``P(k | x_t)`` ``(B, K)``, ``A x0_hat`` ``(B, m)``, ``A m_k - A x0_hat`` ``(B, K, m)`` and ``V_k``'s

@@ -110,28 +110,29 @@ class PilotGuidance:
     ``grad log p(y | x_t)`` if the posterior were that mixture (one pilot: that Gaussian). ``inflation`` multiplies
     each ``v_p``: a pilot narrower than the posterior pulls every particle to its mean."""
 
-    def __init__(self, posterior: Posterior, samples: list[Tensor], inflation: float = 1.0):
-        if isinstance(samples, Tensor):     # iterating one tensor would give one-sample pilots, whose variance is NaN
-            raise TypeError("PilotGuidance takes a list of sample tensors, one per pilot; got one tensor")
-        flat = [each.flatten(1).to(torch.float64) for each in samples]
-        self._set(posterior, torch.stack([each.mean(0) for each in flat]), torch.stack([each.var(0) for each in flat]),
-                  inflation)
-
-    @classmethod
-    def of_gaussian_fit(cls, posterior: Posterior, inflation: float = 1.0) -> "PilotGuidance":
-        """One pilot given by its moments: the marginals of the Gaussian fit's posterior
-        (``ExactPosterior.from_gaussian_fit``), no samples."""
-        fit = ExactPosterior.from_gaussian_fit(posterior)
-        guidance = cls.__new__(cls)
-        guidance._set(posterior, fit.means, torch.diagonal(fit.covariances, dim1=1, dim2=2), inflation)
-        return guidance
-
-    def _set(self, posterior: Posterior, means: Tensor, variances: Tensor, inflation: float) -> None:
-        """Per pilot, the means ``(pilots, values)`` and the inflated variances, on the measurement's device."""
+    def __init__(self, posterior: Posterior, means: Tensor, variances: Tensor, inflation: float = 1.0):
+        """Per pilot, the means and variances ``(pilots, values)``; ``from_samples`` and ``of_gaussian_fit`` make
+        them."""
         device = posterior.measurement.device
         self.sde = posterior.prior.sde
         self.means = means.to(device, torch.float64)
         self.variances = inflation * variances.to(device, torch.float64).clamp(min=1e-8)
+
+    @classmethod
+    def from_samples(cls, posterior: Posterior, samples: list[Tensor], inflation: float = 1.0) -> "PilotGuidance":
+        """One pilot per tensor of ``samples``: their per-value mean and variance."""
+        if isinstance(samples, Tensor):     # iterating one tensor would give one-sample pilots, whose variance is NaN
+            raise TypeError("PilotGuidance.from_samples takes a list of sample tensors, one per pilot; got one tensor")
+        flat = [each.flatten(1).to(torch.float64) for each in samples]
+        return cls(posterior, torch.stack([each.mean(0) for each in flat]), torch.stack([each.var(0) for each in flat]),
+                   inflation)
+
+    @classmethod
+    def of_gaussian_fit(cls, posterior: Posterior, inflation: float = 1.0) -> "PilotGuidance":
+        """One pilot, no samples: the marginals of the Gaussian fit's posterior
+        (``ExactPosterior.from_gaussian_fit``)."""
+        fit = ExactPosterior.from_gaussian_fit(posterior)
+        return cls(posterior, fit.means, torch.diagonal(fit.covariances, dim1=1, dim2=2), inflation)
 
     def __call__(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
         lambda_t, sigma_t = float(self.sde.lambda_t(t)), float(self.sde.sigma_t(t))
@@ -276,7 +277,7 @@ class TwistedSMC(Sampler):
         pilot_sampler = self.build_pilot()
         samples = [sample_posterior(pilot_sampler, posterior, self.options.pilot_samples, generator=pilot_generator,
                                     progress=progress).samples for pilot_generator in generators[:pilots]]
-        guidance = PilotGuidance(posterior, samples, self.options.pilot_inflation)
+        guidance = PilotGuidance.from_samples(posterior, samples, self.options.pilot_inflation)
         for round_index, round_generator in enumerate(generators[pilots:], start=2):
             name = f"{self.name} pilot round {round_index}/{self.options.pilot_rounds}"
             monitor = StepMonitor(name, self.options.num_steps, progress)
@@ -284,7 +285,7 @@ class TwistedSMC(Sampler):
                 result = self._run(posterior, self.options.pilot_samples, round_generator, monitor, guidance)
             finally:
                 monitor.close()
-            guidance = PilotGuidance(posterior, [result.samples], self.options.pilot_inflation)
+            guidance = PilotGuidance.from_samples(posterior, [result.samples], self.options.pilot_inflation)
         return guidance
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,

@@ -275,7 +275,7 @@ def test_a_pilot_with_the_posterior_s_moments_gives_the_exact_twist_s_gradient(i
     posterior = Posterior(prior, operator, operator.measure(prior.sample_clean(1, generator=generator), generator))
     exact = ExactPosterior.from_posterior(posterior)
     mean, half_width = exact.means[0], (torch.diagonal(exact.covariances[0]) / (2 * inflation)).sqrt()
-    guidance = PilotGuidance(posterior, [torch.stack([mean - half_width, mean + half_width])], inflation)
+    guidance = PilotGuidance.from_samples(posterior, [torch.stack([mean - half_width, mean + half_width])], inflation)
     for t in (0.9, 0.3, 0.05):
         x = (prior.sde.lambda_t(t) * prior.sample_clean(4, generator=generator)
              + prior.sde.sigma_t(t) * torch.randn(4, 5, generator=generator, dtype=torch.float64)).requires_grad_(True)
@@ -285,8 +285,8 @@ def test_a_pilot_with_the_posterior_s_moments_gives_the_exact_twist_s_gradient(i
         if inflation == 1.0:   # a Gaussian prior is its own Gaussian fit: the fit's guide is the exact gradient too
             fit_gradient = PilotGuidance.of_gaussian_fit(posterior)(x.detach(), prior.denoise(x.detach(), t), t)
             assert torch.allclose(fit_gradient, exact_gradient, atol=1e-8), f"t={t}"
-    with pytest.raises(TypeError, match="list of sample tensors"):
-        PilotGuidance(posterior, torch.stack([mean - half_width, mean + half_width]))
+    with pytest.raises(TypeError, match="takes a list of sample tensors"):
+        PilotGuidance.from_samples(posterior, torch.stack([mean - half_width, mean + half_width]))
 
 
 def test_several_pilots_guide_by_the_score_of_their_mixture():
@@ -301,7 +301,7 @@ def test_several_pilots_guide_by_the_score_of_their_mixture():
     dimension = posterior.prior.event_shape[-1]
     pilots = [center + 0.3 * torch.randn(6, dimension, generator=generator, dtype=torch.float64)
               for center in (-1.0, 0.5, 2.0)]
-    guidance = PilotGuidance(posterior, pilots, inflation=2.0)
+    guidance = PilotGuidance.from_samples(posterior, pilots, inflation=2.0)
     sde = posterior.prior.sde
     for t in (0.9, 0.3, 0.05):
         lambda_t, sigma_t = sde.lambda_t(t), sde.sigma_t(t)
