@@ -66,7 +66,9 @@ evaluations.
 
 With ``guidance = "gaussian_fit"`` the same guide takes its per-value Gaussian from no run at all: the marginal means
 and variances of the posterior were the prior the Gaussian with its data mean and covariance
-(``ExactPosterior.from_gaussian_fit``: the Wiener filter's posterior, closed form), times ``pilot_inflation``.
+(``ExactPosterior.from_gaussian_fit``: the Wiener filter's posterior, closed form), times ``pilot_inflation``. With
+``guidance = "pilot"`` and ``pilot_gaussian_fit`` that Gaussian joins the pilots' in the equal-weight mixture: a pilot
+that settled in one mode guides the particles near it, the fit, which spans the modes, the others.
 """
 
 from __future__ import annotations
@@ -134,6 +136,11 @@ class PilotGuidance:
         fit = ExactPosterior.from_gaussian_fit(posterior)
         return cls(posterior, fit.means, torch.diagonal(fit.covariances, dim1=1, dim2=2), inflation)
 
+    def with_gaussian_fit(self, posterior: Posterior) -> "PilotGuidance":
+        """These pilots and one more, ``of_gaussian_fit``'s (not inflated), in an equal-weight mixture."""
+        fit = PilotGuidance.of_gaussian_fit(posterior)
+        return PilotGuidance(posterior, torch.cat([self.means, fit.means]), torch.cat([self.variances, fit.variances]))
+
     def __call__(self, x: Tensor, denoised: Tensor, t: Tensor) -> Tensor:
         lambda_t, sigma_t = float(self.sde.lambda_t(t)), float(self.sde.sigma_t(t))
         flat = x.flatten(1).to(torch.float64)[:, None, :]   # (particles, 1, values) against (pilots, values)
@@ -178,6 +185,10 @@ class TwistedSMCOptions(SMCOptions):
                               "pilot_rounds - 1 refits to this sampler's own samples guided by the previous fit")
     pilot_inflation: float = Field(1.0, ge=1.0, description="guidance 'pilot' or 'gaussian_fit': the factor on "
                                    "each fit's per-value variance")
+    pilot_gaussian_fit: bool = Field(False, description="guidance 'pilot': the marginals of the Gaussian fit's "
+                                     "posterior (guidance 'gaussian_fit''s Gaussian, not inflated) as one more "
+                                     "Gaussian of the guide's equal-weight mixture: the pilots pick modes, the fit "
+                                     "weighs them")
     split_time: float | None = SPLIT_TIME_OPTION
     restart_time: float | None = Field(None, gt=0, lt=1, description="with split_time: right after the split, "
                                        "every particle is noised forward by the SDE to the last grid time at or above "
@@ -188,6 +199,9 @@ class TwistedSMCOptions(SMCOptions):
         check_split_time(self)
         if self.restart_time is not None and (self.split_time is None or self.restart_time <= self.split_time):
             raise ValueError("restart_time noises the particles back from split_time: set split_time below it")
+        if self.pilot_gaussian_fit and self.guidance != "pilot":
+            raise ValueError("pilot_gaussian_fit adds the Gaussian fit to a pilot's guide: set guidance 'pilot' (or "
+                             "guidance 'gaussian_fit' for the fit alone)")
         if self.pilot_count > 1 and self.pilot_rounds > 1:
             raise ValueError("pilot_rounds refits one Gaussian to this sampler's own samples: with pilot_count > 1, "
                              "set pilot_rounds to 1")
@@ -239,7 +253,7 @@ class TwistedSMC(Sampler):
             SecondOrderTwist.check(posterior)
         if self.options.twisting == "gaussian_fit":
             GaussianFitTwist.check(posterior)
-        if self.options.guidance == "gaussian_fit":
+        if self.options.guidance == "gaussian_fit" or self.options.pilot_gaussian_fit:
             ExactPosterior.check_gaussian_fit(posterior)
         pilot_sampler = self.build_pilot()
         if pilot_sampler is not None:
@@ -286,6 +300,8 @@ class TwistedSMC(Sampler):
             finally:
                 monitor.close()
             guidance = PilotGuidance.from_samples(posterior, [result.samples], self.options.pilot_inflation)
+        if self.options.pilot_gaussian_fit:
+            guidance = guidance.with_gaussian_fit(posterior)
         return guidance
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
