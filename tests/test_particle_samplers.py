@@ -97,9 +97,11 @@ def test_particles_default_to_the_number_of_samples_and_chunking_changes_nothing
     (TwistedSMC, {"twisting": "second_order"}),
     (TwistedSMC, {"twisting": "second_order", "guidance": "pilot"}),
     (TwistedSMC, {"twisting": "second_order", "guidance": "gaussian_fit", "pilot_inflation": 2}),
+    (TwistedSMC, {"guidance": "pilot", "pilot_gaussian_fit": True, "pilot_samples": 16}),
     (TwistedSMC, {"twisting": "gaussian_fit"}),
     (VESMC, {"twisting": "gaussian_fit"}), (VESMC, {"twisting": "gaussian_fit", "proposal": "gradient"})],
-    ids=["capped", "none", "second_order", "second_order-pilot", "second_order-gaussian_fit_guidance", "gaussian_fit",
+    ids=["capped", "none", "second_order", "second_order-pilot", "second_order-gaussian_fit_guidance",
+         "pilot-with-gaussian_fit", "gaussian_fit",
          "ve_smc-gaussian_fit", "ve_smc-gaussian_fit-gradient"])
 def test_other_twisting_rules_stay_exact_in_the_limit(sampler, options):
     """Any twisting and any guidance keep the weights right (only efficiency changes): the weighted means
@@ -302,6 +304,10 @@ def test_several_pilots_guide_by_the_score_of_their_mixture():
     pilots = [center + 0.3 * torch.randn(6, dimension, generator=generator, dtype=torch.float64)
               for center in (-1.0, 0.5, 2.0)]
     guidance = PilotGuidance.from_samples(posterior, pilots, inflation=2.0)
+    fit = PilotGuidance.of_gaussian_fit(posterior)
+    joined = guidance.with_gaussian_fit(posterior)
+    assert torch.equal(joined.means, torch.cat([guidance.means, fit.means]))
+    assert torch.equal(joined.variances, torch.cat([guidance.variances, fit.variances]))
     sde = posterior.prior.sde
     for t in (0.9, 0.3, 0.05):
         lambda_t, sigma_t = sde.lambda_t(t), sde.sigma_t(t)
@@ -339,6 +345,12 @@ def test_second_order_twist_and_pilot_guidance_are_checked_and_counted():
     assert two_pilots.network_evaluations == 2 * 8 * 10 + alone.network_evaluations
     with pytest.raises(ValueError, match="with pilot_count > 1, set pilot_rounds to 1"):
         TwistedSMC(guidance="pilot", pilot_count=2, pilot_rounds=2)
+    with pytest.raises(ValueError, match="pilot_gaussian_fit adds the Gaussian fit to a pilot's guide"):
+        TwistedSMC(pilot_gaussian_fit=True)
+    # the Gaussian fit joins the pilot's guide at no network cost
+    with_fit = sample_posterior(TwistedSMC(num_steps=10, num_particles=16, guidance="pilot", pilot_samples=8,
+                                           pilot_gaussian_fit=True), posterior, 4)
+    assert with_fit.network_evaluations == 8 * 10 + alone.network_evaluations
 
 
 def test_the_exact_twist_is_refused_without_a_closed_form():
