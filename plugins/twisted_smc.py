@@ -67,8 +67,9 @@ evaluations.
 With ``guidance = "gaussian_fit"`` the same guide takes its per-value Gaussian from no run at all: the marginal means
 and variances of the posterior were the prior the Gaussian with its data mean and covariance
 (``ExactPosterior.from_gaussian_fit``: the Wiener filter's posterior, closed form), times ``pilot_inflation``. With
-``guidance = "pilot"`` and ``pilot_gaussian_fit`` that Gaussian joins the pilots' in the equal-weight mixture: a pilot
-that settled in one mode guides the particles near it, the fit, which spans the modes, the others.
+``guidance = "pilot"`` and ``pilot_gaussian_fit`` that Gaussian joins the pilots' in the equal-weight mixture (of
+every round, with ``pilot_rounds > 1``): a pilot that settled in one mode guides the particles near it, the fit, which
+spans the modes, the others.
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ class TwistedSMC(Sampler):
         pilot_sampler = self.build_pilot()
         samples = [sample_posterior(pilot_sampler, posterior, self.options.pilot_samples, generator=pilot_generator,
                                     progress=progress).samples for pilot_generator in generators[:pilots]]
-        guidance = PilotGuidance.from_samples(posterior, samples, self.options.pilot_inflation)
+        guidance = self._guide(posterior, samples)
         for round_index, round_generator in enumerate(generators[pilots:], start=2):
             name = f"{self.name} pilot round {round_index}/{self.options.pilot_rounds}"
             monitor = StepMonitor(name, self.options.num_steps, progress)
@@ -299,10 +300,14 @@ class TwistedSMC(Sampler):
                 result = self._run(posterior, self.options.pilot_samples, round_generator, monitor, guidance)
             finally:
                 monitor.close()
-            guidance = PilotGuidance.from_samples(posterior, [result.samples], self.options.pilot_inflation)
-        if self.options.pilot_gaussian_fit:
-            guidance = guidance.with_gaussian_fit(posterior)
+            guidance = self._guide(posterior, [result.samples])
         return guidance
+
+    def _guide(self, posterior: Posterior, samples: list[Tensor]) -> PilotGuidance:
+        """The guide of these pilots' samples; with ``pilot_gaussian_fit`` the Gaussian fit's posterior joins it (in
+        every refit round's guide too)."""
+        guidance = PilotGuidance.from_samples(posterior, samples, self.options.pilot_inflation)
+        return guidance.with_gaussian_fit(posterior) if self.options.pilot_gaussian_fit else guidance
 
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:

@@ -353,6 +353,30 @@ def test_second_order_twist_and_pilot_guidance_are_checked_and_counted():
     assert with_fit.network_evaluations == 8 * 10 + alone.network_evaluations
 
 
+def test_the_gaussian_fit_joins_every_refit_rounds_guide(monkeypatch):
+    """With pilot_rounds > 1 and pilot_gaussian_fit, the refit round and the final run both follow a guide of two
+    Gaussians: the previous samples' and the Gaussian fit's posterior."""
+    from invdiff_plugins.twisted_smc import PilotGuidance
+
+    posterior = poisson_posterior()[0]
+    fit = PilotGuidance.of_gaussian_fit(posterior)
+    guides = []
+    original_run = TwistedSMC._run
+
+    def recording_run(self, posterior, num_samples, generator, monitor, guidance):
+        guides.append(guidance)
+        return original_run(self, posterior, num_samples, generator, monitor, guidance)
+
+    monkeypatch.setattr(TwistedSMC, "_run", recording_run)
+    sample_posterior(TwistedSMC(num_steps=10, num_particles=16, guidance="pilot", pilot_samples=8, pilot_rounds=2,
+                                pilot_gaussian_fit=True), posterior, 4)
+    assert len(guides) == 2
+    for guide in guides:
+        assert guide.means.shape[0] == 2
+        assert torch.equal(guide.means[1], fit.means[0]) and torch.equal(guide.variances[1], fit.variances[0])
+    assert not torch.equal(guides[0].means[0], guides[1].means[0])   # the round refitted the pilot's Gaussian
+
+
 def test_the_exact_twist_is_refused_without_a_closed_form():
     _, poisson = poisson_posterior()
     with pytest.raises(UnsupportedProblem, match="the exact twist needs Gaussian noise"):
