@@ -3,9 +3,12 @@ weights for a case of `natural_gmm_other_crop.yaml` moved over the 16x16 crops o
 scale) on a grid. No sampler runs; seconds.
 
     python benchmarks/posterior_modes.py      # box inpainting over coffee on a 16-pixel grid
-    python benchmarks/posterior_modes.py --case natural-gmm-random-coffee --image camera --step 8
+    python benchmarks/posterior_modes.py --case natural-gmm-random-coffee --image camera --step 8 [--path]
 
-A line per crop: its top-left corner, pixel std, the three largest component weights.
+A line per crop: its top-left corner, pixel std, the three largest component weights; with ``--path``, also the
+smallest mass that the components holding the exact posterior (weight above 0.1) keep on the annealing path of
+``path_bottleneck.py`` (its noise levels), the level where it is smallest and the component largest there: crops
+whose path hands the mass to another component before it comes back (a few seconds a crop).
 """
 
 from __future__ import annotations
@@ -15,12 +18,25 @@ from pathlib import Path
 
 import torch
 
+from path_bottleneck import LEVELS
+
 from invdiff.data import NATURAL_SPLIT, natural_images
 from invdiff.exact import ExactPosterior
 from invdiff.problems import ProblemConfig, build_problem, load_problem_config
 
 FILE = Path(__file__).resolve().parent / "natural_gmm_other_crop.yaml"
 SIZE, SCALE = 16, 4   # the crop size, the natural prior's scale
+HOLDS = 0.1           # with --path: a component holds the exact posterior above this weight
+
+
+def path_low(posterior) -> tuple[float, float, int]:
+    """The smallest mass of the components holding the exact posterior along the annealing path, the level where it
+    is smallest and the component largest there."""
+    weights = [ExactPosterior.from_posterior(posterior, noise_level=rho).log_weights.exp() for rho in LEVELS]
+    holding = (weights[0] > HOLDS).nonzero().flatten()
+    masses = [float(level[holding].sum()) for level in weights]
+    low = min(range(len(LEVELS)), key=masses.__getitem__)
+    return masses[low], LEVELS[low], int(weights[low].argmax())
 
 
 def main() -> None:
@@ -29,6 +45,7 @@ def main() -> None:
     parser.add_argument("--image", default="coffee", choices=NATURAL_SPLIT["test"],
                         help="the held-out photograph the crops are cut from")
     parser.add_argument("--step", type=int, default=16, help="the grid's spacing in pixels")
+    parser.add_argument("--path", action="store_true", help="also the smallest mass on the annealing path")
     arguments = parser.parse_args()
     template = load_problem_config(FILE, arguments.case).model_dump()
     height, width = (length // SCALE for length in natural_images("test")[arguments.image].shape)
@@ -38,8 +55,11 @@ def main() -> None:
             problem = build_problem(ProblemConfig.model_validate({**template, "truth": truth}), FILE)
             weights = ExactPosterior.from_posterior(problem.posterior).log_weights.exp()
             largest = torch.topk(weights, 3)
+            path = ("| path: mass {:.1e} at rho {:g}, largest there {}".format(*path_low(problem.posterior))
+                    if arguments.path else "")
             print(top, left, f"std {float(problem.truth.std()):.3f}",
-                  " ".join(f"{int(k)}: {float(w):.3f}" for w, k in zip(largest.values, largest.indices)), flush=True)
+                  " ".join(f"{int(k)}: {float(w):.3f}" for w, k in zip(largest.values, largest.indices)), path,
+                  flush=True)
 
 
 if __name__ == "__main__":

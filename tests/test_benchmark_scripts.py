@@ -41,3 +41,14 @@ def test_twist_families_alignment_is_a_finite_cosine_and_error(twist_families, g
     cosine, error = twist_families.alignment(posterior, twist_families.TwistFamilies(posterior, draws=4), gradient,
                                              0.3, states=4)
     assert -1.0 <= cosine <= 1.0 and error >= 0.0
+
+
+def test_posterior_modes_reports_the_smallest_mass_on_the_annealing_path():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import posterior_modes
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    posterior, _ = gaussian_mixture(dimension=4, measurements=2)
+    mass, level, largest = posterior_modes.path_low(posterior)
+    assert 0 < mass <= 1 and level in posterior_modes.LEVELS and 0 <= largest < len(posterior.prior.means)
