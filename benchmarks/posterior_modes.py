@@ -4,11 +4,13 @@ scale) on a grid. No sampler runs; seconds.
 
     python benchmarks/posterior_modes.py      # box inpainting over coffee on a 16-pixel grid
     python benchmarks/posterior_modes.py --case natural-gmm-random-coffee --image camera --step 8 [--path]
+        [--mask-seed 2]
 
 A line per crop: its top-left corner, pixel std, the three largest component weights; with ``--path``, also the
 smallest mass that the components holding the exact posterior (weight above 0.1) keep on the annealing path of
-``path_bottleneck.py`` (its noise levels), the level where it is smallest and the component largest there: crops
-whose path hands the mass to another component before it comes back (a few seconds a crop).
+``path_bottleneck.py`` (its noise levels), the level where it is smallest and the component largest there with its
+weight in the exact posterior: crops whose path hands the mass to another component before it comes back (a few
+seconds a crop).
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ SIZE, SCALE = 16, 4   # the crop size, the natural prior's scale
 HOLDS = 0.1           # with --path: a component holds the exact posterior above this weight
 
 
-def path_low(posterior) -> tuple[float, float, int]:
+def path_low(posterior) -> tuple[float, float, int, float]:
     """The smallest mass of the components holding the exact posterior along the annealing path, the level where it
-    is smallest and the component largest there."""
+    is smallest, the component largest there and that component's weight in the exact posterior."""
     weights = [ExactPosterior.from_posterior(posterior, noise_level=rho).log_weights.exp() for rho in LEVELS]
     holding = (weights[0] > HOLDS).nonzero().flatten()
     masses = [float(level[holding].sum()) for level in weights]
     low = min(range(len(LEVELS)), key=masses.__getitem__)
-    return masses[low], LEVELS[low], int(weights[low].argmax())
+    taker = int(weights[low].argmax())
+    return masses[low], LEVELS[low], taker, float(weights[0][taker])
 
 
 def main() -> None:
@@ -46,8 +49,11 @@ def main() -> None:
                         help="the held-out photograph the crops are cut from")
     parser.add_argument("--step", type=int, default=16, help="the grid's spacing in pixels")
     parser.add_argument("--path", action="store_true", help="also the smallest mass on the annealing path")
+    parser.add_argument("--mask-seed", type=int, help="random masks: this mask_seed instead of the case's")
     arguments = parser.parse_args()
     template = load_problem_config(FILE, arguments.case).model_dump()
+    if arguments.mask_seed is not None:
+        template["operator"]["mask_seed"] = arguments.mask_seed
     height, width = (length // SCALE for length in natural_images("test")[arguments.image].shape)
     for top in range(0, height - SIZE + 1, arguments.step):
         for left in range(0, width - SIZE + 1, arguments.step):
@@ -55,7 +61,8 @@ def main() -> None:
             problem = build_problem(ProblemConfig.model_validate({**template, "truth": truth}), FILE)
             weights = ExactPosterior.from_posterior(problem.posterior).log_weights.exp()
             largest = torch.topk(weights, 3)
-            path = ("| path: mass {:.1e} at rho {:g}, largest there {}".format(*path_low(problem.posterior))
+            path = ("| path: mass {:.1e} at rho {:g}, largest there {} (exact weight {:.3f})".format(
+                *path_low(problem.posterior))
                     if arguments.path else "")
             print(top, left, f"std {float(problem.truth.std()):.3f}",
                   " ".join(f"{int(k)}: {float(w):.3f}" for w, k in zip(largest.values, largest.indices)), path,

@@ -50,5 +50,6 @@ def test_posterior_modes_reports_the_smallest_mass_on_the_annealing_path():
     finally:
         sys.path.remove(str(BENCHMARKS))
     posterior, _ = gaussian_mixture(dimension=4, measurements=2)
-    mass, level, largest = posterior_modes.path_low(posterior)
+    mass, level, largest, weight = posterior_modes.path_low(posterior)
     assert 0 < mass <= 1 and level in posterior_modes.LEVELS and 0 <= largest < len(posterior.prior.means)
+    assert 0 <= weight <= 1
