@@ -66,11 +66,17 @@ def case_problem(case: str, prior_draw: int | None = None):
     return build_problem(config.model_copy(update={"truth": PriorTruthConfig(source="prior", seed=prior_draw)}), path)
 
 
+def path_weights(posterior) -> list[torch.Tensor]:
+    """The mixture components' weights in ``p_rho(x | y)`` at each of ``LEVELS`` (the first, 0: the exact
+    posterior's)."""
+    return [ExactPosterior.from_posterior(posterior, noise_level=rho).log_weights.exp() for rho in LEVELS]
+
+
 def path_rows(case: str, samplers: list[str], registry, prior_draw: int | None = None) -> dict:
     """The path of one case: its main components and, per level, their mass and the largest component; where
     the ``samplers``' samples land."""
     problem = case_problem(case, prior_draw)
-    weights = [ExactPosterior.from_posterior(problem.posterior, noise_level=rho).log_weights.exp() for rho in LEVELS]
+    weights = path_weights(problem.posterior)
     exact = weights[0]
     main = (exact > MAIN_WEIGHT).nonzero().flatten()
     sde = problem.posterior.prior.sde

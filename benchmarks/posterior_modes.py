@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from path_bottleneck import LEVELS
+from path_bottleneck import LEVELS, path_weights
 
 from invdiff.data import NATURAL_SPLIT, natural_images
 from invdiff.exact import ExactPosterior
@@ -34,7 +34,7 @@ HOLDS = 0.1           # with --path: a component holds the exact posterior above
 def path_low(posterior) -> tuple[float, float, int, float]:
     """The smallest mass of the components holding the exact posterior along the annealing path, the level where it
     is smallest, the component largest there and that component's weight in the exact posterior."""
-    weights = [ExactPosterior.from_posterior(posterior, noise_level=rho).log_weights.exp() for rho in LEVELS]
+    weights = path_weights(posterior)
     holding = (weights[0] > HOLDS).nonzero().flatten()
     masses = [float(level[holding].sum()) for level in weights]
     low = min(range(len(LEVELS)), key=masses.__getitem__)
@@ -61,9 +61,11 @@ def main() -> None:
             problem = build_problem(ProblemConfig.model_validate({**template, "truth": truth}), FILE)
             weights = ExactPosterior.from_posterior(problem.posterior).log_weights.exp()
             largest = torch.topk(weights, 3)
-            path = ("| path: mass {:.1e} at rho {:g}, largest there {} (exact weight {:.3f})".format(
-                *path_low(problem.posterior))
-                    if arguments.path else "")
+            path = ""
+            if arguments.path:
+                mass, level, taker, taker_weight = path_low(problem.posterior)
+                path = (f"| path: mass {mass:.1e} at rho {level:g}, largest there {taker} "
+                        f"(exact weight {taker_weight:.3f})")
             print(top, left, f"std {float(problem.truth.std()):.3f}",
                   " ".join(f"{int(k)}: {float(w):.3f}" for w, k in zip(largest.values, largest.indices)), path,
                   flush=True)

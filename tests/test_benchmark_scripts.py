@@ -1,6 +1,7 @@
 """The benchmark scripts that subclass or call a sampler's internals keep up with them: a change of signature there
 fails here in seconds instead of in a README command that runs for minutes (``benchmarks/twist_families.py``'s
 mixed twists once broke on ``TwistedSMC._twist``'s guidance argument, and its pilot on ``PilotGuidance``'s list)."""
+import importlib
 import sys
 from pathlib import Path
 
@@ -14,14 +15,18 @@ from invdiff.testing import gaussian_mixture
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def twist_families():
+def import_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module (the scripts import each other by name)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import twist_families
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return twist_families
+
+
+@pytest.fixture(scope="module")
+def twist_families():
+    return import_benchmark("twist_families")
 
 
 @pytest.mark.parametrize("config", ["tweedie/pilot", "exact/exact", "moment/tweedie", "row_sums/row_sums"])
@@ -44,11 +49,7 @@ def test_twist_families_alignment_is_a_finite_cosine_and_error(twist_families, g
 
 
 def test_posterior_modes_reports_the_smallest_mass_on_the_annealing_path():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import posterior_modes
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    posterior_modes = import_benchmark("posterior_modes")
     posterior, _ = gaussian_mixture(dimension=4, measurements=2)
     mass, level, largest, weight = posterior_modes.path_low(posterior)
     assert 0 < mass <= 1 and level in posterior_modes.LEVELS and 0 <= largest < len(posterior.prior.means)
