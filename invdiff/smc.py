@@ -300,10 +300,49 @@ SPLIT_TIME_OPTION = Field(None, gt=0, lt=1, description="with num_runs > 1: the 
                           "choose among the modes, the runs keep the samples apart)")
 
 
+#: the option of a sampler whose runs, right after the split, go down again from noised copies of the particles
+#: (restart sampling with weights: ``restart_index``, ``restart_steps``, ``noised_copies``)
+RESTART_TIME_OPTION = Field(None, gt=0, lt=1, description="with split_time: right after the split, every particle is "
+                            "noised forward by the SDE to the last grid time at or above this one, and the runs go "
+                            "down from there (the steps between are run again)")
+
+
 def check_split_time(options: SMCOptions) -> None:
-    """Refuse ``split_time`` without runs to split into."""
+    """Refuse ``split_time`` without runs to split into, and ``restart_time`` without a split below it."""
     if options.split_time is not None and options.num_runs == 1:
         raise ValueError("split_time splits one run into num_runs runs: set num_runs > 1 with it")
+    restart_time = getattr(options, "restart_time", None)
+    if restart_time is not None and (options.split_time is None or restart_time <= options.split_time):
+        raise ValueError("restart_time noises the particles back from split_time: set split_time below it")
+
+
+def restart_index(grid: Tensor, restart_time: float) -> int:
+    """The index of the last time of ``grid`` (decreasing) at or above ``restart_time``: where the runs go down
+    again."""
+    return int((grid >= restart_time).nonzero().max())
+
+
+def restart_steps(grid: Tensor, split_time: float | None, restart_time: float | None) -> int:
+    """The steps a restart adds on ``grid`` (0 without one): its own, then the steps from the restart's grid time
+    down to the split's, run again. Run estimates count them."""
+    if restart_time is None:
+        return 0
+    split_index = int((grid[1:] <= split_time).nonzero().min())
+    if split_index >= len(grid) - 2:   # the split would be the last step: it does not happen
+        return 0
+    return split_index - restart_index(grid, restart_time) + 2
+
+
+def noised_copies(sde: SDE, x: Tensor, s: Tensor, grid: Tensor, restart_time: float,
+                  generator: torch.Generator) -> tuple[int, Tensor]:
+    """The particles at ``s`` noised forward by the SDE to ``r``, the last grid time at or above ``restart_time``,
+    and the grid index of ``r``. Weighed by ``p~_r(y | x_r) / p~_s(y | x_s)`` (the caller's twist), they target the
+    twisted ``p_r(x) p~_r(y | x)`` exactly as a first pass does at ``r``: with the prior's reverse kernel as the
+    backward kernel (an SMC sampler's L-kernel, Del Moral, Doucet and Jasra, JRSS B 2006), ``p_s(x_s) q(x_r | x_s) =
+    p_r(x_r) p(x_s | x_r)`` cancels the rest (restart sampling, Xu et al., NeurIPS 2023, re-noises the same way,
+    without weights)."""
+    index = restart_index(grid, restart_time)
+    return index, sde.forward_transition(x, s, grid[index], generator=generator)
 
 
 def particles_per_run(num_particles: int | None, num_samples: int, num_runs: int) -> int:

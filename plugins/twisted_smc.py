@@ -86,8 +86,9 @@ from invdiff.exact import ExactPosterior, ExactTwist
 from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (SPLIT_TIME_OPTION, MeasurementTwist, ParticleWeights, ResampleMove, SMCOptions, TargetPoint,
-                         check_split_time, chunked, particle_weights, weighted_result)
+from invdiff.smc import (RESTART_TIME_OPTION, SPLIT_TIME_OPTION, MeasurementTwist, ParticleWeights, ResampleMove,
+                         SMCOptions, TargetPoint, check_split_time, chunked, noised_copies, particle_weights,
+                         restart_steps, weighted_result)
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist, SecondOrderTwist
 
 
@@ -191,15 +192,11 @@ class TwistedSMCOptions(SMCOptions):
                                      "Gaussian of the guide's equal-weight mixture: the pilots pick modes, the fit "
                                      "weighs them")
     split_time: float | None = SPLIT_TIME_OPTION
-    restart_time: float | None = Field(None, gt=0, lt=1, description="with split_time: right after the split, "
-                                       "every particle is noised forward by the SDE to the last grid time at or above "
-                                       "this one, and the runs go down from there (the steps between are run again)")
+    restart_time: float | None = RESTART_TIME_OPTION
 
     @model_validator(mode="after")
     def _split_needs_runs(self) -> "TwistedSMCOptions":
         check_split_time(self)
-        if self.restart_time is not None and (self.split_time is None or self.restart_time <= self.split_time):
-            raise ValueError("restart_time noises the particles back from split_time: set split_time below it")
         if self.pilot_gaussian_fit and self.guidance != "pilot":
             raise ValueError("pilot_gaussian_fit adds the Gaussian fit to a pilot's guide: set guidance 'pilot' (or "
                              "guidance 'gaussian_fit' for the fit alone)")
@@ -383,29 +380,16 @@ class TwistedSMC(Sampler):
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
 
     def restart_steps(self, grid: Tensor) -> int:
-        """The steps ``restart_time`` adds on ``grid`` (0 without it): the restart's own, then the steps from the
-        restart's grid time down to the split's, run again. The run estimate counts them."""
-        if self.options.restart_time is None:
-            return 0
-        split_index = int((grid[1:] <= self.options.split_time).nonzero().min())
-        if split_index >= len(grid) - 2:   # the split would be the last step: it does not happen
-            return 0
-        return split_index - self._restart_index(grid) + 2
-
-    def _restart_index(self, grid: Tensor) -> int:
-        """The index of the last grid time at or above ``restart_time``: where the runs go down again."""
-        return int((grid >= self.options.restart_time).nonzero().max())
+        """The steps ``restart_time`` adds on ``grid`` (0 without it; ``invdiff.smc.restart_steps``)."""
+        return restart_steps(grid, self.options.split_time, self.options.restart_time)
 
     def _restart(self, posterior: Posterior, grid: Tensor, s: Tensor, x: Tensor, log_twist: Tensor,
                  weights: ParticleWeights, twist: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
                  generator: torch.Generator) -> tuple[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """Noise the particles forward from ``s`` to ``r``, the last grid time at or above ``restart_time``, and
-        weigh them by ``p~_r(y | x_r) / p~_s(y | x_s)``: with the prior's reverse kernel as the backward kernel
-        (an SMC sampler's L-kernel, Del Moral, Doucet and Jasra, JRSS B 2006), ``p_s(x_s) q(x_r | x_s) = p_r(x_r)
-        p(x_s | x_r)`` cancels the rest, so the particles target the twisted ``p_r(x) p~_r(y | x)`` exactly as
-        the first pass did at ``r``. Returns the grid index of ``r`` and the particles with their twist."""
-        index = self._restart_index(grid)
-        restarted = posterior.prior.sde.forward_transition(x, s, grid[index], generator=generator)
+        """The particles at ``s`` noised forward to the restart's grid time ``r`` and weighed by ``p~_r(y | x_r) /
+        p~_s(y | x_s)`` (``invdiff.smc.noised_copies``: why that weight is exact). Returns the grid index of ``r`` and
+        the particles with their twist."""
+        index, restarted = noised_copies(posterior.prior.sde, x, s, grid, self.options.restart_time, generator)
         denoised, new_log_twist, gradient = twist(restarted, grid[index])
         weights.reweight(new_log_twist - log_twist, where=f"the restart (t={float(grid[index]):.4g})")
         return index, (restarted, denoised, new_log_twist, gradient)

@@ -40,7 +40,10 @@ follow the twist's gradient with the fit's Jacobian. Tweedie's ``r_s^2 I`` is un
 With ``num_runs = R > 1`` the particles form R independent runs (``invdiff.smc``: weighted and
 resampled apart, the samples spread over them, each run weighted 1/R). With ``split_time = t_s`` they move as one
 run until the first step at or below ``t_s``, then split into the R runs (``ParticleWeights.split``, as twisted_smc):
-the one run's weights choose among the posterior's modes, the runs keep the samples' paths apart.
+the one run's weights choose among the posterior's modes, the runs keep the samples' paths apart. With
+``restart_time = t_r`` (above ``t_s``), right after the split every particle is noised forward by the SDE to ``t_r``,
+weighted by ``p~_{t_r}(y | x_{t_r}) / p~_{t_s}(y | x_{t_s})``, and the runs go down from ``t_r`` again, as twisted_smc's
+(``invdiff.smc.noised_copies``).
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ from torch.distributions import MultivariateNormal
 import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (SPLIT_TIME_OPTION, MeasurementTwist, ResampleMove, SMCOptions, TargetPoint, check_split_time,
-                         chunked, particle_weights, twisting_variance, weighted_result)
+from invdiff.smc import (RESTART_TIME_OPTION, SPLIT_TIME_OPTION, MeasurementTwist, ResampleMove, SMCOptions,
+                         TargetPoint, check_split_time, chunked, noised_copies, particle_weights, restart_steps,
+                         twisting_variance, weighted_result)
 from invdiff.spectral import DenseSVD, LinearGaussianSVD
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist
 
@@ -74,6 +78,7 @@ class VESMCOptions(SMCOptions):
         f"of any size, or another linear operator on events up to {DenseSVD.MAX_DIMENSION} values), gradient, or "
         "auto: closed_form where it applies")
     split_time: float | None = SPLIT_TIME_OPTION
+    restart_time: float | None = RESTART_TIME_OPTION
 
     @model_validator(mode="after")
     def _split_needs_runs(self) -> "VESMCOptions":
@@ -131,7 +136,9 @@ class VESMC(Sampler):
             x = prior.terminal_sample(weights.total_particles, generator=generator, dtype=dtype, device=device)
             score, log_twist = evaluate(x, grid[0])
             weights.reweight(log_twist, where=f"the initial weights (t={float(grid[0]):.4g})")
-            for index, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+            index = 0
+            while index < len(grid) - 1:
+                t, s = grid[index], grid[index + 1]
                 where = f"step {index + 1}/{self.options.num_steps} (t={float(s):.4g})"
                 denoised = (x + sde.sigma_t(t).to(dtype) ** 2 * score) / sde.lambda_t(t).to(dtype)
                 mean, variance = sde.reverse_kernel(x, denoised, t, s)
@@ -164,8 +171,23 @@ class VESMC(Sampler):
                         weights.record_move()
                     if split_time is not None and weights.num_runs == 1 and float(s) <= split_time:
                         x, score, log_twist = weights.split(self.options.num_runs, x, score, log_twist)
+                        if self.options.restart_time is not None:
+                            monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
+                            index, x = noised_copies(sde, x, s, grid, self.options.restart_time, generator)
+                            score, new_log_twist = evaluate(x, grid[index])
+                            weights.reweight(new_log_twist - log_twist,
+                                             where=f"the restart (t={float(grid[index]):.4g})")
+                            log_twist = new_log_twist
+                            monitor.add_steps(self.restart_steps(grid))
+                            monitor.step(index - 1, grid[index], x, **weights.end_step())
+                            continue
                 monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
+                index += 1
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
+
+    def restart_steps(self, grid: Tensor) -> int:
+        """The steps ``restart_time`` adds on ``grid`` (0 without it; ``invdiff.smc.restart_steps``)."""
+        return restart_steps(grid, self.options.split_time, self.options.restart_time)
 
     @staticmethod
     def _target_point(posterior: Posterior, twist: MeasurementTwist | GaussianFitTwist, x: Tensor, t: Tensor,

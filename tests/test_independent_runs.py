@@ -119,21 +119,23 @@ def test_a_split_run_matches_the_exact_linear_gaussian_posterior(sampler_class):
     assert max(largest.values()) < REPLICATE_Z, f"largest z-scores over 10 calls {largest} (limit {REPLICATE_Z})"
 
 
-def test_restart_time_needs_a_split_below_it():
+@pytest.mark.parametrize("sampler_class", [TwistedSMC, VESMC])
+def test_restart_time_needs_a_split_below_it(sampler_class):
     with pytest.raises(ValueError, match="set split_time below it"):
-        TwistedSMC(num_runs=4, restart_time=0.3)
+        sampler_class(num_runs=4, restart_time=0.3)
     with pytest.raises(ValueError, match="set split_time below it"):
-        TwistedSMC(num_runs=4, split_time=0.3, restart_time=0.2)
+        sampler_class(num_runs=4, split_time=0.3, restart_time=0.2)
 
 
-def test_a_split_run_restarted_from_noised_copies_matches_the_exact_linear_gaussian_posterior():
+@pytest.mark.parametrize("sampler_class", [TwistedSMC, VESMC])
+def test_a_split_run_restarted_from_noised_copies_matches_the_exact_linear_gaussian_posterior(sampler_class):
     """Split at t = 0.2 (the first grid time at or below 0.21), every particle noised forward to t = 0.6 (the last
     at or above 0.59) and the 4 runs down again: pooled weighted mean, covariance and Z_hat / Z of 10 calls within
     REPLICATE_Z standard errors of the 60-step model's. Without the restart's weight p~_r(y | x_r) / p~_s(y | x_s),
     Z_hat / Z is some 50 standard errors off."""
     posterior, _ = linear_gaussian()
     exact = discretised_model_posterior(posterior, 60)
-    sampler = TwistedSMC(num_steps=60, num_particles=512, num_runs=4, split_time=0.21, restart_time=0.59)
+    sampler = sampler_class(num_steps=60, num_particles=512, num_runs=4, split_time=0.21, restart_time=0.59)
     results = [sample_posterior(sampler, posterior, 8, generator=torch.Generator().manual_seed(seed))
                for seed in range(10)]
     times = [record["time"] for record in results[0].diagnostics]

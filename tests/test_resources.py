@@ -156,13 +156,14 @@ def test_second_order_twisting_and_pilot_rounds_are_counted_as_network_evaluatio
     assert two_pilots.network_images == 2 * 4 * 10 + plain.network_images, "two DPS pilots, the run"
 
 
-def test_restart_steps_are_counted_as_the_run_makes_them():
+@pytest.mark.parametrize("name", ["twisted_smc", "ve_smc"])
+def test_restart_steps_are_counted_as_the_run_makes_them(name):
     """``restart_time`` runs the steps between the split and the restart again: the estimate counts exactly the
     network evaluations the run makes (no moves, so no upper bound is involved)."""
     problem = load_problem(PROBLEMS / "inpaint.yaml", "digits-gmm-box")
     options = {"num_steps": 10, "num_particles": 8, "num_runs": 2, "split_time": 0.25}
-    split = sampler("twisted_smc", **options)
-    restarted = sampler("twisted_smc", restart_time=0.55, **options)
+    split = sampler(name, **options)
+    restarted = sampler(name, restart_time=0.55, **options)
     assert restarted.restart_steps(problem.posterior.prior.sde.time_grid(10)) == 5, \
         "split after step 8 (t = 0.2), restarted at t = 0.6: its own call, then steps 5..8 (0.6 to 0.2) again"
     for each in (split, restarted):
