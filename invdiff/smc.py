@@ -43,7 +43,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from invdiff.posterior import SampleResult, SamplerOptions, SamplingError
+from invdiff.posterior import SampleResult, SamplerOptions, SamplingError, StepMonitor
 from invdiff.prior import GaussianMixturePrior
 from invdiff.sde import SDE
 from invdiff.spectral import LinearGaussianSVD
@@ -301,7 +301,7 @@ SPLIT_TIME_OPTION = Field(None, gt=0, lt=1, description="with num_runs > 1: the 
 
 
 #: the option of a sampler whose runs, right after the split, go down again from noised copies of the particles
-#: (restart sampling with weights: ``restart_index``, ``restart_steps``, ``noised_copies``)
+#: (restart sampling with weights: ``restart_runs``)
 RESTART_TIME_OPTION = Field(None, gt=0, lt=1, description="with split_time: right after the split, every particle is "
                             "noised forward by the SDE to the last grid time at or above this one, and the runs go "
                             "down from there (the steps between are run again)")
@@ -333,16 +333,31 @@ def restart_steps(grid: Tensor, split_time: float | None, restart_time: float | 
     return split_index - restart_index(grid, restart_time) + 2
 
 
-def noised_copies(sde: SDE, x: Tensor, s: Tensor, grid: Tensor, restart_time: float,
-                  generator: torch.Generator) -> tuple[int, Tensor]:
-    """The particles at ``s`` noised forward by the SDE to ``r``, the last grid time at or above ``restart_time``,
-    and the grid index of ``r``. Weighed by ``p~_r(y | x_r) / p~_s(y | x_s)`` (the caller's twist), they target the
-    twisted ``p_r(x) p~_r(y | x)`` exactly as a first pass does at ``r``: with the prior's reverse kernel as the
-    backward kernel (an SMC sampler's L-kernel, Del Moral, Doucet and Jasra, JRSS B 2006), ``p_s(x_s) q(x_r | x_s) =
-    p_r(x_r) p(x_s | x_r)`` cancels the rest (restart sampling, Xu et al., NeurIPS 2023, re-noises the same way,
-    without weights)."""
-    index = restart_index(grid, restart_time)
-    return index, sde.forward_transition(x, s, grid[index], generator=generator)
+def restart_runs(weights: ParticleWeights, monitor: StepMonitor, grid: Tensor, index: int, x: Tensor,
+                 log_twist: Tensor, evaluate: Callable[[Tensor, Tensor], tuple[Tensor, ...]], *, sde: SDE,
+                 options: SMCOptions, generator: torch.Generator,
+                 diagnostics: dict[str, float]) -> tuple[int, Tensor, tuple[Tensor, ...]]:
+    """The restart, right after the split at step ``index`` (time ``s = grid[index + 1]``): record that step (with
+    ``diagnostics``), noise the particles forward by the SDE to ``r``, the last grid time at or above
+    ``options.restart_time``, evaluate them there, weigh them by ``p~_r(y | x_r) / p~_s(y | x_s)`` and record the
+    restart as a step (the monitor told of the steps it adds, ``restart_steps``). ``evaluate(x, t)`` returns what the
+    sampler carries with its particles, ``log p~_t(y | x)`` second (twisted_smc: denoised, log twist, gradient;
+    ve_smc: score, log twist). Returns the grid index of ``r``, where the next step starts, the particles and what
+    ``evaluate`` returned for them.
+
+    The weight is exact: with the prior's reverse kernel as the backward kernel (an SMC sampler's L-kernel, Del Moral,
+    Doucet and Jasra, JRSS B 2006), ``p_s(x_s) q(x_r | x_s) = p_r(x_r) p(x_s | x_r)`` cancels the rest, so the
+    particles target the twisted ``p_r(x) p~_r(y | x)`` as a first pass does at ``r`` (restart sampling, Xu et al.,
+    NeurIPS 2023, re-noises the same way, without weights)."""
+    s = grid[index + 1]
+    monitor.step(index, s, x, **weights.end_step(), **diagnostics)
+    restart = restart_index(grid, options.restart_time)
+    restarted = sde.forward_transition(x, s, grid[restart], generator=generator)
+    carried = evaluate(restarted, grid[restart])
+    weights.reweight(carried[1] - log_twist, where=f"the restart (t={float(grid[restart]):.4g})")
+    monitor.add_steps(restart_steps(grid, options.split_time, options.restart_time))
+    monitor.step(restart - 1, grid[restart], restarted, **weights.end_step())
+    return restart, restarted, carried
 
 
 def particles_per_run(num_particles: int | None, num_samples: int, num_runs: int) -> int:

@@ -86,9 +86,9 @@ from invdiff.exact import ExactPosterior, ExactTwist
 from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (RESTART_TIME_OPTION, SPLIT_TIME_OPTION, MeasurementTwist, ParticleWeights, ResampleMove,
-                         SMCOptions, TargetPoint, check_split_time, chunked, noised_copies, particle_weights,
-                         restart_steps, weighted_result)
+from invdiff.smc import (RESTART_TIME_OPTION, SPLIT_TIME_OPTION, MeasurementTwist, ResampleMove, SMCOptions,
+                         TargetPoint, check_split_time, chunked, particle_weights, restart_runs, restart_steps,
+                         weighted_result)
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist, SecondOrderTwist
 
 
@@ -369,11 +369,9 @@ class TwistedSMC(Sampler):
                     x, denoised, log_twist, gradient = weights.split(self.options.num_runs, x, denoised, log_twist,
                                                                      gradient)
                     if self.options.restart_time is not None:
-                        monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
-                        index, (x, denoised, log_twist, gradient) = self._restart(
-                            posterior, grid, s, x, log_twist, weights, twist, generator)
-                        monitor.add_steps(self.restart_steps(grid))
-                        monitor.step(index - 1, grid[index], x, **weights.end_step())
+                        index, x, (denoised, log_twist, gradient) = restart_runs(
+                            weights, monitor, grid, index, x, log_twist, twist, sde=prior.sde, options=self.options,
+                            generator=generator, diagnostics=move_diagnostics)
                         continue
             monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
             index += 1
@@ -382,17 +380,6 @@ class TwistedSMC(Sampler):
     def restart_steps(self, grid: Tensor) -> int:
         """The steps ``restart_time`` adds on ``grid`` (0 without it; ``invdiff.smc.restart_steps``)."""
         return restart_steps(grid, self.options.split_time, self.options.restart_time)
-
-    def _restart(self, posterior: Posterior, grid: Tensor, s: Tensor, x: Tensor, log_twist: Tensor,
-                 weights: ParticleWeights, twist: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
-                 generator: torch.Generator) -> tuple[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """The particles at ``s`` noised forward to the restart's grid time ``r`` and weighed by ``p~_r(y | x_r) /
-        p~_s(y | x_s)`` (``invdiff.smc.noised_copies``: why that weight is exact). Returns the grid index of ``r`` and
-        the particles with their twist."""
-        index, restarted = noised_copies(posterior.prior.sde, x, s, grid, self.options.restart_time, generator)
-        denoised, new_log_twist, gradient = twist(restarted, grid[index])
-        weights.reweight(new_log_twist - log_twist, where=f"the restart (t={float(grid[index]):.4g})")
-        return index, (restarted, denoised, new_log_twist, gradient)
 
 
 @invdiff.hookimpl

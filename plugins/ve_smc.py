@@ -43,7 +43,7 @@ run until the first step at or below ``t_s``, then split into the R runs (``Part
 the one run's weights choose among the posterior's modes, the runs keep the samples' paths apart. With
 ``restart_time = t_r`` (above ``t_s``), right after the split every particle is noised forward by the SDE to ``t_r``,
 weighted by ``p~_{t_r}(y | x_{t_r}) / p~_{t_s}(y | x_{t_s})``, and the runs go down from ``t_r`` again, as twisted_smc's
-(``invdiff.smc.noised_copies``).
+(``invdiff.smc.restart_runs``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem
 from invdiff.sde import gaussian_log_density
 from invdiff.smc import (RESTART_TIME_OPTION, SPLIT_TIME_OPTION, MeasurementTwist, ResampleMove, SMCOptions,
-                         TargetPoint, check_split_time, chunked, noised_copies, particle_weights, restart_steps,
+                         TargetPoint, check_split_time, chunked, particle_weights, restart_runs, restart_steps,
                          twisting_variance, weighted_result)
 from invdiff.spectral import DenseSVD, LinearGaussianSVD
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist
@@ -172,14 +172,9 @@ class VESMC(Sampler):
                     if split_time is not None and weights.num_runs == 1 and float(s) <= split_time:
                         x, score, log_twist = weights.split(self.options.num_runs, x, score, log_twist)
                         if self.options.restart_time is not None:
-                            monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
-                            index, x = noised_copies(sde, x, s, grid, self.options.restart_time, generator)
-                            score, new_log_twist = evaluate(x, grid[index])
-                            weights.reweight(new_log_twist - log_twist,
-                                             where=f"the restart (t={float(grid[index]):.4g})")
-                            log_twist = new_log_twist
-                            monitor.add_steps(self.restart_steps(grid))
-                            monitor.step(index - 1, grid[index], x, **weights.end_step())
+                            index, x, (score, log_twist) = restart_runs(
+                                weights, monitor, grid, index, x, log_twist, evaluate, sde=sde, options=self.options,
+                                generator=generator, diagnostics=move_diagnostics)
                             continue
                 monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
                 index += 1
