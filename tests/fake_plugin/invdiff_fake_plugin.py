@@ -1,6 +1,5 @@
 """A third-party sampler, as a user would write it: draws from the prior, ignoring y."""
 
-import torch
 from pydantic import Field
 
 import invdiff
