@@ -179,27 +179,29 @@ def _held_states(sampler: Sampler, num_samples: int) -> int:
 def _network_images(sampler: Sampler, posterior: Posterior, num_samples: int) -> int:
     """Images passed through the network over the run: chains x steps x calls per step, plus the pool's draws.
 
-    Resample-move's ``move_steps`` are counted as if every step resampled (an upper bound). ``twisting:
-    second_order`` on a prior without a closed-form covariance adds one Jacobian-vector product per measured
-    value to every call (an upper bound: only the observed ones are made); ``guidance: pilot`` repeats the run
-    ``pilot_rounds - 1`` times after the pilot sampler's ``pilot_count`` runs of ``pilot_samples`` (a sampler's
-    ``build_pilot``); steps a sampler runs again are added (its ``restart_steps``)."""
+    Resample-move's ``move_steps`` are counted as if every step but the last (which never resamples) resampled
+    (an upper bound). ``twisting: second_order`` on a prior without a closed-form covariance adds one
+    Jacobian-vector product per measured value to every call (an upper bound: only the observed ones are made);
+    ``guidance: pilot`` adds the pilot sampler's ``pilot_count`` runs of ``pilot_samples`` (a sampler's
+    ``build_pilot``) and ``pilot_rounds - 1`` runs of this sampler for ``pilot_samples`` samples; steps a sampler
+    runs again are added (its ``restart_steps``)."""
     inner_steps = _option(sampler, "inner_steps")
-    calls_per_step = (inner_steps + 1 if inner_steps else 1) + (_option(sampler, "move_steps") or 0)
-    if (_option(sampler, "twisting") == "second_order"
-            and type(posterior.prior).measured_covariance is Prior.measured_covariance):
-        calls_per_step *= 1 + posterior.measurement[0].numel()
-    pool = (_option(sampler, "pool_size") or 0) * (_option(sampler, "pool_steps") or 0)
-    pilot = sampler.build_pilot() if hasattr(sampler, "build_pilot") else None
-    runs, pilot_images = 1, 0
-    if pilot is not None:
-        runs = _option(sampler, "pilot_rounds")
-        pilot_images = _option(sampler, "pilot_count") * _network_images(pilot, posterior,
-                                                                          _option(sampler, "pilot_samples"))
     steps = max(sampler.num_steps, 1)
     if hasattr(sampler, "restart_steps"):
         steps += sampler.restart_steps(posterior.prior.sde.time_grid(sampler.num_steps))
-    return runs * (steps * _chains(sampler, num_samples) * calls_per_step + pool) + pilot_images
+    moves = _option(sampler, "move_steps") or 0
+    calls_per_state = steps * (inner_steps + 1 if inner_steps else 1) + (steps - 1) * moves
+    if (_option(sampler, "twisting") == "second_order"
+            and type(posterior.prior).measured_covariance is Prior.measured_covariance):
+        calls_per_state *= 1 + posterior.measurement[0].numel()
+    pool = (_option(sampler, "pool_size") or 0) * (_option(sampler, "pool_steps") or 0)
+    images = calls_per_state * _chains(sampler, num_samples) + pool
+    pilot = sampler.build_pilot() if hasattr(sampler, "build_pilot") else None
+    if pilot is not None:
+        pilot_samples = _option(sampler, "pilot_samples")
+        images += _option(sampler, "pilot_count") * _network_images(pilot, posterior, pilot_samples)
+        images += (_option(sampler, "pilot_rounds") - 1) * (calls_per_state * _chains(sampler, pilot_samples) + pool)
+    return images
 
 
 def _images_per_call(sampler: Sampler, prior: Prior, states: int, needs_gradient: bool) -> int:

@@ -43,13 +43,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from invdiff.posterior import SampleResult, SamplerOptions, SamplingError, StepMonitor
+from invdiff.posterior import SampleResult, SamplerOptions, SamplingError, StepMonitor, UnsupportedProblem
 from invdiff.prior import GaussianMixturePrior
 from invdiff.sde import SDE
 from invdiff.spectral import LinearGaussianSVD
 
 __all__ = ["effective_sample_size", "RESAMPLING_SCHEMES", "ParticleWeights", "distinct_ancestors", "SMCOptions",
-           "SPLIT_TIME_OPTION", "check_split_time", "particles_per_run", "particle_weights", "twisting_variance",
+           "SPLIT_TIME_OPTION", "RESTART_TIME_OPTION", "check_split_time", "check_run_times", "restart_index",
+           "restart_steps", "restart_runs", "particles_per_run", "particle_weights", "twisting_variance",
            "MeasurementTwist", "TargetPoint", "ResampleMove", "chunked", "weighted_result"]
 
 
@@ -128,6 +129,8 @@ class ParticleWeights:
         self.run_log_evidence = torch.zeros(num_runs, dtype=torch.float64, device=device)
         #: the weights as the last reweighting left them, before any resampling: what the diagnostics report
         self.log_weights_before_resampling = self.log_weights
+        #: the runs those weights belong to (one on the step that splits one run into several)
+        self._runs_before_resampling = num_runs
         #: one entry per finished step: the ancestor indices of its resampling(s), or None where it kept its particles
         self.ancestry: list[Tensor | None] = []
         #: one entry per finished step: whether resample-move moved its particles after resampling
@@ -178,6 +181,7 @@ class ParticleWeights:
         self.run_log_evidence += totals
         self.log_weights = (combined - totals[:, None]).flatten()
         self.log_weights_before_resampling = self.log_weights
+        self._runs_before_resampling = self.num_runs
 
     def resample_if_needed(self, *tensors: Tensor) -> tuple[tuple[Tensor, ...], bool]:
         """Resample, within each run whose ESS < threshold * K, ``tensors`` (particles on the first axis).
@@ -218,8 +222,6 @@ class ParticleWeights:
         self.num_runs, self.num_particles = num_runs, self.num_particles // num_runs
         self.log_weights = torch.full_like(self.log_weights, -math.log(self.num_particles))
         self.run_log_evidence = self.run_log_evidence.expand(num_runs).clone()
-        # this step's diagnostics pool the weights before resampling over the new runs (minus log R): the one run's
-        self.log_weights_before_resampling = self.log_weights_before_resampling + math.log(num_runs)
         return tuple(tensor[ancestors] for tensor in tensors)
 
     def record_move(self) -> None:
@@ -239,11 +241,12 @@ class ParticleWeights:
         self.moved.append(self._step_moved)
         self._step_ancestors = None
         self._step_moved = False
-        log_weights = self._by_run(self.log_weights_before_resampling)
+        runs = self._runs_before_resampling   # the one run's weights on the step that split it
+        log_weights = self.log_weights_before_resampling.view(runs, -1)
         finite = torch.isfinite(log_weights)
         spread = torch.where(finite.any(1), torch.where(finite, log_weights, -torch.inf).amax(1)
                              - torch.where(finite, log_weights, torch.inf).amin(1), torch.inf)
-        return {"ess": float(effective_sample_size(log_weights.flatten() - math.log(self.num_runs))),
+        return {"ess": float(effective_sample_size(log_weights.flatten() - math.log(runs))),
                 "resampled": float(resampled), "log_weight_spread": float(spread.max())}
 
 
@@ -282,7 +285,8 @@ class SMCOptions(SamplerOptions):
     twisting_cap: float = Field(0.12, gt=0, description="tau^2 of the capped rule, in the prior's units")
     batch_size: int | None = Field(None, ge=1, description="most particles per network call (memory budget)")
     move_steps: int = Field(0, ge=0, description="resample-move: Metropolis-adjusted Langevin moves of every "
-                            "particle after each resampling (0: none); each costs one network evaluation per particle")
+                            "particle after each resampling of the weights (0: none; not after split_time's split); "
+                            "each costs one network evaluation per particle")
     move_step_size: float = Field(0.05, gt=0, le=1, description="c of the moves' step h = c sigma_t^2 / (1 + ||A||^2)")
 
     @model_validator(mode="after")
@@ -290,6 +294,9 @@ class SMCOptions(SamplerOptions):
         if self.num_particles is not None and self.num_particles % self.num_runs:
             raise ValueError(f"num_particles ({self.num_particles}) must be a multiple of num_runs ({self.num_runs}): "
                              f"each run gets num_particles / num_runs")
+        if self.move_steps and self.resampling_threshold == 0:
+            raise ValueError("move_steps moves the particles after a resampling, and resampling_threshold 0 never "
+                             "resamples: set resampling_threshold above 0, or move_steps 0")
         return self
 
 
@@ -314,6 +321,20 @@ def check_split_time(options: SMCOptions) -> None:
     restart_time = getattr(options, "restart_time", None)
     if restart_time is not None and (options.split_time is None or restart_time <= options.split_time):
         raise ValueError("restart_time noises the particles back from split_time: set split_time below it")
+
+
+def check_run_times(options: SMCOptions, grid: Tensor) -> None:
+    """Refuse, on the run's time ``grid`` (decreasing), a ``split_time`` below its last noisy time (the split
+    happens at the first step at or below it, never at the last, deterministic one, so the particles would stay one
+    run) and a ``restart_time`` above its first (the SDE's end time)."""
+    split_time, restart_time = getattr(options, "split_time", None), getattr(options, "restart_time", None)
+    if split_time is not None and (len(grid) < 3 or split_time < float(grid[-2])):
+        smallest = f"at least {float(grid[-2]):.4g} (its last noisy time)" if len(grid) >= 3 else "num_steps above 1"
+        raise UnsupportedProblem(f"split_time {split_time:g} is never reached on this run's grid of "
+                                 f"{len(grid) - 1} steps, so the runs would not split: set split_time to {smallest}")
+    if restart_time is not None and restart_time > float(grid[0]):
+        raise UnsupportedProblem(f"restart_time {restart_time:g} is above the prior's end time T = "
+                                 f"{float(grid[0]):g}: set restart_time between split_time and T")
 
 
 def restart_index(grid: Tensor, restart_time: float) -> int:

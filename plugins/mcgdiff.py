@@ -22,7 +22,9 @@ A particle filter for a linear operator with Gaussian noise, run in the operator
   and ``mbar = V^T m``, the weight depends on the current particle only,
   ``log w = sum_{i in J} log N(lambda_{t_n} ybar_i; mbar_i, delta^2 + v_{n,i})
   - log N(xbar_i; lambda_{t_{n+1}} ybar_i, v_{n+1,i})``, so the particles are reweighted and resampled
-  first (``ParticleWeights``; by default at every step, as the reference does), then moved by the locally optimal proposal: free coordinates
+  first (``ParticleWeights``; by default at every step, as the reference does, except the first, whose proposal
+  leaves from the start's weighted particles and whose weights the second step's resampling takes with its own),
+  then moved by the locally optimal proposal: free coordinates
   ``N(mbar_i, delta^2)``, those in ``J`` the product ``N(mbar_i, delta^2) h_{n,i}``.
 * Start from the chain's ``N(0, q^2 I)`` (``q = sde.terminal_std()``) with the observed coordinates
   drawn from that Gaussian times ``h_{N,i}``, weighted by its normaliser; no final weight.

@@ -87,8 +87,8 @@ from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
 from invdiff.sde import gaussian_log_density
 from invdiff.smc import (RESTART_TIME_OPTION, SPLIT_TIME_OPTION, MeasurementTwist, ResampleMove, SMCOptions,
-                         TargetPoint, check_split_time, chunked, particle_weights, restart_runs, restart_steps,
-                         weighted_result)
+                         TargetPoint, check_run_times, check_split_time, chunked, particle_weights, restart_runs,
+                         restart_steps, weighted_result)
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist, SecondOrderTwist
 
 
@@ -215,9 +215,11 @@ class TwistedSMC(Sampler):
 
     @property
     def needs_network_gradient(self) -> bool:
-        """Backpropagation through the network: for the twist's gradient, except the Gaussian fit's (a pilot
-        sampler may backpropagate)."""
-        return self.options.twisting != "gaussian_fit" or self.options.guidance == "pilot"
+        """Backpropagation through the network: for the twist's gradient where the proposal follows it, except the
+        Gaussian fit's (a pilot sampler may backpropagate; the Gaussian fit's guide does not)."""
+        if self.options.guidance == "pilot":
+            return True
+        return self.options.guidance == "twist" and self.options.twisting != "gaussian_fit"
 
     @staticmethod
     def _twist(posterior: Posterior, log_twist_of: TwistFunction, x: Tensor, t: Tensor,
@@ -245,6 +247,7 @@ class TwistedSMC(Sampler):
         return TargetPoint(score, log_twist, gradient)
 
     def check(self, posterior: Posterior) -> None:
+        check_run_times(self.options, posterior.prior.sde.time_grid(self.options.num_steps))
         if self.options.twisting == "exact":
             ExactTwist.check(posterior)
         if self.options.twisting == "second_order":

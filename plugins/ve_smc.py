@@ -61,8 +61,8 @@ import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem
 from invdiff.sde import gaussian_log_density
 from invdiff.smc import (RESTART_TIME_OPTION, SPLIT_TIME_OPTION, MeasurementTwist, ResampleMove, SMCOptions,
-                         TargetPoint, check_split_time, chunked, particle_weights, restart_runs, restart_steps,
-                         twisting_variance, weighted_result)
+                         TargetPoint, check_run_times, check_split_time, chunked, particle_weights, restart_runs,
+                         restart_steps, twisting_variance, weighted_result)
 from invdiff.spectral import DenseSVD, LinearGaussianSVD
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist
 
@@ -99,6 +99,7 @@ class VESMC(Sampler):
     needs_network_gradient = False
 
     def check(self, posterior: Posterior) -> None:
+        check_run_times(self.options, posterior.prior.sde.time_grid(self.options.num_steps))
         if self.options.twisting == "gaussian_fit":
             GaussianFitTwist.check(posterior)
         if self.options.proposal == "closed_form" and not LinearGaussianSVD.exists_for(posterior):

@@ -183,7 +183,9 @@ def test_sampling_failure_exits_one_and_names_the_step(tmp_path, capsys):
 
 
 FAST_OPTIONS = {"dps": ["-o", "num_steps=10"], "exact": [],
-                "twisted_smc": ["-o", "num_steps=10", "-o", "num_runs=2", "--num-particles", "8"],
+                # a pilot run's options replaced too (natural-gmm-box's split one run at t = 0.01, below 10 steps' grid)
+                "twisted_smc": ["-o", "num_steps=10", "-o", "num_runs=2", "--num-particles", "8",
+                                "-o", "pilot_options={num_runs: 2, num_particles: 8}"],
                 "ve_smc": ["-o", "num_steps=10", "-o", "num_runs=2", "--num-particles", "8"],
                 "mcgdiff": ["-o", "num_steps=10", "-o", "num_runs=2", "--num-particles", "8"],
                 "rdmc": ["-o", "num_steps=3", "-o", "num_chains=2", "-o", "inner_steps=2", "-o", "pool_size=8",

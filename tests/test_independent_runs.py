@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from invdiff.posterior import sample_posterior
+from invdiff.posterior import UnsupportedProblem, sample_posterior
 from invdiff.smc import ParticleWeights, SMCOptions, particle_weights, weighted_result
 from invdiff.testing import discretised_model_posterior, linear_gaussian, weighted_runs_z_scores
 from invdiff_plugins.twisted_smc import TwistedSMC
@@ -91,7 +91,9 @@ def test_one_run_splits_into_runs_that_start_equally_weighted_on_its_copies():
     assert (weights.num_runs, weights.num_particles) == (4, 2)
     assert torch.allclose(weights.log_weights, torch.full((8,), -math.log(2), dtype=torch.float64))
     assert torch.allclose(weights.run_log_evidence, torch.full((4,), evidence, dtype=torch.float64))
-    assert weights.end_step()["ess"] == pytest.approx(2.0), "the step reports the one run's weights"
+    diagnostics = weights.end_step()
+    assert diagnostics["ess"] == pytest.approx(2.0), "the step reports the one run's weights"
+    assert diagnostics["log_weight_spread"] == pytest.approx(60.0), "the one run's spread, not one new run's"
     assert weights.ancestry[-1].tolist() == labels.tolist()
     with pytest.raises(ValueError, match="only one run"):
         weights.split(2, labels)
@@ -101,6 +103,22 @@ def test_one_run_splits_into_runs_that_start_equally_weighted_on_its_copies():
 def test_split_time_needs_runs(sampler_class):
     with pytest.raises(ValueError, match="num_runs > 1"):
         sampler_class(split_time=0.3)
+
+
+@pytest.mark.parametrize("sampler_class", [TwistedSMC, VESMC])
+def test_split_and_restart_times_off_the_grid_are_refused_before_sampling(sampler_class):
+    """The split happens at the first step at or below split_time but never at the last (deterministic) one: a
+    split_time below the last noisy grid time would leave one run; a restart_time above T has no grid time."""
+    posterior, _ = linear_gaussian()
+    last_noisy = float(posterior.prior.sde.time_grid(10)[-2])
+    with pytest.raises(UnsupportedProblem, match=f"split_time 0.05 is never reached.*at least {last_noisy:.4g}"):
+        sampler_class(num_steps=10, num_runs=4, split_time=0.05).check(posterior)
+    with pytest.raises(UnsupportedProblem, match="num_steps above 1"):
+        sampler_class(num_steps=1, num_runs=4, split_time=0.5).check(posterior)
+    sampler_class(num_steps=10, num_runs=4, split_time=last_noisy).check(posterior)
+    posterior.prior.sde.T = 0.5
+    with pytest.raises(UnsupportedProblem, match="restart_time 0.8 is above the prior's end time T = 0.5"):
+        sampler_class(num_steps=10, num_runs=4, split_time=0.2, restart_time=0.8).check(posterior)
 
 
 @pytest.mark.parametrize("sampler_class", [TwistedSMC, VESMC])

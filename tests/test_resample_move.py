@@ -144,10 +144,13 @@ def test_moves_pull_resampled_copies_apart(sampler):
 
 def test_moves_cost_one_network_evaluation_per_particle_and_run_only_after_resampling():
     posterior, _ = linear_gaussian()
-    never = sample_posterior(TwistedSMC(num_steps=20, num_particles=32, resampling_threshold=0.0, move_steps=3),
-                             posterior, 8)
-    assert never.network_evaluations == 20 * 32, "moves ran without a resampling"
-    assert not any("move_acceptance" in record for record in never.diagnostics)
+    sometimes = sample_posterior(TwistedSMC(num_steps=20, num_particles=32, resampling_threshold=0.3, move_steps=3),
+                                 posterior, 8)
+    moved = [("move_acceptance" in record) for record in sometimes.diagnostics]
+    assert moved == [record["resampled"] == 1.0 for record in sometimes.diagnostics], "moves without a resampling"
+    assert 0 < sum(moved) < 19 and sometimes.network_evaluations == (20 + 3 * sum(moved)) * 32
+    with pytest.raises(ProblemError, match="resampling_threshold 0 never resamples"):
+        build_sampler(TwistedSMC, {"move_steps": 3, "resampling_threshold": 0.0})
     always = sample_posterior(VESMC(num_steps=20, num_particles=32, resampling_threshold=1.0, move_steps=3),
                               posterior, 8)
     assert always.network_evaluations == (20 + 3 * 19) * 32, \

@@ -117,8 +117,13 @@ def test_available_memory_on_the_cpu_is_at_most_the_total():
 def test_resample_move_steps_are_counted_as_network_evaluations():
     problem = load_problem(PROBLEMS / "inpaint.yaml", "digits-gmm-box")
     plain = estimate_run(problem.posterior, sampler("twisted_smc", num_steps=10, num_particles=8), 8)
-    moving = estimate_run(problem.posterior, sampler("twisted_smc", num_steps=10, num_particles=8, move_steps=3), 8)
-    assert moving.network_images == 4 * plain.network_images, "3 moves per step are 3 more network calls per particle"
+    options = {"num_steps": 10, "num_particles": 8, "move_steps": 3, "resampling_threshold": 1.0}
+    moving = estimate_run(problem.posterior, sampler("twisted_smc", **options), 8)
+    assert moving.network_images == plain.network_images + 3 * 9 * 8, \
+        "3 moves after each of the 9 steps that may resample (not the last) are 3 more network calls per particle"
+    result = sample_posterior(sampler("twisted_smc", **options), problem.posterior, 8,
+                              generator=torch.Generator().manual_seed(0))
+    assert moving.network_images == result.network_evaluations, "resampling at every step, the bound is what it costs"
 
 
 def test_a_one_image_run_is_probed_by_one_call_on_one_image(tmp_path):
@@ -151,6 +156,12 @@ def test_second_order_twisting_and_pilot_rounds_are_counted_as_network_evaluatio
     piloted = estimate_run(mixture.posterior, sampler("twisted_smc", guidance="pilot", pilot_rounds=3,
                                                       pilot_samples=4, **options), 8)
     assert piloted.network_images == 4 * 10 + 3 * plain.network_images, "the DPS pilot, two refits, the run"
+    default_particles = sampler("twisted_smc", num_steps=10, guidance="pilot", pilot_rounds=3, pilot_samples=4)
+    estimate = estimate_run(mixture.posterior, default_particles, 8)
+    assert estimate.network_images == 4 * 10 + 2 * 4 * 10 + 8 * 10, \
+        "the DPS pilot, two refits of pilot_samples particles (the default: one per sample), the run of 8"
+    result = sample_posterior(default_particles, mixture.posterior, 8, generator=torch.Generator().manual_seed(0))
+    assert estimate.network_images == result.network_evaluations, "the estimate should count what the run makes"
     two_pilots = estimate_run(mixture.posterior, sampler("twisted_smc", guidance="pilot", pilot_count=2,
                                                          pilot_samples=4, **options), 8)
     assert two_pilots.network_images == 2 * 4 * 10 + plain.network_images, "two DPS pilots, the run"
