@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_leaves
 
 from invdiff.posterior import Posterior, Sampler
 from invdiff.prior import NetworkPrior, Prior
-from invdiff.smc import particles_per_run
+from invdiff.smc import particles_per_run, restart_steps
 
 __all__ = ["ResourceError", "RunEstimate", "estimate_run", "available_memory", "check_run",
            "STATE_COPIES", "LONG_RUN_SECONDS"]
@@ -184,11 +184,12 @@ def _network_images(sampler: Sampler, posterior: Posterior, num_samples: int) ->
     Jacobian-vector product per measured value to every call (an upper bound: only the observed ones are made);
     ``guidance: pilot`` adds the pilot sampler's ``pilot_count`` runs of ``pilot_samples`` (a sampler's
     ``build_pilot``) and ``pilot_rounds - 1`` runs of this sampler for ``pilot_samples`` samples; steps a sampler
-    runs again are added (its ``restart_steps``)."""
+    runs again are added (``restart_time``'s, ``invdiff.smc.restart_steps``)."""
     inner_steps = _option(sampler, "inner_steps")
     steps = max(sampler.num_steps, 1)
-    if hasattr(sampler, "restart_steps"):
-        steps += sampler.restart_steps(posterior.prior.sde.time_grid(sampler.num_steps))
+    if _option(sampler, "restart_time") is not None:
+        steps += restart_steps(posterior.prior.sde.time_grid(sampler.num_steps), _option(sampler, "split_time"),
+                               _option(sampler, "restart_time"))
     moves = _option(sampler, "move_steps") or 0
     calls_per_state = steps * (inner_steps + 1 if inner_steps else 1) + (steps - 1) * moves
     if (_option(sampler, "twisting") == "second_order"

@@ -49,8 +49,8 @@ from invdiff.sde import SDE
 from invdiff.spectral import LinearGaussianSVD
 
 __all__ = ["effective_sample_size", "RESAMPLING_SCHEMES", "ParticleWeights", "distinct_ancestors", "SMCOptions",
-           "SPLIT_TIME_OPTION", "RESTART_TIME_OPTION", "check_split_time", "check_run_times", "restart_index",
-           "restart_steps", "restart_runs", "particles_per_run", "particle_weights", "twisting_variance",
+           "SplitRunOptions", "check_run_times", "restart_index", "restart_steps",
+           "restart_runs", "end_of_step", "particles_per_run", "particle_weights", "twisting_variance",
            "MeasurementTwist", "TargetPoint", "ResampleMove", "chunked", "weighted_result"]
 
 
@@ -300,34 +300,33 @@ class SMCOptions(SamplerOptions):
         return self
 
 
-#: the option of a sampler whose particles move as one run before they split into ``num_runs`` runs
-#: (``ParticleWeights.split``); its options' validator calls ``check_split_time``
-SPLIT_TIME_OPTION = Field(None, gt=0, lt=1, description="with num_runs > 1: the particles move as one run until the "
-                          "first step at or below this time, then split into num_runs runs (the one run's weights "
-                          "choose among the modes, the runs keep the samples apart)")
+class SplitRunOptions(SMCOptions):
+    """``SMCOptions`` with one run of all the particles before the independent runs (``split_time``) and the runs'
+    restart from noised copies (``restart_time``; ``end_of_step`` carries both out): twisted_smc's and ve_smc's."""
+
+    split_time: float | None = Field(None, gt=0, lt=1, description="with num_runs > 1: the particles move as one run "
+                                     "until the first step at or below this time, then split into num_runs runs (the "
+                                     "one run's weights choose among the modes, the runs keep the samples apart)")
+    restart_time: float | None = Field(None, gt=0, lt=1, description="with split_time: right after the split, every "
+                                       "particle is noised forward by the SDE to the last grid time at or above this "
+                                       "one, and the runs go down from there (the steps between are run again)")
+
+    @model_validator(mode="after")
+    def _split_needs_runs(self) -> "SplitRunOptions":
+        """Refuse ``split_time`` without runs to split into, and ``restart_time`` without a split below it (the grid's
+        own limits: ``check_run_times``)."""
+        if self.split_time is not None and self.num_runs == 1:
+            raise ValueError("split_time splits one run into num_runs runs: set num_runs > 1 with it")
+        if self.restart_time is not None and (self.split_time is None or self.restart_time <= self.split_time):
+            raise ValueError("restart_time noises the particles back from split_time: set split_time below it")
+        return self
 
 
-#: the option of a sampler whose runs, right after the split, go down again from noised copies of the particles
-#: (restart sampling with weights: ``restart_runs``)
-RESTART_TIME_OPTION = Field(None, gt=0, lt=1, description="with split_time: right after the split, every particle is "
-                            "noised forward by the SDE to the last grid time at or above this one, and the runs go "
-                            "down from there (the steps between are run again)")
-
-
-def check_split_time(options: SMCOptions) -> None:
-    """Refuse ``split_time`` without runs to split into, and ``restart_time`` without a split below it."""
-    if options.split_time is not None and options.num_runs == 1:
-        raise ValueError("split_time splits one run into num_runs runs: set num_runs > 1 with it")
-    restart_time = getattr(options, "restart_time", None)
-    if restart_time is not None and (options.split_time is None or restart_time <= options.split_time):
-        raise ValueError("restart_time noises the particles back from split_time: set split_time below it")
-
-
-def check_run_times(options: SMCOptions, grid: Tensor) -> None:
+def check_run_times(options: SplitRunOptions, grid: Tensor) -> None:
     """Refuse, on the run's time ``grid`` (decreasing), a ``split_time`` below its last noisy time (the split
     happens at the first step at or below it, never at the last, deterministic one, so the particles would stay one
     run) and a ``restart_time`` above its first (the SDE's end time)."""
-    split_time, restart_time = getattr(options, "split_time", None), getattr(options, "restart_time", None)
+    split_time, restart_time = options.split_time, options.restart_time
     if split_time is not None and (len(grid) < 3 or split_time < float(grid[-2])):
         smallest = f"at least {float(grid[-2]):.4g} (its last noisy time)" if len(grid) >= 3 else "num_steps above 1"
         raise UnsupportedProblem(f"split_time {split_time:g} is never reached on this run's grid of "
@@ -356,7 +355,7 @@ def restart_steps(grid: Tensor, split_time: float | None, restart_time: float | 
 
 def restart_runs(weights: ParticleWeights, monitor: StepMonitor, grid: Tensor, index: int, x: Tensor,
                  log_twist: Tensor, evaluate: Callable[[Tensor, Tensor], tuple[Tensor, ...]], *, sde: SDE,
-                 options: SMCOptions, generator: torch.Generator,
+                 options: SplitRunOptions, generator: torch.Generator,
                  diagnostics: dict[str, float]) -> tuple[int, Tensor, tuple[Tensor, ...]]:
     """The restart, right after the split at step ``index`` (time ``s = grid[index + 1]``): record that step (with
     ``diagnostics``), noise the particles forward by the SDE to ``r``, the last grid time at or above
@@ -379,6 +378,33 @@ def restart_runs(weights: ParticleWeights, monitor: StepMonitor, grid: Tensor, i
     monitor.add_steps(restart_steps(grid, options.split_time, options.restart_time))
     monitor.step(restart - 1, grid[restart], restarted, **weights.end_step())
     return restart, restarted, carried
+
+
+def end_of_step(weights: ParticleWeights, monitor: StepMonitor, grid: Tensor, index: int, x: Tensor,
+                carried: tuple[Tensor, ...], *, evaluate: Callable[[Tensor, Tensor], tuple[Tensor, ...]],
+                mover: ResampleMove, target_point: Callable[[Tensor, Tensor, tuple[Tensor, ...]], TargetPoint],
+                options: SplitRunOptions, sde: SDE,
+                generator: torch.Generator) -> tuple[int, Tensor, tuple[Tensor, ...]]:
+    """What follows step ``index``'s reweighting (it took the particles to ``s = grid[index + 1]``) in twisted_smc
+    and ve_smc: resample the runs that need it and move the particles after a resampling (``mover``; not at the
+    last step, whose weights stay with the particles they weigh), split the one run at ``options.split_time`` and
+    restart the runs (``restart_runs``), and tell the monitor. ``carried`` is what the sampler keeps per particle,
+    ``log p~_s(y | x)`` second, and ``evaluate(x, t)`` recomputes it; ``target_point`` turns it into a move's
+    ``TargetPoint``. Returns the index of the next step, the particles and what they carry."""
+    s = grid[index + 1]
+    diagnostics = {}
+    if index < len(grid) - 2:
+        (x, *carried), resampled = weights.resample_if_needed(x, *carried)
+        if resampled and mover.num_moves:
+            x, carried, diagnostics["move_acceptance"] = mover.move(x, s, tuple(carried), evaluate, target_point)
+            weights.record_move()
+        if options.split_time is not None and weights.num_runs == 1 and float(s) <= options.split_time:
+            x, *carried = weights.split(options.num_runs, x, *carried)
+            if options.restart_time is not None:
+                return restart_runs(weights, monitor, grid, index, x, carried[1], evaluate, sde=sde, options=options,
+                                    generator=generator, diagnostics=diagnostics)
+    monitor.step(index, s, x, **weights.end_step(), **diagnostics)
+    return index + 1, x, tuple(carried)
 
 
 def particles_per_run(num_particles: int | None, num_samples: int, num_runs: int) -> int:

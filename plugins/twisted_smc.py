@@ -86,9 +86,8 @@ from invdiff.exact import ExactPosterior, ExactTwist
 from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (RESTART_TIME_OPTION, SPLIT_TIME_OPTION, MeasurementTwist, ResampleMove, SMCOptions,
-                         TargetPoint, check_run_times, check_split_time, chunked, particle_weights, restart_runs,
-                         restart_steps, weighted_result)
+from invdiff.smc import (MeasurementTwist, ResampleMove, SplitRunOptions, TargetPoint, check_run_times, chunked,
+                         end_of_step, particle_weights, weighted_result)
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist, SecondOrderTwist
 
 
@@ -157,11 +156,12 @@ class PilotGuidance:
         return gradient.reshape(x.shape).to(x.dtype)
 
 
-class TwistedSMCOptions(SMCOptions):
-    """``SMCOptions`` with three more twists (``exact``, ``second_order``, ``gaussian_fit``) and the pilot guidance."""
+class TwistedSMCOptions(SplitRunOptions):
+    """``SplitRunOptions`` with three more twists (``exact``, ``second_order``, ``gaussian_fit``) and the pilot
+    guidance."""
 
     twisting: Literal["tweedie", "capped", "none", "exact", "second_order", "gaussian_fit"] = Field(
-        "tweedie", description=SMCOptions.model_fields["twisting"].description + "; or 'exact': the closed-form "
+        "tweedie", description=SplitRunOptions.model_fields["twisting"].description + "; or 'exact': the closed-form "
         "p(y | x_t) of a Gaussian-mixture prior with a linear operator and Gaussian noise (an oracle for checking "
         "the engine, no network prior has it); or 'second_order': N(y; A x0_hat + b, sigma_y^2 I + A C A^T) with "
         "C = Cov[x0 | x_t] the prior's own (linear operators with Gaussian noise; a network prior pays one "
@@ -191,12 +191,9 @@ class TwistedSMCOptions(SMCOptions):
                                      "posterior (guidance 'gaussian_fit''s Gaussian, not inflated) as one more "
                                      "Gaussian of the guide's equal-weight mixture: the pilots pick modes, the fit "
                                      "weighs them")
-    split_time: float | None = SPLIT_TIME_OPTION
-    restart_time: float | None = RESTART_TIME_OPTION
 
     @model_validator(mode="after")
-    def _split_needs_runs(self) -> "TwistedSMCOptions":
-        check_split_time(self)
+    def _pilot_options_agree(self) -> "TwistedSMCOptions":
         if self.pilot_gaussian_fit and self.guidance != "pilot":
             raise ValueError("pilot_gaussian_fit adds the Gaussian fit to a pilot's guide: set guidance 'pilot' (or "
                              "guidance 'gaussian_fit' for the fit alone)")
@@ -320,9 +317,8 @@ class TwistedSMC(Sampler):
         prior = posterior.prior
         dtype, device = posterior.dtype, posterior.device
         grid = prior.sde.time_grid(self.options.num_steps)
-        split_time = self.options.split_time   # None, or one run of all the particles until then
         weights = particle_weights(self.options, num_samples, generator=generator, device=device,
-                                   one_run=split_time is not None)
+                                   one_run=self.options.split_time is not None)   # one run until split_time
 
         measurement_twist = MeasurementTwist(posterior, self.options)
         mover = ResampleMove(posterior, self.options, measurement_twist.svd, generator)
@@ -360,29 +356,11 @@ class TwistedSMC(Sampler):
                                  - gaussian_log_density(x, proposal_mean, variance))
                 log_twist = new_log_twist
             weights.reweight(log_increment, where)
-            move_diagnostics = {}
-            if index < len(grid) - 2:   # the last weights stay with the particles they weigh
-                (x, denoised, log_twist, gradient), resampled = weights.resample_if_needed(x, denoised, log_twist,
-                                                                                          gradient)
-                if resampled and mover.num_moves:
-                    x, (denoised, log_twist, gradient), move_diagnostics["move_acceptance"] = mover.move(
-                        x, s, (denoised, log_twist, gradient), twist, partial(self._target_point, posterior))
-                    weights.record_move()
-                if split_time is not None and weights.num_runs == 1 and float(s) <= split_time:
-                    x, denoised, log_twist, gradient = weights.split(self.options.num_runs, x, denoised, log_twist,
-                                                                     gradient)
-                    if self.options.restart_time is not None:
-                        index, x, (denoised, log_twist, gradient) = restart_runs(
-                            weights, monitor, grid, index, x, log_twist, twist, sde=prior.sde, options=self.options,
-                            generator=generator, diagnostics=move_diagnostics)
-                        continue
-            monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
-            index += 1
+            index, x, (denoised, log_twist, gradient) = end_of_step(
+                weights, monitor, grid, index, x, (denoised, log_twist, gradient), evaluate=twist, mover=mover,
+                target_point=partial(self._target_point, posterior), options=self.options, sde=prior.sde,
+                generator=generator)
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
-
-    def restart_steps(self, grid: Tensor) -> int:
-        """The steps ``restart_time`` adds on ``grid`` (0 without it; ``invdiff.smc.restart_steps``)."""
-        return restart_steps(grid, self.options.split_time, self.options.restart_time)
 
 
 @invdiff.hookimpl

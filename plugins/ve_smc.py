@@ -53,23 +53,22 @@ from functools import partial
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 from torch.distributions import MultivariateNormal
 
 import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem
 from invdiff.sde import gaussian_log_density
-from invdiff.smc import (RESTART_TIME_OPTION, SPLIT_TIME_OPTION, MeasurementTwist, ResampleMove, SMCOptions,
-                         TargetPoint, check_run_times, check_split_time, chunked, particle_weights, restart_runs,
-                         restart_steps, twisting_variance, weighted_result)
+from invdiff.smc import (MeasurementTwist, ResampleMove, SplitRunOptions, TargetPoint, check_run_times, chunked,
+                         end_of_step, particle_weights, twisting_variance, weighted_result)
 from invdiff.spectral import DenseSVD, LinearGaussianSVD
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist
 
 
-class VESMCOptions(SMCOptions):
+class VESMCOptions(SplitRunOptions):
     twisting: Literal["tweedie", "capped", "none", "gaussian_fit"] = Field(
-        "tweedie", description=SMCOptions.model_fields["twisting"].description + "; or 'gaussian_fit': "
+        "tweedie", description=SplitRunOptions.model_fields["twisting"].description + "; or 'gaussian_fit': "
         "N(y; A x0_hat + b, sigma_y^2 I + A C A^T) with C the covariance of x0 given x_t were the prior the Gaussian "
         "with its data covariance, plus the network's error (linear operators with Gaussian noise)")
     fit_error: float = FIT_ERROR_OPTION
@@ -77,13 +76,6 @@ class VESMCOptions(SMCOptions):
         "auto", description="closed_form (Gaussian noise and a mask, circular blur or circular downsampling "
         f"of any size, or another linear operator on events up to {DenseSVD.MAX_DIMENSION} values), gradient, or "
         "auto: closed_form where it applies")
-    split_time: float | None = SPLIT_TIME_OPTION
-    restart_time: float | None = RESTART_TIME_OPTION
-
-    @model_validator(mode="after")
-    def _split_needs_runs(self) -> "VESMCOptions":
-        check_split_time(self)
-        return self
 
 
 NO_CLOSED_FORM = ("ve_smc proposal closed_form needs a linear operator with Gaussian noise: a mask, circular blur or "
@@ -120,9 +112,8 @@ class VESMC(Sampler):
             twist = fit = GaussianFitTwist(posterior, self.options.fit_error)
             closed_form = self.options.proposal != "gradient"
         grid = sde.time_grid(self.options.num_steps)
-        split_time = self.options.split_time   # None, or one run of all the particles until then
         weights = particle_weights(self.options, num_samples, generator=generator, device=device,
-                                   one_run=split_time is not None)
+                                   one_run=self.options.split_time is not None)   # one run until split_time
         mover = ResampleMove(posterior, self.options, svd, generator)
 
         def evaluate(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,27 +154,11 @@ class VESMC(Sampler):
                     log_increment = gaussian_log_density(x, mean, variance) + new_log_twist - log_twist - log_proposal
                     log_twist = new_log_twist
                 weights.reweight(log_increment, where)
-                move_diagnostics = {}
-                if index < len(grid) - 2:   # the last weights stay with the particles they weigh
-                    (x, score, log_twist), resampled = weights.resample_if_needed(x, score, log_twist)
-                    if resampled and mover.num_moves:
-                        x, (score, log_twist), move_diagnostics["move_acceptance"] = mover.move(
-                            x, s, (score, log_twist), evaluate, partial(self._target_point, posterior, twist))
-                        weights.record_move()
-                    if split_time is not None and weights.num_runs == 1 and float(s) <= split_time:
-                        x, score, log_twist = weights.split(self.options.num_runs, x, score, log_twist)
-                        if self.options.restart_time is not None:
-                            index, x, (score, log_twist) = restart_runs(
-                                weights, monitor, grid, index, x, log_twist, evaluate, sde=sde, options=self.options,
-                                generator=generator, diagnostics=move_diagnostics)
-                            continue
-                monitor.step(index, s, x, **weights.end_step(), **move_diagnostics)
-                index += 1
+                index, x, (score, log_twist) = end_of_step(
+                    weights, monitor, grid, index, x, (score, log_twist), evaluate=evaluate, mover=mover,
+                    target_point=partial(self._target_point, posterior, twist), options=self.options, sde=sde,
+                    generator=generator)
         return weighted_result(x, weights, num_samples, last_step_deterministic=True)
-
-    def restart_steps(self, grid: Tensor) -> int:
-        """The steps ``restart_time`` adds on ``grid`` (0 without it; ``invdiff.smc.restart_steps``)."""
-        return restart_steps(grid, self.options.split_time, self.options.restart_time)
 
     @staticmethod
     def _target_point(posterior: Posterior, twist: MeasurementTwist | GaussianFitTwist, x: Tensor, t: Tensor,

@@ -13,6 +13,7 @@ from invdiff.plugins import load_registry
 from invdiff.posterior import sample_posterior
 from invdiff.problems import build_sampler, load_problem
 from invdiff.resources import LONG_RUN_SECONDS, ResourceError, available_memory, check_run, estimate_run
+from invdiff.smc import restart_steps
 
 PROBLEMS = Path(__file__).resolve().parents[1] / "problems"
 
@@ -175,7 +176,7 @@ def test_restart_steps_are_counted_as_the_run_makes_them(name):
     options = {"num_steps": 10, "num_particles": 8, "num_runs": 2, "split_time": 0.25}
     split = sampler(name, **options)
     restarted = sampler(name, restart_time=0.55, **options)
-    assert restarted.restart_steps(problem.posterior.prior.sde.time_grid(10)) == 5, \
+    assert restart_steps(problem.posterior.prior.sde.time_grid(10), 0.25, 0.55) == 5, \
         "split after step 8 (t = 0.2), restarted at t = 0.6: its own call, then steps 5..8 (0.6 to 0.2) again"
     for each in (split, restarted):
         estimate = estimate_run(problem.posterior, each, 8)
