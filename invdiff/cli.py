@@ -261,6 +261,10 @@ def _solve(arguments) -> int:
     num_samples = arguments.num_samples or problem.config.num_samples
     out = Path(arguments.out or Path("runs") / f"{problem.config.name}-{info.name}-seed{arguments.seed}")
     folder = RunFolder(out, arguments.overwrite)   # checked and staged before any work
+    unused = sampler.options.unused_options()   # options a problem file or -o gives that this configuration ignores
+    if unused:
+        problem.notes.append(f"{info.name} does not use " + ", ".join(f"{name} ({when})"
+                                                                     for name, when in unused.items()))
     for note in problem.notes:
         print(f"invdiff: note: {note}", file=sys.stderr)
     try:

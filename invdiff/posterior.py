@@ -170,6 +170,17 @@ class SamplerOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    def usage(self) -> dict[str, tuple[bool, str]]:
+        """The options that only some configurations use: ``name -> (used by this one, when an option applies)``.
+        Subclasses add theirs to their parent's."""
+        return {}
+
+    def unused_options(self) -> dict[str, str]:
+        """Options given explicitly (not left at their defaults) that this configuration does not use, each with
+        when it applies: ``invdiff solve`` prints them as a note (a problem file's pilot options, say, with
+        ``-o guidance=twist``)."""
+        return {name: when for name, (used, when) in self.usage().items() if name in self.model_fields_set and not used}
+
 
 @dataclass
 class SampleResult:

@@ -289,6 +289,10 @@ class SMCOptions(SamplerOptions):
                             "each costs one network evaluation per particle")
     move_step_size: float = Field(0.05, gt=0, le=1, description="c of the moves' step h = c sigma_t^2 / (1 + ||A||^2)")
 
+    def usage(self) -> dict[str, tuple[bool, str]]:
+        return {**super().usage(), "twisting_cap": (self.twisting == "capped", "with twisting 'capped'"),
+                "move_step_size": (self.move_steps > 0, "with move_steps above 0")}
+
     @model_validator(mode="after")
     def _runs_share_the_particles(self) -> "SMCOptions":
         if self.num_particles is not None and self.num_particles % self.num_runs:

@@ -121,6 +121,11 @@ class MCGdiffOptions(SMCOptions):
         "resamplings MCGdiff's weights compound into heavy tails at high noise (the bridge halves the spread "
         "that the weights then restore), and log Z_hat varied 2-4 times more across seeds at threshold 0.5")
 
+    def usage(self) -> dict[str, tuple[bool, str]]:
+        never = (False, "never: mcgdiff's twist is the bridge")
+        return {**super().usage(), "twisting": never, "twisting_cap": never,
+                "move_step_size": (False, "never: mcgdiff has no resample-move")}
+
 
 def _no_singular_basis(posterior: Posterior) -> str:
     return (f"mcgdiff needs the operator's singular basis: a mask, circular blur or circular downsampling, or another "

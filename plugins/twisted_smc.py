@@ -192,6 +192,13 @@ class TwistedSMCOptions(SplitRunOptions):
                                      "Gaussian of the guide's equal-weight mixture: the pilots pick modes, the fit "
                                      "weighs them")
 
+    def usage(self) -> dict[str, tuple[bool, str]]:
+        pilot = (self.guidance == "pilot", "with guidance 'pilot'")
+        return {**super().usage(), "fit_error": (self.twisting == "gaussian_fit", "with twisting 'gaussian_fit'"),
+                **dict.fromkeys(("pilot_sampler", "pilot_options", "pilot_samples", "pilot_count", "pilot_rounds"),
+                                pilot),
+                "pilot_inflation": (self.guidance != "twist", "with guidance 'pilot' or 'gaussian_fit'")}
+
     @model_validator(mode="after")
     def _pilot_options_agree(self) -> "TwistedSMCOptions":
         if self.pilot_gaussian_fit and self.guidance != "pilot":

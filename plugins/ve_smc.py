@@ -77,6 +77,9 @@ class VESMCOptions(SplitRunOptions):
         f"of any size, or another linear operator on events up to {DenseSVD.MAX_DIMENSION} values), gradient, or "
         "auto: closed_form where it applies")
 
+    def usage(self) -> dict[str, tuple[bool, str]]:
+        return {**super().usage(), "fit_error": (self.twisting == "gaussian_fit", "with twisting 'gaussian_fit'")}
+
 
 NO_CLOSED_FORM = ("ve_smc proposal closed_form needs a linear operator with Gaussian noise: a mask, circular blur or "
                   f"circular downsampling, or another one on events of at most {DenseSVD.MAX_DIMENSION} values")

@@ -266,11 +266,35 @@ def test_shipped_problems_run_with_the_built_in_samplers(tmp_path, capsys, probl
 
 @pytest.mark.parametrize("problem, case", PROBLEM_CASES)
 def test_every_shipped_sampler_configuration_is_valid(problem, case):
-    """The options a problem file gives each sampler build (the fast run above overrides some of them)."""
+    """The options a problem file gives each sampler build (the fast run above overrides some of them), and each is
+    used by the configuration it is part of (no note about unused options on the shipped cases)."""
     config = load_problem_config(ROOT / "problems" / problem, case)
     registry = load_registry()
     for name, options in config.sampler_options.items():
-        build_sampler(registry.get(name).sampler_class, options)
+        sampler = build_sampler(registry.get(name).sampler_class, options)
+        assert sampler.options.unused_options() == {}, f"{case}, {name}: options it does not use"
+
+
+def test_options_the_configuration_does_not_use_get_a_note(tmp_path, capsys):
+    """An option given explicitly that the configuration ignores (here twisting_cap without twisting 'capped', and
+    move_step_size without moves) is named in one note, on stderr and in summary.json, and the run goes on."""
+    out = tmp_path / "run"
+    code = main(["solve", str(ROOT / "problems" / "inpaint.yaml"), "--case", "digits-gmm-box", "--sampler",
+                 "twisted_smc", "-o", "num_steps=2", "-o", "twisting_cap=0.1", "-o", "move_step_size=0.2",
+                 "--num-samples", "4", "--out", str(out), "--quiet"])
+    assert code == 0
+    note = ("twisted_smc does not use twisting_cap (with twisting 'capped'), move_step_size (with move_steps above "
+            "0)")
+    assert f"invdiff: note: {note}" in capsys.readouterr().err.splitlines()
+    assert note in json.loads((out / "summary.json").read_text())["notes"]
+    registry = load_registry()
+    piloted = build_sampler(registry.get("twisted_smc").sampler_class,
+                            {"guidance": "twist", "pilot_samples": 8, "pilot_inflation": 2.0, "move_steps": 3,
+                             "move_step_size": 0.2})
+    assert piloted.options.unused_options() == {"pilot_samples": "with guidance 'pilot'",
+                                                "pilot_inflation": "with guidance 'pilot' or 'gaussian_fit'"}
+    mcgdiff = build_sampler(registry.get("mcgdiff").sampler_class, {"twisting": "capped"})
+    assert list(mcgdiff.options.unused_options()) == ["twisting"]
 
 
 def test_a_sampler_refusing_the_problem_prints_only_its_line(tmp_path, capsys):
