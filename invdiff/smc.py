@@ -348,12 +348,11 @@ def restart_index(grid: Tensor, restart_time: float) -> int:
 
 def restart_steps(grid: Tensor, split_time: float | None, restart_time: float | None) -> int:
     """The steps a restart adds on ``grid`` (0 without one): its own, then the steps from the restart's grid time
-    down to the split's, run again. Run estimates count them."""
+    down to the split's, run again. Run estimates count them. ``split_time`` is one the grid reaches before its last
+    step (the samplers' ``check`` refuses others: ``check_run_times``)."""
     if restart_time is None:
         return 0
     split_index = int((grid[1:] <= split_time).nonzero().min())
-    if split_index >= len(grid) - 2:   # the split would be the last step: it does not happen
-        return 0
     return split_index - restart_index(grid, restart_time) + 2
 
 
