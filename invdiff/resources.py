@@ -180,8 +180,10 @@ def _network_images(sampler: Sampler, posterior: Posterior, num_samples: int) ->
     """Images passed through the network over the run: chains x steps x calls per step, plus the pool's draws.
 
     Resample-move's ``move_steps`` are counted as if every step but the last (which never resamples) resampled
-    (an upper bound). ``twisting: second_order`` on a prior without a closed-form covariance adds one
-    Jacobian-vector product per measured value to every call (an upper bound: only the observed ones are made);
+    (an upper bound), once more for a ``split_time`` with multinomial resampling and no restart (whose split can
+    copy the particles again on a step that resampled: ``invdiff.smc.end_of_step``). ``twisting: second_order`` on
+    a prior without a closed-form covariance adds one Jacobian-vector product per measured value to every call (an
+    upper bound: only the observed ones are made);
     ``guidance: pilot`` adds the pilot sampler's ``pilot_count`` runs of ``pilot_samples`` (a sampler's
     ``build_pilot``) and ``pilot_rounds - 1`` runs of this sampler for ``pilot_samples`` samples; steps a sampler
     runs again are added (``restart_time``'s, ``invdiff.smc.restart_steps``)."""
@@ -191,7 +193,9 @@ def _network_images(sampler: Sampler, posterior: Posterior, num_samples: int) ->
         steps += restart_steps(posterior.prior.sde.time_grid(sampler.num_steps), _option(sampler, "split_time"),
                                _option(sampler, "restart_time"))
     moves = _option(sampler, "move_steps") or 0
-    calls_per_state = steps * (inner_steps + 1 if inner_steps else 1) + (steps - 1) * moves
+    move_rounds = steps - 1 + (_option(sampler, "split_time") is not None and _option(sampler, "restart_time") is None
+                               and _option(sampler, "resampling") == "multinomial")
+    calls_per_state = steps * (inner_steps + 1 if inner_steps else 1) + move_rounds * moves
     if (_option(sampler, "twisting") == "second_order"
             and type(posterior.prior).measured_covariance is Prior.measured_covariance):
         calls_per_state *= 1 + posterior.measurement[0].numel()

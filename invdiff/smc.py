@@ -43,6 +43,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from invdiff.metrics import distinct_samples as count_distinct
 from invdiff.posterior import SampleResult, SamplerOptions, SamplingError, StepMonitor, UnsupportedProblem
 from invdiff.prior import GaussianMixturePrior
 from invdiff.sde import SDE
@@ -89,9 +90,10 @@ def systematic(log_weights: Tensor, num_draws: int, generator: torch.Generator) 
 
 
 def residual(log_weights: Tensor, num_draws: int, generator: torch.Generator) -> Tensor:
-    """``floor(num_draws W_k)`` copies of each particle, the remainder drawn multinomially."""
+    """``floor(num_draws W_k)`` copies of each particle, the remainder drawn multinomially (``num_draws W_k`` a
+    rounding error below an integer counts as that integer: K equal weights give one copy each)."""
     weights = _weights(log_weights)
-    copies = torch.floor(num_draws * weights).long()
+    copies = torch.floor(num_draws * weights + 1e-9).long()
     indices = torch.repeat_interleave(torch.arange(len(weights), device=weights.device), copies)
     remaining = num_draws - int(copies.sum())
     if remaining > 0:
@@ -390,10 +392,11 @@ def end_of_step(weights: ParticleWeights, monitor: StepMonitor, grid: Tensor, in
                 generator: torch.Generator) -> tuple[int, Tensor, tuple[Tensor, ...]]:
     """What follows step ``index``'s reweighting (it took the particles to ``s = grid[index + 1]``) in twisted_smc
     and ve_smc: resample the runs that need it and move the particles after a resampling (``mover``; not at the
-    last step, whose weights stay with the particles they weigh), split the one run at ``options.split_time`` and
-    restart the runs (``restart_runs``), and tell the monitor. ``carried`` is what the sampler keeps per particle,
-    ``log p~_s(y | x)`` second, and ``evaluate(x, t)`` recomputes it; ``target_point`` turns it into a move's
-    ``TargetPoint``. Returns the index of the next step, the particles and what they carry."""
+    last step, whose weights stay with the particles they weigh), split the one run at ``options.split_time`` (a
+    resampling too: its copies are moved unless the runs restart, ``restart_runs``), and tell the monitor.
+    ``carried`` is what the sampler keeps per particle, ``log p~_s(y | x)`` second, and ``evaluate(x, t)``
+    recomputes it; ``target_point`` turns it into a move's ``TargetPoint``. Returns the index of the next step, the
+    particles and what they carry."""
     s = grid[index + 1]
     diagnostics = {}
     if index < len(grid) - 2:
@@ -406,6 +409,11 @@ def end_of_step(weights: ParticleWeights, monitor: StepMonitor, grid: Tensor, in
             if options.restart_time is not None:
                 return restart_runs(weights, monitor, grid, index, x, carried[1], evaluate, sde=sde, options=options,
                                     generator=generator, diagnostics=diagnostics)
+            if mover.num_moves and (not resampled or options.resampling == "multinomial"):
+                # the split's copies (after a resampling the weights are equal, and all schemes but multinomial
+                # only reorder the particles, which the moves above have moved)
+                x, carried, diagnostics["move_acceptance"] = mover.move(x, s, tuple(carried), evaluate, target_point)
+                weights.record_move()
     monitor.step(index, s, x, **weights.end_step(), **diagnostics)
     return index + 1, x, tuple(carried)
 
@@ -573,7 +581,8 @@ def chunked(function: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, batch_s
 def weighted_result(particles: Tensor, weights: ParticleWeights, num_samples: int, *,
                     last_step_deterministic: bool = False) -> SampleResult:
     """The final result: weighted particles, ``num_samples`` draws resampled from them, ``log Z_hat``, and
-    the genealogy of the draws (``distinct_ancestors`` per step, ``distinct_samples``).
+    the genealogy of the draws (``distinct_ancestors`` per step) and ``distinct_samples``, the number of different
+    draws (counted by value: copies whose moves were all rejected are equal, whatever the genealogy says).
 
     The draws are shuffled: systematic and stratified schemes return ancestors in order, and the
     first few samples must be as good a pick as any. The samples differ where their paths through the
@@ -598,11 +607,11 @@ def weighted_result(particles: Tensor, weights: ParticleWeights, num_samples: in
     genealogy = distinct_ancestors(weights.ancestry, ancestors)
     if last_step_deterministic and len(genealogy) > 1 and not weights.moved[-2]:
         genealogy[-1] = genealogy[-2]
-    distinct_samples = genealogy[-1] if genealogy else int(torch.unique(ancestors).numel())
+    samples = particles[ancestors]
     extras = {}
     if weights.num_runs > 1:
         extras = {"run_log_evidence": weights.run_log_evidence.clone(),
                   "run_evidence_ess": float(effective_sample_size(weights.run_log_evidence))}
-    return SampleResult(samples=particles[ancestors], particles=particles, log_weights=weights.pooled_log_weights,
+    return SampleResult(samples=samples, particles=particles, log_weights=weights.pooled_log_weights,
                         log_evidence=weights.log_evidence, distinct_ancestors=genealogy,
-                        distinct_samples=distinct_samples, extras=extras)
+                        distinct_samples=count_distinct(samples), extras=extras)

@@ -19,12 +19,17 @@ from torch.distributions import MultivariateNormal
 from invdiff.noise import GaussianNoise
 from invdiff.posterior import Posterior, UnsupportedProblem
 
-__all__ = ["SecondOrderTwist", "GaussianFitTwist", "FIT_ERROR_OPTION"]
+__all__ = ["SecondOrderTwist", "GaussianFitTwist", "FIT_ERROR_OPTION", "fit_error_usage"]
 
 #: the samplers' ``fit_error`` option of ``twisting: gaussian_fit``
 FIT_ERROR_OPTION = Field(1e-4, ge=0, description="twisting 'gaussian_fit': the mean squared error of the network's "
                          "noise prediction, which adds fit_error sigma_t^2 / lambda_t^2 to the twist's variance (0 for "
                          "an exact score; the shipped natural prior's held-out error at t = 0.9 is 1.7e-4)")
+
+
+def fit_error_usage(twisting: str) -> dict[str, tuple[bool, str]]:
+    """``SamplerOptions.usage``'s entry for ``fit_error``: used with ``twisting: gaussian_fit`` only."""
+    return {"fit_error": (twisting == "gaussian_fit", "with twisting 'gaussian_fit'")}
 
 
 class SecondOrderTwist:

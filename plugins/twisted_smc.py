@@ -88,7 +88,7 @@ from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, Uns
 from invdiff.sde import gaussian_log_density
 from invdiff.smc import (MeasurementTwist, ResampleMove, SplitRunOptions, TargetPoint, check_run_times, chunked,
                          end_of_step, particle_weights, weighted_result)
-from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist, SecondOrderTwist
+from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist, SecondOrderTwist, fit_error_usage
 
 
 TwistFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -194,7 +194,7 @@ class TwistedSMCOptions(SplitRunOptions):
 
     def usage(self) -> dict[str, tuple[bool, str]]:
         pilot = (self.guidance == "pilot", "with guidance 'pilot'")
-        return {**super().usage(), "fit_error": (self.twisting == "gaussian_fit", "with twisting 'gaussian_fit'"),
+        return {**super().usage(), **fit_error_usage(self.twisting),
                 **dict.fromkeys(("pilot_sampler", "pilot_options", "pilot_samples", "pilot_count", "pilot_rounds"),
                                 pilot),
                 "pilot_inflation": (self.guidance != "twist", "with guidance 'pilot' or 'gaussian_fit'")}

@@ -63,7 +63,7 @@ from invdiff.sde import gaussian_log_density
 from invdiff.smc import (MeasurementTwist, ResampleMove, SplitRunOptions, TargetPoint, check_run_times, chunked,
                          end_of_step, particle_weights, twisting_variance, weighted_result)
 from invdiff.spectral import DenseSVD, LinearGaussianSVD
-from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist
+from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist, fit_error_usage
 
 
 class VESMCOptions(SplitRunOptions):
@@ -78,7 +78,7 @@ class VESMCOptions(SplitRunOptions):
         "auto: closed_form where it applies")
 
     def usage(self) -> dict[str, tuple[bool, str]]:
-        return {**super().usage(), "fit_error": (self.twisting == "gaussian_fit", "with twisting 'gaussian_fit'")}
+        return {**super().usage(), **fit_error_usage(self.twisting)}
 
 
 NO_CLOSED_FORM = ("ve_smc proposal closed_form needs a linear operator with Gaussian noise: a mask, circular blur or "

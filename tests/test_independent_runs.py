@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from invdiff.posterior import UnsupportedProblem, sample_posterior
-from invdiff.smc import ParticleWeights, SMCOptions, particle_weights, weighted_result
+from invdiff.smc import ParticleWeights, ResampleMove, SMCOptions, particle_weights, weighted_result
 from invdiff.testing import discretised_model_posterior, linear_gaussian, weighted_runs_z_scores
 from invdiff_plugins.twisted_smc import TwistedSMC
 from invdiff_plugins.ve_smc import VESMC
@@ -135,6 +135,32 @@ def test_a_split_run_matches_the_exact_linear_gaussian_posterior(sampler_class):
     assert results[0].diagnostics[split_step]["resampled"] == 1.0, "the split resamples the one run"
     largest = weighted_runs_z_scores(results, exact)
     assert max(largest.values()) < REPLICATE_Z, f"largest z-scores over 10 calls {largest} (limit {REPLICATE_Z})"
+
+
+@pytest.mark.parametrize("sampler_class", [TwistedSMC, VESMC])
+@pytest.mark.parametrize("threshold, resampling", [(1e-9, "systematic"), (1.0, "multinomial")])
+def test_the_split_copies_are_moved(sampler_class, threshold, resampling):
+    """The split resamples the one run; with moves its copies are moved like those of any resampling: on a step
+    whose weights did not call for one (a threshold so low that nothing else resamples), and after a multinomial
+    resampling on the same step (whose equal weights the split's multinomial draw copies again)."""
+    posterior, _ = linear_gaussian()
+    sampler = sampler_class(num_steps=20, num_particles=64, num_runs=4, split_time=0.5, move_steps=1,
+                            resampling_threshold=threshold, resampling=resampling)
+    times = []   # of each move
+    original = ResampleMove.move
+    def recorded_move(self, x, t, *args, **kwargs):
+        times.append(float(t))
+        return original(self, x, t, *args, **kwargs)
+    ResampleMove.move = recorded_move
+    try:
+        result = sample_posterior(sampler, posterior, 8, generator=torch.Generator().manual_seed(0))
+    finally:
+        ResampleMove.move = original
+    split_step = next(index for index, record in enumerate(result.diagnostics) if record["time"] <= 0.5)
+    resampled = [record["resampled"] for record in result.diagnostics[:split_step + 1]]
+    assert resampled == [float(threshold == 1.0)] * split_step + [1.0]
+    split_moves = times.count(result.diagnostics[split_step]["time"])
+    assert split_moves == 1 + (threshold == 1.0), f"{split_moves} moves on the split's step"
 
 
 @pytest.mark.parametrize("sampler_class", [TwistedSMC, VESMC])

@@ -125,6 +125,12 @@ def test_resample_move_steps_are_counted_as_network_evaluations():
     result = sample_posterior(sampler("twisted_smc", **options), problem.posterior, 8,
                               generator=torch.Generator().manual_seed(0))
     assert moving.network_images == result.network_evaluations, "resampling at every step, the bound is what it costs"
+    split = {**options, "resampling": "multinomial", "num_runs": 2, "split_time": 0.25}
+    estimate = estimate_run(problem.posterior, sampler("twisted_smc", **split), 8)
+    result = sample_posterior(sampler("twisted_smc", **split), problem.posterior, 8,
+                              generator=torch.Generator().manual_seed(0))
+    assert estimate.network_images == result.network_evaluations == moving.network_images + 3 * 8, \
+        "a multinomial split on a step that resampled: its copies are moved once more"
 
 
 def test_a_one_image_run_is_probed_by_one_call_on_one_image(tmp_path):

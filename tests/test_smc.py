@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from invdiff.posterior import SamplingError
-from invdiff.smc import RESAMPLING_SCHEMES, ParticleWeights, effective_sample_size
+from invdiff.smc import RESAMPLING_SCHEMES, ParticleWeights, effective_sample_size, weighted_result
 
 
 @pytest.mark.parametrize("scheme", sorted(RESAMPLING_SCHEMES))
@@ -35,6 +35,30 @@ def test_low_variance_schemes_keep_at_least_the_integer_part(scheme, seed):
     copies = torch.bincount(ancestors, minlength=3)
     assert (copies >= torch.floor(10 * weights)).all(), \
         f"{scheme} gave copies {copies.tolist()} for 10 x weights {(10 * weights).tolist()}: below the integer parts"
+
+
+@pytest.mark.parametrize("num_particles", [48, 49, 98, 100])
+def test_residual_resampling_of_equal_weights_keeps_every_particle(num_particles):
+    """K equal weights: K W_k is 1 up to rounding (below 1 for K = 49 or 98), one copy each, nothing drawn."""
+    log_weights = torch.full((num_particles,), -math.log(num_particles), dtype=torch.float64)
+    ancestors = RESAMPLING_SCHEMES["residual"](log_weights, num_particles, torch.Generator().manual_seed(0))
+    assert sorted(ancestors.tolist()) == list(range(num_particles))
+
+
+def test_distinct_samples_are_counted_by_value():
+    """Copies that a move left equal (every proposal rejected) count once, though the step is marked moved and the
+    genealogy through a deterministic last step then counts the paths apart."""
+    weights = ParticleWeights(8, generator=torch.Generator().manual_seed(0))
+    weights.reweight(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 50.0]), where="a step")
+    particles = torch.arange(8, dtype=torch.float64)[:, None]
+    (particles,), resampled = weights.resample_if_needed(particles)
+    assert resampled and particles.unique().tolist() == [7.0]
+    weights.record_move()
+    weights.end_step()
+    weights.reweight(torch.zeros(8), where="the last step")
+    weights.end_step()
+    result = weighted_result(particles, weights, num_samples=4, last_step_deterministic=True)
+    assert result.distinct_ancestors[-1] > 1 and result.distinct_samples == 1
 
 
 def test_effective_sample_size():
