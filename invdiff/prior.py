@@ -72,7 +72,10 @@ class Prior(ABC):
         The second-order Tweedie identity ``Cov[X_0 | X_t = x] = (sigma_t^2 / lambda_t) d x0_hat / d x`` (Meng,
         Song, Li and Ermon, NeurIPS 2021; Boys et al., "Tweedie moment projected diffusions", 2023) gives it from
         ``m`` Jacobian-vector products of ``denoise``, one per row of ``A``: ``m`` network evaluations per
-        particle. A prior that has the covariance in closed form overrides this.
+        particle. A network's Jacobian is neither symmetric nor positive semi-definite; what is returned is the
+        nearest covariance to it in the Frobenius norm (Higham, "Computing a nearest symmetric positive
+        semidefinite matrix", 1988): its symmetric part with the negative eigenvalues set to zero. A prior that has
+        the covariance in closed form overrides this.
         """
         scale = float(self.sde.sigma_t(t) ** 2 / self.sde.lambda_t(t))
         matrix = matrix.to(x.device, torch.float64)
@@ -83,7 +86,8 @@ class Prior(ABC):
             _, derivative = torch.func.jvp(lambda state: self.denoise(state, t), (x,), (tangent,))
             columns.append(derivative.reshape(x.shape[0], -1).to(torch.float64) @ matrix.T)
         covariance = scale * torch.stack(columns, -1)
-        return 0.5 * (covariance + covariance.transpose(1, 2))
+        eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (covariance + covariance.transpose(1, 2)))
+        return (eigenvectors * eigenvalues.clamp(min=0.0)[:, None, :]) @ eigenvectors.transpose(1, 2)
 
     def data_covariance(self) -> Tensor | None:
         """The covariance ``(d, d)``, float64, of the clean data ``X_0`` where the prior knows it, else None

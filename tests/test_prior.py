@@ -166,6 +166,44 @@ def test_measured_covariance_by_jacobian_products_matches_the_closed_forms():
                 f"t={t}: {type(source).__name__}'s covariance differs from the Gaussian's"
 
 
+class _LinearDenoiser(torch.nn.Module):
+    """``x0_hat = M x``: a network whose denoiser's Jacobian ``M`` is indefinite."""
+
+    def __init__(self, matrix):
+        super().__init__()
+        self.matrix = torch.nn.Parameter(matrix, requires_grad=False)
+
+    def forward(self, x, times):
+        return x @ self.matrix.T
+
+
+def test_measured_covariance_of_a_network_is_a_covariance():
+    """A network's ``(sigma_t^2 / lambda_t) d x0_hat / d x_t`` can have negative eigenvalues, which made the second-order
+    twist's Cholesky factor fail: the covariance returned is its symmetric part with those set to zero (the nearest
+    covariance), and twisted_smc with ``twisting: second_order`` runs."""
+    from invdiff.posterior import Posterior, sample_posterior
+    from invdiff.prior import NetworkPrior
+    from invdiff.testing import linear_gaussian
+    from invdiff_plugins.twisted_smc import TwistedSMC
+
+    gaussian_posterior, _ = linear_gaussian(dimension=4, sigma_y=0.01)
+    jacobian = torch.tensor([[1.0, 0.3, 0.0, 0.0], [0.0, -2.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0],
+                             [0.0, 0.0, 0.0, -0.1]], dtype=torch.float64)
+    network = NetworkPrior(_LinearDenoiser(jacobian), gaussian_posterior.prior.sde, (4,), "x0")
+    t = 0.5
+    scale = float(network.sde.sigma_t(t) ** 2 / network.sde.lambda_t(t))
+    eigenvalues, eigenvectors = torch.linalg.eigh(scale * 0.5 * (jacobian + jacobian.T))
+    expected = eigenvectors @ torch.diag(eigenvalues.clamp(min=0.0)) @ eigenvectors.T
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    covariance = network.measured_covariance(x, t, torch.eye(4, dtype=torch.float64))
+    assert torch.allclose(covariance, expected.expand(3, 4, 4), atol=1e-12)
+    assert bool((eigenvalues < 0).any()) and float(torch.linalg.eigvalsh(covariance).min()) > -1e-12
+    posterior = Posterior(network, gaussian_posterior.operator, gaussian_posterior.measurement)
+    result = sample_posterior(TwistedSMC(num_steps=5, num_particles=4, twisting="second_order"), posterior, 4,
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(result.samples).all()
+
+
 def test_a_shipped_network_prior_knows_its_training_data_covariance():
     """The natural prior's checkpoint records its training data, so ``data_covariance`` is the covariance of 16384
     training patches at its event shape (in [-1, 1]; computed once, the same every time); above
