@@ -59,14 +59,19 @@ def remove_empty(folders: list[Path]) -> None:
 
 def check_destination(out: Path, purpose: str, example: str) -> None:
     """Refuse an output folder ``out`` that is the working directory or one of its parents, a symbolic link
-    or a file (``RunFolderError``, one line; ``purpose`` and ``example`` complete it: "a run", "runs/my-run")."""
-    if Path.cwd().resolve().is_relative_to(out.resolve()):
-        raise RunFolderError(f"--out {out}: that is the working directory or one of its parents; {purpose} "
-                             f"needs a folder of its own, e.g. --out {example}")
-    if out.is_symlink():
-        raise RunFolderError(f"--out {out}: is a symbolic link; name a folder")
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"--out {out}: is a file, not a folder; choose another --out")
+    or a file (``RunFolderError``, one line; ``purpose`` and ``example`` complete it: "a run", "runs/my-run"), and
+    one the system cannot look up (a name too long, a loop of links, no permission)."""
+    try:
+        if Path.cwd().resolve().is_relative_to(out.resolve()):
+            raise RunFolderError(f"--out {out}: that is the working directory or one of its parents; {purpose} "
+                                 f"needs a folder of its own, e.g. --out {example}")
+        if out.is_symlink():
+            raise RunFolderError(f"--out {out}: is a symbolic link; name a folder")
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"--out {out}: is a file, not a folder; choose another --out")
+    except (OSError, RuntimeError) as error:   # RuntimeError: Path.resolve's loop of symbolic links
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise RunFolderError(f"--out {out}: cannot be used ({reason}); choose another --out") from None
 
 
 def owned_files(folder: Path, kind: str) -> set[str] | None:

@@ -43,7 +43,6 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from invdiff.metrics import distinct_samples as count_distinct
 from invdiff.posterior import SampleResult, SamplerOptions, SamplingError, StepMonitor, UnsupportedProblem
 from invdiff.prior import GaussianMixturePrior
 from invdiff.sde import SDE
@@ -614,4 +613,4 @@ def weighted_result(particles: Tensor, weights: ParticleWeights, num_samples: in
                   "run_evidence_ess": float(effective_sample_size(weights.run_log_evidence))}
     return SampleResult(samples=samples, particles=particles, log_weights=weights.pooled_log_weights,
                         log_evidence=weights.log_evidence, distinct_ancestors=genealogy,
-                        distinct_samples=count_distinct(samples), extras=extras)
+                        distinct_samples=int(torch.unique(samples.flatten(1), dim=0).shape[0]), extras=extras)

@@ -69,22 +69,25 @@ def test_existing_folder_without_overwrite_is_refused(workdir, capsys):
     assert "output folder data exists; choose another --out or pass --overwrite" in error
 
 
-@pytest.mark.parametrize("case", ["file", "parent_is_file", "unwritable", "proc", "symlink"])
+@pytest.mark.parametrize("case", ["file", "parent_is_file", "unwritable", "proc", "symlink", "link_loop",
+                                  "name_too_long"])
 def test_an_unusable_output_location_is_refused_before_any_work(tmp_path, capsys, monkeypatch, case):
     (tmp_path / "a_file").write_text("x")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
     (tmp_path / "link").symlink_to(tmp_path / "a_file")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     out = {"file": tmp_path / "a_file", "parent_is_file": tmp_path / "a_file" / "run",
-           "unwritable": locked / "run", "proc": Path("/proc/invdiff-run"), "symlink": tmp_path / "link"}[case]
+           "unwritable": locked / "run", "proc": Path("/proc/invdiff-run"), "symlink": tmp_path / "link",
+           "link_loop": tmp_path / "loop" / "run", "name_too_long": tmp_path / ("x" * 300)}[case]
     if case == "unwritable" and os.access(locked, os.W_OK):
         pytest.skip("running as a user who can write to read-only folders (root)")
     monkeypatch.setattr("invdiff.posterior.sample_posterior", lambda *args, **kwargs: pytest.fail("sampling started"))
     error = error_of(["solve", INPAINT, *FAST, "--out", str(out)], capsys)
     assert "--out" in error, error
     assert (tmp_path / "a_file").read_text() == "x"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "link", "locked"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "link", "locked", "loop"]
 
 
 def test_a_root_user_cannot_write_into_proc(capsys):
