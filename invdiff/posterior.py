@@ -14,10 +14,10 @@ import numbers
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Union, get_args, get_origin
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor
 
 from invdiff.noise import GaussianNoise, NoiseModel
@@ -165,10 +165,35 @@ def _vector_matrix(matrix: Any, prior: Prior) -> Tensor:
     return matrix
 
 
+def _number_types(annotation: Any) -> set[type]:
+    """The plain types a field's annotation admits (the members of a union, ``X | None`` included)."""
+    if get_origin(annotation) is Union or type(annotation).__name__ == "UnionType":
+        return set().union(*(_number_types(member) for member in get_args(annotation)))
+    return {annotation} if isinstance(annotation, type) else set()
+
+
+def refuse_boolean_numbers(model: type[BaseModel], data: Any) -> Any:
+    """A ``model_validator(mode="before")``: ``true`` / ``false`` where a number belongs is an error (pydantic would
+    read them as 1 / 0: ``num_steps: true`` ran one step)."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            if isinstance(value, bool) and name in model.model_fields:
+                admitted = _number_types(model.model_fields[name].annotation)
+                if bool not in admitted and admitted & {int, float}:
+                    raise ValueError(f"{name}: a number is needed, not {str(value).lower()}")
+    return data
+
+
 class SamplerOptions(BaseModel):
-    """Base of every sampler's options: unknown keys, wrong values and non-finite numbers are errors."""
+    """Base of every sampler's options: unknown keys, wrong values, non-finite numbers and true / false for numbers
+    are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, data: Any) -> Any:
+        return refuse_boolean_numbers(cls, data)
 
     def usage(self) -> dict[str, tuple[bool, str]]:
         """The options that only some configurations use: ``name -> (used by this one, when an option applies)``.

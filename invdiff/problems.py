@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import Tensor
 
 from invdiff import operators as operator_library
-from invdiff.posterior import Posterior, Sampler
+from invdiff.posterior import Posterior, Sampler, refuse_boolean_numbers
 from invdiff.prior import GaussianMixturePrior, NetworkPrior, Prior, digits_gaussian_mixture
 from invdiff.sde import SDE, VESDE, VPSDE, DDPMSchedule
 from invdiff.yamlfile import YAMLFileError, file_problem, read_mapping
@@ -45,9 +45,15 @@ class ProblemError(ValueError):
 
 
 class StrictModel(BaseModel):
-    """The base of every problem-file model: an unknown key, or an infinite or NaN number, is an error."""
+    """The base of every problem-file model: an unknown key, an infinite or NaN number, or true / false for a number
+    is an error."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, data: Any) -> Any:
+        return refuse_boolean_numbers(cls, data)
 
 
 #: seeds are below this bound everywhere (problem files and --seed): ``seed + 1`` still fits torch's generators

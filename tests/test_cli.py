@@ -153,6 +153,8 @@ def test_bad_option_syntax_and_device(tmp_path, capsys):
                                                      "--out", str(tmp_path / "a")], capsys)
     assert "--option scale: malformed YAML at line 1, column 4" in error_of(
         ["solve", str(INPAINT), "--sampler", "dps", "-o", "scale=[1,", "--out", str(tmp_path / "a")], capsys)
+    assert "sampler_options.dps: num_steps: a number is needed, not true" in error_of(
+        ["solve", str(INPAINT), "--sampler", "dps", "-o", "num_steps=true", "--out", str(tmp_path / "a")], capsys)
     for seed in (str(2**63), "-1"):
         assert "--seed must be an integer from 0 to 2**63 - 1" in error_of(
             ["solve", str(INPAINT), "--sampler", "dps", "--seed", seed, "--out", str(tmp_path / "a")], capsys)

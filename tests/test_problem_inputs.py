@@ -216,6 +216,9 @@ def test_a_grayscale_truth_has_no_notes(tmp_path):
      "noise_seed: Input should be less than 9223372036854775808"),
     ("prior: digits_gmm", "prior: {name: digits_gmm, sde: {type: ddpm, num_timesteps: 1000000000}}",
      "prior.sde.num_timesteps: Input should be less than or equal to 100000"),
+    ("sigma_y: 0.05", "sigma_y: true", "noise: sigma_y: a number is needed, not true"),
+    ("index: 3}", "index: true}", "truth: index: a number is needed, not true"),
+    ("index: 3}", "index: 3}\nnum_samples: false", "num_samples: a number is needed, not false"),
 ])
 def test_numbers_must_be_finite_and_seeds_in_range(tmp_path, capsys, old, new, expected):
     assert expected in solve_error(write_problem(tmp_path, VALID.replace(old, new)), tmp_path, capsys)
