@@ -56,7 +56,8 @@ from pydantic import Field, ValidationError
 
 from invdiff.bench_report import ORACLE
 from invdiff.problems import (SEED_LIMIT, FileTruthConfig, ProblemConfig, ProblemError, StrictModel, TruthConfig,
-                              build_problem, build_sampler, format_validation_error, load_problem_config, problem_cases)
+                              build_problem, build_sampler, check_truth_source, format_validation_error,
+                              load_problem_config, problem_cases)
 from invdiff.rundir import MARKER, RunFolderError, check_destination, make_folders, owned_files
 from invdiff.yamlfile import YAMLFileError, read_mapping
 
@@ -127,6 +128,10 @@ class BenchConfig(StrictModel):
         for seed in self.seeds:
             if not 0 <= seed < SEED_LIMIT:
                 raise ValueError(f"seeds: {seed} is not an integer from 0 to 2**63 - 1")
+        if len(set(self.seeds)) < len(self.seeds):
+            twice = sorted({seed for seed in self.seeds if self.seeds.count(seed) > 1})
+            raise ValueError(f"seeds: {', '.join(map(str, twice))} given twice (each seed is a replicate of every "
+                             f"cell)")
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,9 @@ def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu
     if samplers is not None:
         names = sorted(registry.samplers) if samplers == "all" else [name.strip() for name in samplers.split(",")]
         entries = {name: entries.get(name) for name in names if name}
+        if not entries:
+            raise BenchError(f"--samplers {samplers!r}: names no sampler; give 'all' or some of "
+                             f"{', '.join(sorted(registry.samplers))}")
     methods = []
     for label, entry in entries.items():
         entry = entry or MethodEntry()
@@ -229,6 +237,11 @@ def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu
     if len(set(names)) < len(names):
         raise BenchError(f"{path.name}: problems: a case is listed twice "
                          f"({', '.join(sorted({name for name in names if names.count(name) > 1}))})")
+    priors = sorted({case.config.prior.name for case in cases})
+    for prior in config.images:
+        if prior not in priors:
+            raise BenchError(f"{path.name}: images.{prior}: no case of this configuration has the prior '{prior}'; "
+                             f"its cases' priors: {', '.join(priors)}")
     if cases_wanted is not None:
         cases = _chosen_cases(path, cases, cases_wanted)
     for case in cases:
@@ -267,24 +280,41 @@ def _cases(config_path: Path, entry: ProblemEntry, config: BenchConfig) -> list[
     except ProblemError as error:
         raise BenchError(f"{config_path.name}: problems: {error}") from None
     for name, config_of_case in zip(names, configs):
-        images = config.images.get(config_of_case.prior.name)
+        prior = config_of_case.prior.name
+        images = config.images.get(prior)
         if images is None:
             test, validation = [config_of_case.truth], []
             if config_of_case.truth is None:
-                raise BenchError(f"{config_path.name}: {config_of_case.name} has no truth; give "
-                                 f"images.{config_of_case.prior.name}.test")
+                raise BenchError(f"{config_path.name}: {config_of_case.name} has no truth; give images.{prior}.test")
         else:
             test, validation = images.test, images.validation
-        cases.append(Case(file, name or "", config_of_case, [_truth(truth, config_path) for truth in test],
-                          [_truth(truth, config_path) for truth in validation]))
+        specs = {}
+        for split, truths in (("test", test), ("validation", validation)):
+            truths = [_absolute(truth, file if images is None else config_path) for truth in truths]
+            for index, truth in enumerate(truths):
+                where = f"{config_of_case.name}: truth" if images is None else f"images.{prior}.{split}.{index}"
+                _check_truth(config_of_case, truth, config_path, where)
+            specs[split] = [truth.model_dump(mode="json") for truth in truths]
+        cases.append(Case(file, name or "", config_of_case, specs["test"], specs["validation"]))
     return cases
 
 
-def _truth(truth, config_path: Path) -> dict:
-    """A truth spec as JSON; a file is made absolute (the configuration's paths are relative to it)."""
+def _check_truth(config: ProblemConfig, truth, config_path: Path, where: str) -> None:
+    """The truth can be had (``check_truth_source``: before any cell runs), else a ``BenchError`` naming
+    ``where`` it is given."""
+    try:
+        check_truth_source(config.model_copy(update={"truth": truth}), config_path)
+    except ProblemError as error:
+        message = str(error).removeprefix(f"{config_path.name}: ").removeprefix("truth: ").removeprefix("truth.")
+        raise BenchError(f"{config_path.name}: {where}: {message}") from None
+
+
+def _absolute(truth, relative_to: Path):
+    """A truth spec with a file's path made absolute: relative to the file ``relative_to`` that gives it (the
+    configuration's images, or a problem file's own truth)."""
     if isinstance(truth, FileTruthConfig):
-        truth = truth.model_copy(update={"path": str((config_path.parent / truth.path).resolve())})
-    return truth.model_dump(mode="json")
+        truth = truth.model_copy(update={"path": str((relative_to.parent / truth.path).resolve())})
+    return truth
 
 
 def resolve_options(method: Method, case: Case, tuned: dict[str, Any], registry) -> dict[str, Any]:

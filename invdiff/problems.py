@@ -37,7 +37,7 @@ from invdiff.sde import SDE, VESDE, VPSDE, DDPMSchedule
 from invdiff.yamlfile import YAMLFileError, file_problem, read_mapping
 
 __all__ = ["ProblemError", "ProblemConfig", "Problem", "StrictModel", "load_problem", "load_problem_config",
-           "problem_cases", "build_sampler", "format_validation_error"]
+           "problem_cases", "build_sampler", "format_validation_error", "check_truth_source"]
 
 
 class ProblemError(ValueError):
@@ -744,8 +744,16 @@ def _build_truth(config: ProblemConfig, path: Path, prior: Prior) -> tuple[Tenso
     return truth, notes
 
 
-def _read_truth(config: ProblemConfig, path: Path, prior: Prior) -> tuple[Tensor | None, list[str]]:
-    """The ground-truth image ``(1, C, H, W)`` in [0, 1], float32, or None; and notes on conversions made."""
+def check_truth_source(config: ProblemConfig, path: Path) -> None:
+    """Read ``config``'s truth where it needs no prior (a digit, a held-out crop, an image file; a draw of the prior
+    is left to the run), raising ``ProblemError`` if it cannot be had: what ``invdiff bench`` checks of every image
+    of a configuration before any cell runs."""
+    _read_truth(config, path, prior=None)
+
+
+def _read_truth(config: ProblemConfig, path: Path, prior: Prior | None) -> tuple[Tensor | None, list[str]]:
+    """The ground-truth image ``(1, C, H, W)`` in [0, 1], float32, or None; and notes on conversions made. Without
+    a ``prior``, a draw of it is None and a file's ``to_gray`` is not checked against its channels."""
     if isinstance(config.truth, DigitsTruthConfig):
         from invdiff.data import digits
 
@@ -764,11 +772,11 @@ def _read_truth(config: ProblemConfig, path: Path, prior: Prior) -> tuple[Tensor
             raise ProblemError(f"{path.name}: truth: {error}") from None
         return crop.to(torch.float32), []
     if isinstance(config.truth, FileTruthConfig):
-        if config.truth.to_gray and prior.event_shape[0] != 1:
+        if config.truth.to_gray and prior is not None and prior.event_shape[0] != 1:
             raise ProblemError(f"{path.name}: truth.to_gray: the prior '{prior.settings()['kind']}' takes "
                                f"{prior.event_shape[0]}-channel images, not gray ones; remove to_gray")
         return _read_image(path.parent / config.truth.path, f"{path.name}: truth.path", config.truth.to_gray)
-    if isinstance(config.truth, PriorTruthConfig):
+    if isinstance(config.truth, PriorTruthConfig) and prior is not None:
         return _draw_from_prior(config.truth, prior, path), []
     return None, []
 

@@ -165,6 +165,12 @@ def test_an_oracle_row_is_tuned_on_each_test_image_and_labelled(tmp_path):
     (("seeds: [0, 1]", "seeds: [0, 1]\ncolour: red"), "colour: unknown key; allowed: baselines"),
     ((str(INPAINT), str(INPAINT.with_name("missing.yaml"))), "missing.yaml does not exist"),
     (("{source: digits, index: 7}", "{source: digitz}"), "images.digits_gmm.test.0.source: unknown value 'digitz'"),
+    (("{source: digits, index: 1}", "{source: file, path: nope.png}"), "images.digits_gmm.test.1: path: "),
+    (("{source: digits, index: 1}", "{source: digits, index: 9999}"),
+     "images.digits_gmm.test.1: index: the test split has 300 images, so index must be < 300 (got 9999)"),
+    (("  digits_gmm:\n", "  digitsgmm:\n"),
+     "images.digitsgmm: no case of this configuration has the prior 'digitsgmm'; its cases' priors: digits_gmm"),
+    (("seeds: [0, 1]", "seeds: [0, 1, 1]"), "seeds: 1 given twice"),
 ])
 def test_a_bad_config_is_one_line_and_exit_2_before_any_work(tmp_path, capsys, change, expected):
     config = write_config(tmp_path, TINY.replace(*change))
@@ -242,6 +248,7 @@ def _assert_same_cells(local: list[dict], other: list[dict]) -> None:
     (["--workers", "2", "--ray", "auto"], "--workers and --ray both say where the cells run"),
     (["--cases", "digits-box"], "--cases digits-box: digits-box is not a case of bench.yaml; allowed: digits-gmm-box"),
     (["--cases", ","], "--cases ',': names no case; allowed: digits-gmm-box"),
+    (["--samplers", ""], "--samplers '': names no sampler; give 'all' or some of"),
 ])
 def test_bad_workers_and_cases_are_one_line_and_exit_2(tmp_path, capsys, arguments, expected):
     config = write_config(tmp_path, TINY)
