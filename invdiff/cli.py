@@ -70,9 +70,17 @@ def _input_errors() -> tuple[type[Exception], ...]:
             RunFolderError, ResourceError, BenchError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its errors one line like every other input error (argparse prints the usage first), exit
+    code 2; ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("invdiff").strip()
+        self.exit(2, f"invdiff: error: {command + ': ' if command else ''}{message}; see {self.prog} --help\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="invdiff", description="Posterior sampling for inverse problems "
-                                     "with diffusion priors.")
+    parser = _Parser(prog="invdiff", description="Posterior sampling for inverse problems with diffusion priors.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     samplers = commands.add_parser("samplers", help="list the registered samplers and plugins that failed to load")
@@ -224,15 +232,19 @@ def _check_seed(seed: int) -> None:
         raise UsageError(f"--seed must be an integer from 0 to 2**63 - 1, got {seed}")
 
 
-def _check_sampler_option_names(problem: Problem, registry) -> None:
-    """Options in the problem file for a sampler that is not registered are most likely a typo."""
+def _check_file_sampler_options(problem: Problem, registry) -> None:
+    """The problem file's options of every sampler it names, not only the one run: options for a sampler that is
+    not registered, or a wrong option of another sampler, are mistakes in the file all the same."""
     from invdiff.plugins import PluginError
+    from invdiff.problems import ProblemError, build_sampler
 
-    for name in problem.config.sampler_options:
+    for name, options in problem.config.sampler_options.items():
         try:
-            registry.get(name)
+            build_sampler(registry.get(name).sampler_class, options)
         except PluginError as error:
             raise UsageError(f"{problem.path.name}: sampler_options.{name}: {error}") from None
+        except ProblemError as error:
+            raise UsageError(f"{problem.path.name}: {error}") from None
 
 
 def _solve(arguments) -> int:
@@ -241,7 +253,7 @@ def _solve(arguments) -> int:
     from invdiff.evaluation import posterior_moments, run_summary, write_run
     from invdiff.plugins import load_registry
     from invdiff.posterior import sample_posterior
-    from invdiff.problems import build_sampler, load_problem
+    from invdiff.problems import ProblemError, build_sampler, load_problem
     from invdiff.resources import check_run
     from invdiff.rundir import RunFolder
 
@@ -254,10 +266,13 @@ def _solve(arguments) -> int:
     if arguments.out is not None and not arguments.out.strip():
         raise UsageError("--out is empty; name a new folder, e.g. --out runs/my-run")
     problem = load_problem(arguments.problem, arguments.case)
-    _check_sampler_option_names(problem, registry)
+    _check_file_sampler_options(problem, registry)
     options = {**problem.config.sampler_options.get(info.name, {}), **_parse_options(arguments.option),
                **_particle_options(arguments, info)}
-    sampler = build_sampler(info.sampler_class, options)
+    try:
+        sampler = build_sampler(info.sampler_class, options)
+    except ProblemError as error:   # the file's options are valid: --option or a particle flag is not
+        raise UsageError(f"--option: {error}") from None
     num_samples = arguments.num_samples or problem.config.num_samples
     out = Path(arguments.out or Path("runs") / f"{problem.config.name}-{info.name}-seed{arguments.seed}")
     folder = RunFolder(out, arguments.overwrite)   # checked and staged before any work

@@ -44,7 +44,8 @@ def _check_linear_gaussian(posterior: Posterior, what: str, mixture: bool = True
     linear operator, Gaussian noise."""
     prior, operator = posterior.prior, posterior.operator
     if mixture and not isinstance(prior, GaussianMixturePrior):
-        raise NotTractable(f"{what} needs a Gaussian or Gaussian-mixture prior, not {type(prior).__name__}")
+        raise NotTractable(f"{what} needs a Gaussian or Gaussian-mixture prior (e.g. digits_gmm, natural_gmm); the "
+                           f"prior '{prior.settings()['kind']}' is a {type(prior).__name__}")
     if not operator.linear:
         raise NotTractable(f"{what} needs a linear operator; '{operator.name}' is not")
     if not isinstance(operator.noise, GaussianNoise):

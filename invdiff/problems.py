@@ -458,7 +458,8 @@ def format_validation_error(error: ValidationError, prefix: str = "", model: typ
         parts.append(context["discriminator"].strip("'"))
         message = f"unknown value {context['tag']!r}; allowed: {context['expected_tags']}"
     elif first["type"] == "extra_forbidden":
-        allowed = f"; allowed: {', '.join(sorted(owner.model_fields))}" if owner is not None else ""
+        allowed = "" if owner is None else (f"; allowed: {', '.join(sorted(owner.model_fields))}"
+                                            if owner.model_fields else "; no keys are allowed here")
         message = f"unknown key{allowed}"
     else:
         message = first["msg"].removeprefix("Value error, ")

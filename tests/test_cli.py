@@ -148,6 +148,18 @@ def test_existing_output_is_never_silently_overwritten(tmp_path, capsys):
     assert [path.name for path in tmp_path.iterdir()] == ["run"]   # no staging folder left behind
 
 
+@pytest.mark.parametrize("arguments, expected", [
+    (["solve", "x.yaml"], "invdiff: error: solve: the following arguments are required: --sampler; see invdiff solve"),
+    (["solve", "x.yaml", "--sampler", "dps", "--seed", "abc"], "invdiff: error: solve: argument --seed: invalid int"),
+    (["nosuch"], "invdiff: error: argument command: invalid choice: 'nosuch'"),
+])
+def test_argument_errors_are_one_line(capsys, arguments, expected):
+    with pytest.raises(SystemExit) as exit_:
+        main(arguments)
+    error = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in error and error.startswith(expected), error
+
+
 def test_bad_option_syntax_and_device(tmp_path, capsys):
     assert "--option expects KEY=VALUE" in error_of(["solve", str(INPAINT), "--sampler", "dps", "-o", "scale",
                                                      "--out", str(tmp_path / "a")], capsys)
@@ -311,7 +323,8 @@ def test_a_refusal_comes_before_the_long_run_warning(tmp_path, capsys):
     """Sampler.check runs before the time estimate: a 30-minute run refused at once prints no warning first."""
     error = error_of(["solve", str(INPAINT), "--case", "natural-box", "--sampler", "twisted_smc", "-o",
                       "twisting=exact", "--out", str(tmp_path / "run")], capsys)
-    assert "the exact twist needs a Gaussian or Gaussian-mixture prior, not NetworkPrior" in error
+    assert "the exact twist needs a Gaussian or Gaussian-mixture prior (e.g. digits_gmm, natural_gmm); the prior " \
+           "'natural' is a NetworkPrior" in error
     assert not (tmp_path / "run").exists()
 
 
