@@ -725,11 +725,12 @@ def _read_measurement(config: ProblemConfig, path: Path, operator: operator_libr
     _require_finite(array, where, measurement_path)
     measurement = torch.as_tensor(array)
     expected = tuple(operator.physics.A(torch.zeros((1, *shape))).shape)
-    if measurement.dim() == len(expected) - 1:
-        measurement = measurement[None]
+    given = tuple(measurement.shape)
+    leading = len(expected) - len(given)   # (C, H, W), or (H, W) for one channel, stand for (1, C, H, W)
+    if 0 < leading and expected[:leading] == (1,) * leading:
+        measurement = measurement.reshape((1,) * leading + given)
     if tuple(measurement.shape) != expected:
-        raise ProblemError(f"{where}: shape {tuple(measurement.shape)} does not match the operator's output "
-                           f"{expected}")
+        raise ProblemError(f"{where}: shape {given} does not match the operator's output {expected}")
     if isinstance(config.noise, PoissonNoiseConfig) and (measurement < 0).any():
         raise ProblemError(f"{where}: Poisson noise gives measurements >= 0, got a minimum of "
                            f"{float(measurement.min()):.3g}")

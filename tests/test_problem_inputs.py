@@ -158,6 +158,20 @@ def test_an_8_bit_array_as_truth_gets_a_hint(tmp_path, capsys):
     assert "truth.path: image values must lie in [0, 1], got [200, 200] (an 8-bit image?" in error
 
 
+@pytest.mark.parametrize("shape", [(8, 8), (1, 8, 8), (1, 1, 8, 8)])
+def test_a_measurement_may_leave_out_its_leading_axes_of_one(tmp_path, shape):
+    """As a truth may: ``(H, W)`` and ``(C, H, W)`` stand for ``(1, C, H, W)`` where those axes are 1."""
+    np.save(tmp_path / "y.npy", np.full(shape, 0.25))
+    problem = load_problem(write_problem(tmp_path, VALID.replace(DIGIT_TRUTH, "measurement: y.npy")))
+    assert problem.posterior.measurement.shape == (1, 1, 8, 8)
+
+
+def test_a_measurement_of_another_shape_is_refused(tmp_path, capsys):
+    np.save(tmp_path / "y.npy", np.full((2, 8, 8), 0.25))
+    error = solve_error(write_problem(tmp_path, VALID.replace(DIGIT_TRUTH, "measurement: y.npy")), tmp_path, capsys)
+    assert "measurement: shape (2, 8, 8) does not match the operator's output (1, 1, 8, 8)" in error
+
+
 def test_a_poisson_measurement_must_not_be_negative(tmp_path, capsys):
     np.save(tmp_path / "y.npy", np.full((1, 8, 8), -0.25))
     text = VALID.replace(DIGIT_TRUTH, "measurement: y.npy").replace("{type: gaussian, sigma_y: 0.05}",
