@@ -206,6 +206,8 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
         key, separator, value = pair.partition("=")
         if not separator or not key.strip():
             raise UsageError(f"--option expects KEY=VALUE, got '{pair}'")
+        if key.strip() in options:
+            raise UsageError(f"--option {key.strip()} is given twice; give it once")
         try:
             options[key.strip()] = parse_value(value, f"--option {key.strip()}")
         except YAMLFileError as error:
@@ -267,8 +269,11 @@ def _solve(arguments) -> int:
         raise UsageError("--out is empty; name a new folder, e.g. --out runs/my-run")
     problem = load_problem(arguments.problem, arguments.case)
     _check_file_sampler_options(problem, registry)
-    options = {**problem.config.sampler_options.get(info.name, {}), **_parse_options(arguments.option),
-               **_particle_options(arguments, info)}
+    given, flags = _parse_options(arguments.option), _particle_options(arguments, info)
+    twice = sorted(given.keys() & flags.keys())
+    if twice:
+        raise UsageError(f"{twice[0]} is given by --option and by --{twice[0].replace('_', '-')}; give it once")
+    options = {**problem.config.sampler_options.get(info.name, {}), **given, **flags}
     try:
         sampler = build_sampler(info.sampler_class, options)
     except ProblemError as error:   # the file's options are valid: --option or a particle flag is not

@@ -165,6 +165,12 @@ def test_bad_option_syntax_and_device(tmp_path, capsys):
                                                      "--out", str(tmp_path / "a")], capsys)
     assert "--option scale: malformed YAML at line 1, column 4" in error_of(
         ["solve", str(INPAINT), "--sampler", "dps", "-o", "scale=[1,", "--out", str(tmp_path / "a")], capsys)
+    assert "--option scale is given twice; give it once" in error_of(
+        ["solve", str(INPAINT), "--sampler", "dps", "-o", "scale=1", "-o", "scale=2", "--out", str(tmp_path / "a")],
+        capsys)
+    assert "num_particles is given by --option and by --num-particles; give it once" in error_of(
+        ["solve", str(INPAINT), "--sampler", "twisted_smc", "-o", "num_particles=4", "--num-particles", "8", "--out",
+         str(tmp_path / "a")], capsys)
     assert "sampler_options.dps: num_steps: a number is needed, not true" in error_of(
         ["solve", str(INPAINT), "--sampler", "dps", "-o", "num_steps=true", "--out", str(tmp_path / "a")], capsys)
     for seed in (str(2**63), "-1"):
