@@ -68,7 +68,7 @@ def read_metadata(path: str | Path) -> dict:
     """The JSON metadata of a checkpoint, checked to be an invdiff prior."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+        raise CheckpointError(f"checkpoint '{path}' " + ("is not a file" if path.exists() else "does not exist"))
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get("invdiff")
@@ -81,6 +81,9 @@ def read_metadata(path: str | Path) -> dict:
         document = json.loads(raw)
     except json.JSONDecodeError as error:
         raise CheckpointError(f"checkpoint '{path}' has corrupt metadata: {error}") from None
+    if not isinstance(document, dict):
+        raise CheckpointError(f"checkpoint '{path}' has corrupt metadata: a JSON object is needed, got "
+                              f"{type(document).__name__}")
     if document.get("format") != FORMAT or document.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint '{path}' has format {document.get('format')} version "
                               f"{document.get('format_version')}; expected {FORMAT} version {FORMAT_VERSION}")
@@ -96,7 +99,7 @@ def load_checkpoint(path: str | Path) -> tuple[UNet, dict]:
                               f"allowed: {', '.join(_ARCHITECTURES)}")
     try:
         unet = architecture(**document["arguments"])
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint '{path}' has bad architecture arguments: {error}") from None
     try:
         tensors = load_file(str(path))
@@ -108,6 +111,10 @@ def load_checkpoint(path: str | Path) -> tuple[UNet, dict]:
     if missing or unexpected or wrong_shape:
         raise CheckpointError(f"checkpoint '{path}' does not match its architecture: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}, wrong shape {wrong_shape[:3]}")
+    not_float = sorted(name for name, value in tensors.items() if not value.is_floating_point())
+    if not_float:
+        raise CheckpointError(f"checkpoint '{path}' holds weights that are not floating point ({not_float[:3]}, "
+                              f"{tensors[not_float[0]].dtype})")
     unet.load_state_dict({name: value.float() for name, value in tensors.items()})
     return unet.eval(), document
 
@@ -124,11 +131,23 @@ def load_prior(name_or_path: str | Path, batch_size: int | None = 256, clip_deno
                                   "(or give the path of a .safetensors checkpoint)")
         path = SHIPPED_PRIORS_DIRECTORY / f"{name_or_path}.safetensors"
     unet, document = load_checkpoint(path)
-    sde = sde_from_settings(document["sde"])
+    try:
+        sde = sde_from_settings(document["sde"])
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"checkpoint '{path}' has no valid 'sde' in its metadata ({error!r})") from None
+    event_shape, data_range = document.get("event_shape"), document.get("data_range", (-1.0, 1.0))
+    if not (isinstance(event_shape, list) and len(event_shape) == 3
+            and all(isinstance(size, int) and size > 0 for size in event_shape)):
+        raise CheckpointError(f"checkpoint '{path}': metadata 'event_shape' must be [channels, height, width] of "
+                              f"positive integers, got {event_shape!r}")
+    if not (isinstance(data_range, (list, tuple)) and len(data_range) == 2
+            and all(isinstance(value, (int, float)) for value in data_range) and data_range[0] < data_range[1]):
+        raise CheckpointError(f"checkpoint '{path}': metadata 'data_range' must be [low, high] with low < high, got "
+                              f"{data_range!r}")
     network = EpsilonNetwork(unet, sde, data_std=document.get("data_std", 0.5))
     described = {key: document[key] for key in ("fully_convolutional", "data", "training") if key in document}
-    return NetworkPrior(network, sde, tuple(document["event_shape"]), document.get("parametrisation", "epsilon"),
-                        tuple(document.get("data_range", (-1.0, 1.0))), name=document.get("name", path.stem),
+    return NetworkPrior(network, sde, tuple(event_shape), document.get("parametrisation", "epsilon"),
+                        tuple(data_range), name=document.get("name", path.stem),
                         metadata={"checkpoint": str(path), **described}, batch_size=batch_size,
                         clip_denoised=clip_denoised)
 

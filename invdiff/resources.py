@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from invdiff.posterior import Posterior, Sampler
+from invdiff.posterior import Posterior, Sampler, UnsupportedProblem
 from invdiff.prior import NetworkPrior, Prior
 from invdiff.smc import particles_per_run, restart_steps
 
@@ -244,16 +244,31 @@ def _probe_network(prior: Prior, needs_gradient: bool, images_per_call: int,
         try:
             bytes_one = _peak_bytes(prior, 1, needs_gradient, device)
             seconds_one = network_call_seconds(prior, 1, needs_gradient, device)
+        except (RuntimeError, ValueError) as error:
+            raise _unfit_network(probe, error) from None
         finally:
             prior.evaluations = evaluations
         return 0.0, bytes_one / pixels, seconds_one / pixels
     try:
         bytes_one, bytes_batch = (_peak_bytes(probe, size, needs_gradient, device) for size in (1, batch))
         seconds_batch = network_call_seconds(probe, batch, needs_gradient, device)  # after the calls above: warmed up
+    except (RuntimeError, ValueError) as error:
+        raise _unfit_network(probe, error) from None
     finally:
         prior.evaluations = evaluations
     per_image = max(bytes_batch - bytes_one, 0) / (batch - 1)
     return max(bytes_one - per_image, 0), per_image / pixels, seconds_batch / (batch * pixels)
+
+
+def _unfit_network(prior: Prior, error: Exception) -> Exception:
+    """The probe's first network call failed: the network does not take images of the prior's event shape (an
+    ``image_size`` a loaded checkpoint's architecture cannot pad or pool, say), a one-line ``UnsupportedProblem``
+    naming it; running out of memory is not that, and is raised as it was."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return error
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UnsupportedProblem(f"the prior's network fails on images of shape {tuple(prior.event_shape)} "
+                              f"({type(error).__name__}: {message}); use an image size its architecture takes")
 
 
 def _probe_input(prior: Prior, batch: int, device: torch.device) -> Tensor:

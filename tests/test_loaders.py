@@ -298,3 +298,18 @@ def test_problem_files_load_every_checkpoint_format_and_sample(guided_diffusion,
     assert main(["solve", str(problem), "--sampler", "dps", "--out", str(tmp_path / "guided")]) == 2
     error = capsys.readouterr().err
     assert "guided.yaml: prior: checkpoint" in error and "missing.pt' does not exist" in error
+
+
+def test_an_image_size_the_network_cannot_take_is_one_line(guided_diffusion, tmp_path, capsys):
+    """deepinv's DiffUNet pads to a multiple of 32 and fails below 16 pixels: the run's first network call (the
+    memory probe) fails, reported as the network's refusal of that shape, exit 2, before sampling."""
+    from cli_helpers import error_of
+
+    np.save(tmp_path / "image.npy", np.random.default_rng(0).uniform(size=(1, 8, 8)))
+    problem = tmp_path / "guided.yaml"
+    problem.write_text(f"name: guided\nprior: {{name: guided_diffusion, path: {guided_diffusion[2]}, image_size: 8}}\n"
+                       "operator: {type: inpainting, mask: random, fraction_observed: 0.5}\n"
+                       "noise: {type: gaussian, sigma_y: 0.1}\ntruth: {source: file, path: image.npy}\n")
+    error = error_of(["solve", str(problem), "--sampler", "dps", "--out", str(tmp_path / "run")], capsys)
+    assert "the prior's network fails on images of shape (1, 8, 8) (RuntimeError: " in error
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -139,6 +140,39 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         load_prior(wrong_format)
     with pytest.raises(CheckpointError, match="unknown prior 'faces'; shipped priors: digits"):
         load_prior("faces")
+
+
+def _edited_metadata(tmp_path, edit) -> Path:
+    """A tiny checkpoint whose invdiff metadata is ``edit(metadata)`` (the weights unchanged)."""
+    path = save_checkpoint(tmp_path / "tiny.safetensors", tiny_unet(), metadata(VPSDE()))
+    edited = tmp_path / "edited.safetensors"
+    save_file(load_file(str(path)), str(edited), metadata={"invdiff": json.dumps(edit(read_metadata(path)))})
+    return edited
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda document: [1, 2], "corrupt metadata: a JSON object is needed, got list"),
+    (lambda document: {**document, "arguments": {**document["arguments"], "channels": 9}},
+     "bad architecture arguments"),
+    (lambda document: {key: value for key, value in document.items() if key != "sde"}, "no valid 'sde'"),
+    (lambda document: {**document, "event_shape": "abc"}, "'event_shape' must be [channels, height, width]"),
+    (lambda document: {key: value for key, value in document.items() if key != "event_shape"}, "'event_shape' must"),
+    (lambda document: {**document, "data_range": [1, -1]}, "'data_range' must be [low, high] with low < high"),
+])
+def test_bad_checkpoint_metadata_is_a_checkpoint_error(tmp_path, edit, expected):
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        load_prior(_edited_metadata(tmp_path, edit))
+
+
+def test_weights_that_are_not_floating_point_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "tiny.safetensors", tiny_unet(), metadata(VPSDE()))
+    integers = tmp_path / "integers.safetensors"
+    save_file({name: value.to(torch.int8) for name, value in load_file(str(path)).items()}, str(integers),
+              metadata={"invdiff": json.dumps(read_metadata(path))})
+    with pytest.raises(CheckpointError, match="not floating point"):
+        load_prior(integers)
+    with pytest.raises(CheckpointError, match="is not a file"):
+        read_metadata(tmp_path)
 
 
 @pytest.mark.parametrize("name", ["digits", "natural"])
