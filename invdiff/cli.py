@@ -170,12 +170,17 @@ def _train(arguments) -> int:
 def _check(arguments) -> int:
     """Exit 0 when the sampler meets its standard (exact or not), 1 when it does not."""
     from invdiff.plugins import load_registry
+    from invdiff.problems import ProblemError, build_sampler
     from invdiff.testing import check_sampler
 
     info = load_registry().get(arguments.sampler)
     _check_seed(arguments.seed)
-    outcome = check_sampler(info.sampler_class, _parse_options(arguments.option), seed=arguments.seed,
-                            progress=not arguments.quiet)
+    options = _parse_options(arguments.option)
+    try:
+        build_sampler(info.sampler_class, options)
+    except ProblemError as error:
+        raise UsageError(f"--option: {error}") from None
+    outcome = check_sampler(info.sampler_class, options, seed=arguments.seed, progress=not arguments.quiet)
     print(outcome)
     return 0 if outcome.passed else 1
 

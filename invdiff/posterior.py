@@ -131,10 +131,15 @@ class Posterior:
 def _as_tensor(values: Any, what: str) -> Tensor:
     """``values`` (numpy, torch, nested lists of numbers) as a tensor, or one ``ValueError`` naming ``what``."""
     try:
-        return torch.as_tensor(values)
+        tensor = torch.as_tensor(values)
     except (TypeError, ValueError, RuntimeError):
         message = f"{what}: expected numbers (a numpy array or torch tensor), got {type(values).__name__}"
         raise ValueError(message) from None
+    if tensor.is_complex():
+        raise ValueError(f"{what}: expected real numbers, got {tensor.dtype}")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+    return tensor
 
 
 def _noise_model(noise: NoiseModel | float | None) -> NoiseModel:
@@ -146,6 +151,8 @@ def _noise_model(noise: NoiseModel | float | None) -> NoiseModel:
                          "noise) or a NoiseModel (invdiff.noise.GaussianNoise, PoissonNoise)")
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real):
         raise ValueError(f"noise: expected sigma_y (a positive number) or a NoiseModel, got {type(noise).__name__}")
+    if not math.isfinite(noise):
+        raise ValueError(f"noise: sigma_y must be a finite positive number, got {noise}")
     return GaussianNoise(float(noise))
 
 
@@ -345,8 +352,8 @@ def sample_posterior(sampler: Sampler, posterior: Posterior, num_samples: int, *
                      generator: torch.Generator | None = None, progress: bool = False,
                      callback: Callable[[int, dict[str, float]], None] | None = None) -> SampleResult:
     """Run ``sampler`` on ``posterior``: the one entry point, used by the CLI, tests and benchmarks."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if generator is None:
         generator = torch.Generator(device=posterior.measurement.device).manual_seed(0)
     sampler.check(posterior)

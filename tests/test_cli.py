@@ -358,7 +358,7 @@ def test_check_reports_the_numbers_and_a_verdict(capsys):
     assert main(["check", "exact", "--quiet"]) == 0
     report = capsys.readouterr().out
     assert "verdict: PASS: exact meets the exact standard" in report and "largest mean z-score" in report
-    assert "sampler_options.dps.steps: unknown key" in error_of(["check", "dps", "-o", "steps=3"], capsys)
+    assert "--option: sampler_options.dps.steps: unknown key" in error_of(["check", "dps", "-o", "steps=3"], capsys)
     assert "unknown sampler 'magic'" in error_of(["check", "magic"], capsys)
 
 

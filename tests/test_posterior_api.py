@@ -112,12 +112,18 @@ def test_builder_keeps_a_forward_operator_and_its_noise():
                                                   r"got shape \(2, 2\)"),
     (lambda p, m, y: (p, m, torch.full((2,), float("nan")), 0.5), r"the measurement contains NaN or infinite values"),
     (lambda p, m, y: (p, m, "y", 0.5), r"the measurement: expected numbers"),
+    (lambda p, m, y: (p, m, y.to(torch.complex128), 0.5), r"the measurement: expected real numbers, got "
+                                                          r"torch.complex128"),
+    (lambda p, m, y: (p, m * float("nan"), y, 0.5), r"operator \(a ForwardOperator, a deepinv Physics or a matrix\) "
+                                                  r"contains NaN or infinite values"),
+    (lambda p, m, y: (p, m, y, float("inf")), r"noise: sigma_y must be a finite positive number, got inf"),
     (lambda p, m, y: (image_prior(2), m, y, 0.5), r"operator: a matrix acts on vectors, but the prior's events have "
                                                   r"shape \(1, 2, 2\)"),
     (lambda p, m, y: (image_prior(2), deepinv.physics.Inpainting(img_size=(1, 3, 3), mask=torch.ones(1, 3, 3)), y,
                       0.5), r"the operator 'Inpainting' cannot take the prior's events of shape \(1, 2, 2\)"),
 ], ids=["no-noise", "noise-string", "negative-sigma", "noise-twice", "columns", "three-axes", "not-numbers",
-        "y-shape", "y-batch", "y-nan", "y-string", "image-prior-matrix", "physics-size"])
+        "y-shape", "y-batch", "y-nan", "y-string", "y-complex", "matrix-nan", "noise-inf", "image-prior-matrix",
+        "physics-size"])
 def test_builder_errors_are_one_line_naming_the_argument(arguments, message):
     prior, matrix, reference = vector_problem()
     prior_, operator, measurement, *noise = arguments(prior, matrix, reference.measurement)
@@ -221,3 +227,10 @@ def test_sample_posterior_asks_the_sampler_to_check_the_problem_first():
     assert not Picky.sampled
     _, _, posterior = vector_problem(sigma_y=1.5)
     assert sample_posterior(Picky(), posterior, 2).samples.shape == (2, 4) and Picky.sampled
+
+
+@pytest.mark.parametrize("num_samples", [0, 2.5, True, "4"])
+def test_sample_posterior_takes_a_positive_integer_number_of_samples(num_samples):
+    _, _, posterior = vector_problem()
+    with pytest.raises(ValueError, match=f"num_samples must be an integer >= 1, got {num_samples!r}"):
+        sample_posterior(DPS(num_steps=2), posterior, num_samples)
