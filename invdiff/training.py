@@ -31,6 +31,7 @@ numbers from different checkpoints (and runs) compare.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import platform
@@ -40,13 +41,13 @@ from pathlib import Path
 from typing import Annotated, Callable, Literal, Union
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from tqdm import tqdm
 
 from invdiff.checkpoints import save_checkpoint
 from invdiff.data import DIGITS_SPLIT, NATURAL_RGB_SPLIT, NATURAL_SPLIT, digits, natural_images, random_patches
 from invdiff.networks import EpsilonNetwork, UNet
-from invdiff.problems import SDEConfig, StrictModel, VPConfig, format_validation_error
+from invdiff.problems import SEED_LIMIT, Seed, SDEConfig, StrictModel, VPConfig, format_validation_error
 from invdiff.rundir import make_folders, remove_empty
 from invdiff.yamlfile import YAMLFileError, read_mapping
 
@@ -73,8 +74,27 @@ class DigitsData(StrictModel):
     def heldout(self, size: int, generator: torch.Generator) -> torch.Tensor:
         return digits("test")[:size].float()
 
+    def heldout_limit(self) -> int | None:
+        """The most held-out images there are (None: any number of patches)."""
+        return DIGITS_SPLIT["test_size"]
+
     def event_shape(self) -> tuple[int, ...]:
         return (1, 8, 8)
+
+
+@functools.cache
+def _photograph_size(name: str) -> tuple[int, int]:
+    """Height and width of the ``skimage.data`` photograph ``name`` (the same in grayscale and in colour)."""
+    import skimage.data
+
+    return tuple(getattr(skimage.data, name)().shape[:2])
+
+
+def _largest_patch(names: list[str], scales: tuple[int, ...]) -> int:
+    """The largest patch that ``random_patches`` can crop from one of the photographs ``names`` at ``scales``:
+    the shorter side of the largest picture, downscaled by a scale as ``skimage.transform.rescale`` sizes it."""
+    return max(min(max(round((1 / scale) * side), 1) for side in _photograph_size(name))
+               for name in names for scale in scales)
 
 
 class NaturalData(StrictModel):
@@ -83,7 +103,16 @@ class NaturalData(StrictModel):
 
     source: Literal["natural", "natural_rgb"]
     patch_size: int = Field(32, ge=8)
-    scales: tuple[int, ...] = (1, 2, 4)
+    scales: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 2, 4), min_length=1)
+
+    @model_validator(mode="after")
+    def _patches_fit_the_photographs(self) -> NaturalData:
+        split = NATURAL_RGB_SPLIT if self.colour else NATURAL_SPLIT
+        largest = min(_largest_patch(split[part], self.scales) for part in ("train", "test"))
+        if self.patch_size > largest:
+            raise ValueError(f"patch_size {self.patch_size} is larger than the training and held-out photographs "
+                             f"at scales {list(self.scales)}; allowed: at most {largest}")
+        return self
 
     @property
     def colour(self) -> bool:
@@ -103,31 +132,83 @@ class NaturalData(StrictModel):
         patches = random_patches(natural_images("test", self.colour), self.patch_size, self.scales)
         return patches.sample(size, generator).float()
 
+    def heldout_limit(self) -> int | None:
+        """The most held-out images there are (None: any number of patches)."""
+        return None
+
     def event_shape(self) -> tuple[int, ...]:
         return (3 if self.colour else 1, self.patch_size, self.patch_size)
 
 
+#: the UNet's GroupNorm has 8 groups (invdiff.networks._group_norm): every level's channels must divide into them
+GROUPS = 8
+
+
 class NetworkConfig(StrictModel):
-    channels: int = Field(32, ge=8)
-    channel_multipliers: tuple[int, ...] = (1, 2, 2)
+    channels: int = Field(32, ge=GROUPS, multiple_of=GROUPS)
+    channel_multipliers: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 2, 2), min_length=1)
     blocks_per_level: int = Field(1, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """What the UNet needs the image height and width to be divisible by (``UNet.downsampling_factor``)."""
+        return 2 ** (len(self.channel_multipliers) - 1)
 
 
 class TrainingConfig(StrictModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     data: Annotated[Union[DigitsData, NaturalData], Field(discriminator="source")]
     sde: SDEConfig = VPConfig()
-    network: NetworkConfig = NetworkConfig()
+    network: NetworkConfig = Field({}, validate_default=True)  # a mapping: validated like a written one
     steps: int = Field(ge=1)
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(200, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    t_min: float = Field(1e-3, gt=0, lt=1)
+    t_min: float = Field(1e-3, gt=0, lt=1, validate_default=True)
     checkpoint_every: int = Field(500, ge=1)
-    heldout_size: int = Field(256, ge=1)
-    seed: int = 0
+    heldout_size: int = Field(256, ge=1, validate_default=True)
+    seed: Seed = 0
+
+    # field validators see the fields declared before theirs (info.data), and name their own field in the error
+
+    @field_validator("network")
+    @classmethod
+    def _levels_fit_the_images(cls, network: NetworkConfig, info: ValidationInfo) -> NetworkConfig:
+        if "data" not in info.data:
+            return network
+        height, width = info.data["data"].event_shape()[1:]
+        factor = network.downsampling_factor
+        if height % factor or width % factor:
+            most = _most_levels(height, width)
+            raise ValueError(f"{len(network.channel_multipliers)} levels (channel_multipliers) need images whose "
+                             f"sides divide by {factor}; the data's are {height}x{width}: allowed at most {most} "
+                             f"level{'s' if most > 1 else ''}")
+        return network
+
+    @field_validator("t_min")
+    @classmethod
+    def _t_min_below_the_end_time(cls, t_min: float, info: ValidationInfo) -> float:
+        if "sde" in info.data and t_min >= info.data["sde"].build().T:
+            raise ValueError(f"must be below the SDE's end time T = {info.data['sde'].build().T}")
+        return t_min
+
+    @field_validator("heldout_size")
+    @classmethod
+    def _heldout_images_exist(cls, size: int, info: ValidationInfo) -> int:
+        limit = info.data["data"].heldout_limit() if "data" in info.data else None
+        if limit is not None and size > limit:
+            raise ValueError(f"{info.data['data'].source} has {limit} held-out images; allowed: 1 to {limit}")
+        return size
+
+
+def _most_levels(height: int, width: int) -> int:
+    """The most UNet levels for ``height`` x ``width`` images: one more than the times both sides halve evenly."""
+    levels = 1
+    while height % 2 ** levels == 0 and width % 2 ** levels == 0:
+        levels += 1
+    return levels
 
 
 def load_training_config(path: str | Path) -> TrainingConfig:
@@ -150,6 +231,7 @@ def _continue_from(path: str | Path, sde_settings: dict, unet: UNet, ema: UNet) 
         loaded, document = load_checkpoint(path)
     except CheckpointError as error:
         raise TrainingError(f"--continue-from: {error}") from None
+    steps, wall_time = _checkpoint_progress(path, document)
     if loaded.arguments != unet.arguments:
         raise TrainingError(f"--continue-from: '{path}' has network {loaded.arguments}; the config asks for "
                             f"{unet.arguments}")
@@ -158,8 +240,22 @@ def _continue_from(path: str | Path, sde_settings: dict, unet: UNet, ema: UNet) 
                             f"{sde_settings}")
     unet.load_state_dict(loaded.state_dict())
     ema.load_state_dict(loaded.state_dict())
+    return steps, wall_time
+
+
+def _checkpoint_progress(path: str | Path, document: dict) -> tuple[int, float]:
+    """The step count and wall time in a checkpoint's metadata ``training`` (0 for those it lacks), checked."""
     training = document.get("training", {})
-    return int(training.get("steps", 0)), float(training.get("wall_time_s", 0.0))
+    if not isinstance(training, dict):
+        raise TrainingError(f"--continue-from: '{path}' has metadata 'training' {training!r}; a mapping is needed")
+    steps, wall_time = training.get("steps", 0), training.get("wall_time_s", 0.0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < SEED_LIMIT:
+        raise TrainingError(f"--continue-from: '{path}' has metadata 'training.steps' {steps!r}; allowed: an "
+                            f"integer from 0 to {SEED_LIMIT - 1}")
+    if isinstance(wall_time, bool) or not isinstance(wall_time, (int, float)) or not 0 <= wall_time < math.inf:
+        raise TrainingError(f"--continue-from: '{path}' has metadata 'training.wall_time_s' {wall_time!r}; "
+                            "allowed: a number of seconds, 0 or more")
+    return steps, float(wall_time)
 
 
 def _learning_rate(config: TrainingConfig, step: int) -> float:
@@ -177,17 +273,45 @@ def _heldout_losses(network: EpsilonNetwork, heldout: torch.Tensor, noise: torch
     return losses
 
 
+def _written_files(name: str) -> list[str]:
+    """The names of the files a run writes into its folder, with those they are written under first."""
+    finals = ["state.pt", f"{name}.safetensors", "log.jsonl"]
+    return finals + [_partial(Path(final)).name for final in finals]
+
+
+def _check_output_path(out: str | Path) -> Path:
+    """``out`` as a path, refused (one line) when empty, the working directory or a symbolic link."""
+    if not str(out).strip():
+        raise TrainingError("--out is empty; name a folder for the run, e.g. --out runs/train-NAME")
+    out = Path(out)
+    try:
+        if out.resolve() == Path.cwd().resolve():
+            raise TrainingError(f"--out '{out}' is the working directory (as an empty --out is); name a folder "
+                                "for the run, e.g. --out runs/train-NAME")
+        if out.is_symlink():
+            raise TrainingError(f"--out '{out}' is a symbolic link; name a folder")
+    except (OSError, RuntimeError) as error:  # RuntimeError: Path.resolve's loop of symbolic links
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise TrainingError(f"--out '{out}' cannot be inspected: {reason}") from None
+    return out
+
+
 def _check_output_folder(out: Path, name: str, resume: bool) -> None:
     """Refuse an ``--out`` that cannot hold this run, before anything is loaded or written.
 
     A new run needs a folder that does not exist yet or holds none of the files a run writes (an
     existing run or another run's prior is never overwritten); ``--resume`` needs a run's folder.
+    None of the files a run writes may be a symbolic link (writing would follow it out of the folder).
     """
     try:
         nearest = next(folder for folder in (out, *out.parents) if folder.exists())
         if not nearest.is_dir():
             raise TrainingError(f"--out '{out}' is a file, not a folder" if nearest == out else
                                 f"--out '{out}': '{nearest}' is a file, not a folder")
+        links = [file for file in _written_files(name) if (out / file).is_symlink()]
+        if links:
+            raise TrainingError(f"--out '{out}': {', '.join(links)} is a symbolic link; a run writes only regular "
+                                "files in its folder, remove the link or choose another --out")
         state_exists = (out / "state.pt").exists()
         written = [file for file in (f"{name}.safetensors", "log.jsonl") if (out / file).exists()]
     except OSError as error:
@@ -345,7 +469,7 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
     data is loaded or file written; a run that fails or is interrupted leaves no partial file and,
     when it created ``out`` and wrote nothing yet, no folder.
     """
-    out = Path(out)
+    out = _check_output_path(out)
     state_path = out / "state.pt"
     if max_minutes is not None and not max_minutes > 0:
         raise TrainingError(f"--max-minutes must be a positive number of minutes, got {max_minutes}")
@@ -381,9 +505,9 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
                          "older invdiff that did not store it")
     if continue_from is not None:
         step, wall_time = _continue_from(continue_from, sde.settings(), unet, ema)
-        if step > config.steps:
-            raise TrainingError(f"--continue-from: '{continue_from}' is at step {step}, beyond steps {config.steps}; "
-                                f"pass --steps {step} or more")
+        if step >= config.steps:
+            raise TrainingError(f"--continue-from: '{continue_from}' is already at step {step} (steps is "
+                                f"{config.steps}); pass --steps above {step} to train on")
         generator.manual_seed(config.seed + step)
         history = [{"checkpoint": str(continue_from), "step": step}]
 
@@ -454,8 +578,10 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
             if at_checkpoint or step % 100 == 0:
                 loss_value = running_loss.item()
                 if not math.isfinite(loss_value):
+                    restart = ("--resume from the last checkpoint" if state_path.exists() else
+                               "train again (no checkpoint was written)")
                     raise TrainingError(f"loss became {loss_value} by step {step}; lower learning_rate "
-                                        f"({config.learning_rate}) and --resume from the last checkpoint")
+                                        f"({config.learning_rate}) and {restart}")
                 bar.set_postfix(loss=f"{loss_value:.4f}")
             if at_checkpoint:
                 record = checkpoint(loss_value)
@@ -463,7 +589,4 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
                 if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
                     break
         bar.close()
-        if record.get("step") == step:
-            return record
-        # --continue-from a checkpoint at config.steps: the run is that checkpoint
-        return checkpoint(math.nan if running_loss is None else running_loss.item())
+        return record  # every run ends at a checkpoint: at config.steps, the time limit or a finished one

@@ -135,10 +135,6 @@ def test_continuing_from_a_checkpoint_carries_weights_and_step_count(tmp_path, c
     assert [entry["step"] for entry in log] == [6]
     training = load_prior(tmp_path / "second" / "tiny-digits.safetensors").settings()["training"]
     assert training["continued_from"] == [{"checkpoint": str(checkpoint), "step": 3}]
-    # zero steps left: the weights are the checkpoint's, the EMA included
-    train(config.model_copy(update={"steps": 3}), tmp_path / "same", continue_from=checkpoint, progress=False)
-    first, same = load_file(str(checkpoint)), load_file(str(tmp_path / "same" / "tiny-digits.safetensors"))
-    assert all(torch.equal(first[name], same[name]) for name in first)
     wider = config.model_copy(update={"network": config.network.model_copy(update={"channels": 16})})
     with pytest.raises(TrainingError, match="has network"):
         train(wider, tmp_path / "third", continue_from=checkpoint, progress=False)
@@ -407,12 +403,14 @@ def test_continuing_from_a_bad_checkpoint_leaves_no_folder(tmp_path, config_path
         assert not (tmp_path / "run").exists(), f"a refused --continue-from ({fragment}) creates no folder"
 
 
-def test_continuing_from_a_checkpoint_beyond_the_steps_is_refused(tmp_path, config_path):
+@pytest.mark.parametrize("steps", [2, 3])
+def test_continuing_from_a_checkpoint_at_or_beyond_the_steps_is_refused(tmp_path, config_path, steps):
+    """A checkpoint already at ``steps`` leaves nothing to train (it used to log a NaN loss)."""
     train(_tiny(config_path), tmp_path / "first", progress=False)
     with pytest.raises(TrainingError) as error:
-        train(_tiny(config_path, steps=2), tmp_path / "second",
+        train(_tiny(config_path, steps=steps), tmp_path / "second",
               continue_from=tmp_path / "first" / "tiny-digits.safetensors", progress=False)
-    _assert_one_line(error, "is at step 3, beyond steps 2")
+    _assert_one_line(error, f"is already at step 3 (steps is {steps}); pass --steps above 3")
     assert not (tmp_path / "second").exists()
 
 
@@ -437,3 +435,161 @@ def test_an_interrupted_first_run_also_removes_the_parent_folders_it_created(tmp
     with pytest.raises(KeyboardInterrupt):
         train(_tiny(config_path), tmp_path / "new" / "deeper" / "run", progress=False)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny.yaml"], "folders were left behind"
+
+
+# ---- settings that do not fit together, unsafe output paths, bad checkpoints: refused before any work ---------
+
+NETWORK_LINE = "network: {channels: 8, channel_multipliers: [1, 2], blocks_per_level: 1}"
+
+
+@pytest.mark.parametrize("old, new, fragment", [
+    ("channels: 8", "channels: 9", "network.channels: Input should be a multiple of 8 (got 9)"),
+    ("[1, 2]", "[0, 2]", "network.channel_multipliers.0: Input should be greater than or equal to 1 (got 0)"),
+    ("[1, 2]", "[-1]", "network.channel_multipliers.0: Input should be greater than or equal to 1 (got -1)"),
+    ("[1, 2]", "[]", "network.channel_multipliers: Tuple should have at least 1 item"),
+    ("[1, 2]", "[1, 1, 1, 1, 1, 1]", "network: 6 levels (channel_multipliers) need images whose sides divide by 32; "
+                                     "the data's are 8x8: allowed at most 4 levels"),
+    ("{source: digits}", "{source: natural, patch_size: 9}", "the data's are 9x9: allowed at most 1 level"),
+    ("{source: digits}", "{source: natural, patch_size: 5000}",
+     "data: patch_size 5000 is larger than the training and held-out photographs at scales [1, 2, 4]; allowed: at "
+     "most 512"),
+    ("{source: digits}", "{source: natural, scales: [1000]}",
+     "patch_size 32 is larger than the training and held-out photographs at scales [1000]; allowed: at most 1"),
+    ("{source: digits}", "{source: natural, scales: []}", "data.scales: Tuple should have at least 1 item"),
+    ("{source: digits}", "{source: natural, scales: [-2]}", "data.scales.0: Input should be greater than or equal"),
+    ("{source: digits}", "{source: natural, scales: [0]}", "data.scales.0: Input should be greater than or equal to 1"),
+    ("seed: 3", "seed: 18446744073709551616", "seed: Input should be less than 9223372036854775808"),
+    ("seed: 3", "seed: 18446744073709551615", "seed: Input should be less than 9223372036854775808"),
+    ("seed: 3", "seed: -1", "seed: Input should be greater than or equal to 0"),
+    ("heldout_size: 16", "heldout_size: 100000", "heldout_size: digits has 300 held-out images; allowed: 1 to 300 "
+                                                 "(got 100000)"),
+    ("sde: {type: vp}", "sde: {type: vp, T: 0.001}", "t_min: must be below the SDE's end time T = 0.001 (got 0.001)"),
+    ("sde: {type: vp}", "sde: {type: vp, T: 0.5}\nt_min: 0.7", "t_min: must be below the SDE's end time T = 0.5"),
+])
+def test_settings_that_cannot_train_are_refused_when_the_config_is_read(tmp_path, old, new, fragment):
+    assert old in TINY_CONFIG
+    with pytest.raises(TrainingError) as error:
+        load_training_config(write_config(tmp_path, TINY_CONFIG.replace(old, new)))
+    _assert_one_line(error, fragment)
+
+
+def test_settings_at_the_limits_are_accepted(tmp_path):
+    text = TINY_CONFIG.replace("[1, 2]", "[1, 1, 1, 1]").replace("seed: 3", f"seed: {2**63 - 1}")
+    config = load_training_config(write_config(tmp_path, text.replace("heldout_size: 16", "heldout_size: 300")))
+    assert config.seed == 2**63 - 1 and config.heldout_size == 300
+    natural = TINY_CONFIG.replace("{source: digits}", "{source: natural, patch_size: 512, scales: [1]}")
+    assert load_training_config(write_config(tmp_path, natural)).data.patch_size == 512
+
+
+def test_a_refused_setting_is_one_line_from_the_command_and_creates_no_folder(tmp_path, capsys):
+    from invdiff.cli import main
+
+    path = write_config(tmp_path, TINY_CONFIG.replace("[1, 2]", "[1, 1, 1, 1, 1, 1]"))
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("invdiff: error: ") and "\n" not in error and "allowed at most 4 levels" in error, error
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "tiny-digits.safetensors", "state.pt", "state.pt.partial",
+                                  "log.jsonl.partial"])
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_symbolic_link_among_the_files_a_run_writes_is_refused(tmp_path, config_path, name, resume):
+    run = tmp_path / "run"
+    if resume:
+        train(_tiny(config_path), run, progress=False)
+        (run / name).unlink(missing_ok=True)
+    else:
+        run.mkdir()
+    (run / name).symlink_to(tmp_path / "outside")  # dangling: writing through it would create a file outside
+    with pytest.raises(TrainingError) as error:
+        train(_tiny(config_path, steps=6), run, resume=resume, progress=False)
+    _assert_one_line(error, f"{name} is a symbolic link")
+    assert not (tmp_path / "outside").exists(), "a file outside --out was written"
+
+
+def test_an_output_folder_that_is_a_symbolic_link_is_refused(tmp_path, config_path, no_data_loading):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(TrainingError) as error:
+        train(_tiny(config_path), tmp_path / "link", progress=False)
+    _assert_one_line(error, "is a symbolic link; name a folder")
+    assert not any((tmp_path / "real").iterdir())
+
+
+@pytest.mark.parametrize("out, fragment", [("", "--out is empty"), (" ", "--out is empty"),
+                                           (".", "is the working directory")])
+def test_an_empty_output_path_or_the_working_directory_is_refused(tmp_path, config_path, monkeypatch, out, fragment,
+                                                                  no_data_loading):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainingError) as error:
+        train(_tiny(config_path), out, progress=False)
+    _assert_one_line(error, fragment)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny.yaml"]
+
+
+def test_the_train_command_refuses_an_empty_out(tmp_path, config_path, monkeypatch, capsys):
+    from invdiff.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(config_path), "--out", "", "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("invdiff: error: --out") and "\n" not in error, error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny.yaml"], "files were written into the cwd"
+
+
+def _with_training_metadata(checkpoint: Path, target: Path, **changes) -> Path:
+    """A copy of ``checkpoint`` at ``target`` whose metadata ``training`` has ``changes`` (``training=`` replaces
+    it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        document = json.loads(handle.metadata()["invdiff"])
+    document["training"] = changes.pop("training") if "training" in changes else {**document["training"], **changes}
+    save_file(load_file(str(checkpoint)), str(target), metadata={"invdiff": json.dumps(document)})
+    return target
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"training": "oops"}, "has metadata 'training' 'oops'; a mapping is needed"),
+    ({"steps": "many"}, "has metadata 'training.steps' 'many'; allowed: an integer from 0 to"),
+    ({"steps": -5}, "has metadata 'training.steps' -5; allowed: an integer from 0 to"),
+    ({"steps": 1.5}, "has metadata 'training.steps' 1.5"),
+    ({"steps": True}, "has metadata 'training.steps' True"),
+    ({"steps": 2**63}, f"has metadata 'training.steps' {2**63}"),
+    ({"wall_time_s": "long"}, "has metadata 'training.wall_time_s' 'long'; allowed: a number of seconds"),
+    ({"wall_time_s": -1.0}, "has metadata 'training.wall_time_s' -1.0"),
+])
+def test_continuing_from_a_checkpoint_with_bad_training_metadata_is_refused(tmp_path, config_path, changes, fragment):
+    train(_tiny(config_path), tmp_path / "first", progress=False)
+    checkpoint = _with_training_metadata(tmp_path / "first" / "tiny-digits.safetensors", tmp_path / "bad.safetensors",
+                                         **changes)
+    with pytest.raises(TrainingError) as error:
+        train(_tiny(config_path, steps=6), tmp_path / "second", continue_from=checkpoint, progress=False)
+    _assert_one_line(error, "--continue-from", str(checkpoint), fragment)
+    assert not (tmp_path / "second").exists()
+
+
+def test_continuing_from_a_checkpoint_without_training_metadata_starts_at_step_0(tmp_path, config_path):
+    train(_tiny(config_path), tmp_path / "first", progress=False)
+    checkpoint = _with_training_metadata(tmp_path / "first" / "tiny-digits.safetensors", tmp_path / "bare.safetensors",
+                                         training={})
+    record = train(_tiny(config_path), tmp_path / "second", continue_from=checkpoint, progress=False)
+    assert record["step"] == 3 and [entry["step"] for entry in _log(tmp_path / "second")] == [3]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_diverging_loss_names_resume_only_when_there_is_a_checkpoint(tmp_path, config_path, monkeypatch, resume):
+    from invdiff import training
+
+    if resume:
+        train(_tiny(config_path), tmp_path / "run", progress=False)
+    monkeypatch.setattr(training, "_learning_rate", lambda config, step: math.inf)  # the weights become NaN
+    with pytest.raises(TrainingError) as error:
+        train(_tiny(config_path, steps=6 if resume else 3), tmp_path / "run", resume=resume, progress=False)
+    if resume:
+        _assert_one_line(error, "loss became nan by step 6", "--resume from the last checkpoint")
+    else:
+        _assert_one_line(error, "loss became nan by step 3", "train again (no checkpoint was written)")
+        assert "--resume" not in str(error.value) and not (tmp_path / "run").exists()
