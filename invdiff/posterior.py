@@ -54,6 +54,12 @@ class Posterior:
     measurement: Tensor
 
     def __post_init__(self):
+        from invdiff.operators import ForwardOperator
+
+        if not isinstance(self.operator, ForwardOperator):
+            raise ValueError(f"operator: Posterior(prior, operator, y) takes an invdiff ForwardOperator, got "
+                             f"{type(self.operator).__name__}; Posterior.from_arrays takes a matrix or a deepinv "
+                             "physics")
         measurement = self.measurement
         if not (isinstance(measurement, Tensor) and measurement.is_floating_point()):
             measurement = _as_tensor(measurement, "the measurement").to(self.prior.dtype)

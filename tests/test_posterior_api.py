@@ -61,6 +61,13 @@ def test_every_form_of_y_gives_the_same_measurement_in_the_prior_dtype(measureme
     assert torch.allclose(built.measurement, reference.measurement, atol=1e-6)
 
 
+def test_the_constructor_names_an_operator_that_is_not_a_forward_operator():
+    prior, matrix, reference = vector_problem()
+    with pytest.raises(ValueError, match="operator: Posterior\\(prior, operator, y\\) takes an invdiff ForwardOperator, "
+                                         "got ndarray; Posterior.from_arrays takes a matrix"):
+        Posterior(prior, matrix.numpy(), reference.measurement)
+
+
 def test_the_constructor_takes_numpy_and_one_dimensional_y_like_the_builder():
     prior, matrix, reference = vector_problem()
     direct = Posterior(prior, reference.operator, reference.measurement[0].numpy())
