@@ -296,7 +296,7 @@ def _solve(arguments) -> int:
         problem.to(arguments.device)
         sampler.check(problem.posterior)   # refuses a problem the sampler cannot solve, before the time estimate
         warning = check_run(problem.posterior, sampler, num_samples, arguments.device)  # refuses what cannot fit
-        if warning is not None and not arguments.quiet:
+        if warning is not None:   # shown even with --quiet (no progress bar): it is the only word of a long run
             print(f"invdiff: warning: {warning}", file=sys.stderr)
         generator = torch.Generator(device=arguments.device).manual_seed(arguments.seed)
         result = sample_posterior(sampler, problem.posterior, num_samples, generator=generator,

@@ -197,6 +197,10 @@ def refuse_boolean_numbers(model: type[BaseModel], data: Any) -> Any:
     return data
 
 
+#: the most steps a sampler's option allows: a typo of a few zeros would fill the memory with the time grid first
+MAX_STEPS = 100_000
+
+
 class SamplerOptions(BaseModel):
     """Base of every sampler's options: unknown keys, wrong values, non-finite numbers and true / false for numbers
     are errors."""

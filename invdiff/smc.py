@@ -43,7 +43,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from invdiff.posterior import SampleResult, SamplerOptions, SamplingError, StepMonitor, UnsupportedProblem
+from invdiff.posterior import MAX_STEPS, SampleResult, SamplerOptions, SamplingError, StepMonitor, UnsupportedProblem
 from invdiff.prior import GaussianMixturePrior
 from invdiff.sde import SDE
 from invdiff.spectral import LinearGaussianSVD
@@ -273,7 +273,7 @@ def distinct_ancestors(ancestry: list[Tensor | None], final_indices: Tensor) -> 
 class SMCOptions(SamplerOptions):
     """Options every diffusion SMC sampler shares."""
 
-    num_steps: int = Field(100, ge=1, description="reverse steps on the SDE's time grid")
+    num_steps: int = Field(100, ge=1, le=MAX_STEPS, description="reverse steps on the SDE's time grid")
     num_particles: int | None = Field(None, ge=1, description="particles K in all, a multiple of num_runs (default: "
                                       "the number of samples, rounded up to a multiple of num_runs)")
     num_runs: int = Field(1, ge=1, description="independent runs sharing the particles equally, advanced in one "

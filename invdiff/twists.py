@@ -42,15 +42,18 @@ class SecondOrderTwist:
     #: most observed values: the twist factors an ``m x m`` matrix per particle and step
     MAX_OBSERVED = 4096
 
-    @staticmethod
-    def check(posterior: Posterior) -> None:
+    #: the ``twisting`` option that selects this twist, named in refusals
+    TWISTING = "second_order"
+
+    @classmethod
+    def check(cls, posterior: Posterior) -> None:
         operator = posterior.operator
         if not operator.linear or not isinstance(operator.noise, GaussianNoise):
-            raise UnsupportedProblem(f"twisting 'second_order' needs a linear operator with Gaussian noise; "
+            raise UnsupportedProblem(f"twisting '{cls.TWISTING}' needs a linear operator with Gaussian noise; "
                                      f"'{operator.name}' with {operator.noise.settings()['type']} noise is not")
         values = posterior.measurement[0].numel()
         if values > SecondOrderTwist.MAX_OBSERVED:
-            raise UnsupportedProblem(f"twisting 'second_order' factors an m x m matrix per particle and step; this "
+            raise UnsupportedProblem(f"twisting '{cls.TWISTING}' factors an m x m matrix per particle and step; this "
                                      f"measurement has m = {values} values, at most {SecondOrderTwist.MAX_OBSERVED} "
                                      f"are allowed (use twisting 'tweedie')")
 
@@ -91,9 +94,11 @@ class GaussianFitTwist(SecondOrderTwist):
     its noise prediction's, is mostly error (large ``t``), which would throw the proposal far off.
     """
 
-    @staticmethod
-    def check(posterior: Posterior) -> None:
-        SecondOrderTwist.check(posterior)
+    TWISTING = "gaussian_fit"
+
+    @classmethod
+    def check(cls, posterior: Posterior) -> None:
+        super().check(posterior)
         if posterior.prior.data_covariance() is None:
             raise UnsupportedProblem("twisting 'gaussian_fit' needs the prior's data covariance, which this prior does "
                                      "not know (mixture priors do, and network priors trained by invdiff on its "

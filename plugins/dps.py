@@ -24,12 +24,12 @@ from torch import Tensor
 from pydantic import Field
 
 import invdiff
-from invdiff.posterior import Posterior, Sampler, SampleResult, SamplerOptions, StepMonitor
+from invdiff.posterior import MAX_STEPS, Posterior, Sampler, SampleResult, SamplerOptions, StepMonitor
 from invdiff.smc import chunked
 
 
 class DPSOptions(SamplerOptions):
-    num_steps: int = Field(200, ge=1, description="reverse steps on the SDE's time grid")
+    num_steps: int = Field(200, ge=1, le=MAX_STEPS, description="reverse steps on the SDE's time grid")
     scale: float = Field(1.0, gt=0, description="zeta' of the paper (0.3-1.0 in its experiments)")
     step_rule: Literal["residual_norm", "kernel_variance"] = Field(
         "residual_norm", description="residual_norm: the paper's scale * grad ||y - G(x0_hat)||; "

@@ -72,14 +72,16 @@ from pydantic import Field
 from torch import Tensor
 
 import invdiff
-from invdiff.posterior import Posterior, Sampler, SampleResult, SamplerOptions, StepMonitor, UnsupportedProblem
+from invdiff.posterior import (MAX_STEPS, Posterior, Sampler, SampleResult, SamplerOptions, StepMonitor,
+                               UnsupportedProblem)
 from invdiff.prior import Prior
 
 
 class RDMCOptions(SamplerOptions):
-    terminal_time: float = Field(5.0, gt=0, description="T: the reverse process starts from N(0, (1 - e^{-2T}) I); "
-                                 "e^{-T} times the posterior's spread must be small (T = 2 misplaces modes 8 apart)")
-    num_steps: int = Field(25, ge=1, description="outer steps of the reverse OU process")
+    terminal_time: float = Field(5.0, gt=0, le=100, description="T: the reverse process starts from N(0, (1 - "
+                                 "e^{-2T}) I); e^{-T} times the posterior's spread must be small (T = 2 misplaces "
+                                 "modes 8 apart; at 100, e^{-T} is 4e-44)")
+    num_steps: int = Field(25, ge=1, le=MAX_STEPS, description="outer steps of the reverse OU process")
     time_grid: Literal["quadratic", "uniform"] = Field(
         "quadratic", description="remaining times T (1 - k/K)^2 (finer near the end) or T (1 - k/K) (the paper's)")
     num_chains: int = Field(8, ge=1, description="inner chains per outer particle: the Monte Carlo sample size")

@@ -376,3 +376,29 @@ def test_help_does_not_load_torch_and_listing_samplers_does_not_load_deepinv():
     assert lines[-1] == "[]", f"listing samplers imported {lines[-1]}"
     loaded_by_help = next(line for line in lines if line.startswith("["))
     assert loaded_by_help == "[]", f"--help imported {loaded_by_help}"
+
+
+@pytest.mark.parametrize("sampler, options, expected", [
+    ("dps", ["-o", "num_steps=1000000000"], "sampler_options.dps.num_steps: Input should be less than or equal to "
+                                             "100000"),
+    ("rdmc", ["-o", "terminal_time=1e9"], "sampler_options.rdmc.terminal_time: Input should be less than or equal "
+                                          "to 100"),
+    ("twisted_smc", ["-o", "twisting=gaussian_fit", "--case", "poisson"],
+     "twisting 'gaussian_fit' needs a linear operator with Gaussian noise"),
+])
+def test_options_a_run_cannot_honour_are_refused(tmp_path, capsys, sampler, options, expected):
+    """A typo of zeros in num_steps filled the memory with the time grid (killed, no message); rdmc's terminal time
+    overflowed math.exp; the Gaussian-fit twist's refusal named 'second_order'."""
+    problem = write_problem(tmp_path, VALID.replace("{type: gaussian, sigma_y: 0.05}", "{type: poisson, gain: 0.05}")
+                            if "poisson" in options else VALID)
+    options = [option for option in options if option not in ("--case", "poisson")]
+    assert expected in error_of(["solve", str(problem), "--sampler", sampler, *options, "--out",
+                                 str(tmp_path / "run")], capsys)
+
+
+def test_the_long_run_warning_is_printed_with_quiet(tmp_path, capsys, monkeypatch):
+    """--quiet drops the progress bar, not the warning that a run will take long (its only word for hours)."""
+    monkeypatch.setattr("invdiff.resources.check_run", lambda *arguments: "this run will take about 9 h")
+    assert main(["solve", str(write_problem(tmp_path, VALID)), "--sampler", "dps", "-o", "num_steps=3",
+                 "--num-samples", "2", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    assert "invdiff: warning: this run will take about 9 h" in capsys.readouterr().err
