@@ -113,6 +113,14 @@ class RDMCOptions(SamplerOptions):
                             "evaluations)")
     chunk_size: int = Field(8192, ge=1, description="points per call to the prior and the likelihood (memory)")
 
+    def usage(self) -> dict[str, tuple[bool, str]]:
+        prior_pool = (self.warm_start == "prior_pool", "with warm_start 'prior_pool'")
+        return {**super().usage(), "target_acceptance": (self.inner_sampler == "mala", "with inner_sampler 'mala'"),
+                "pool_size": prior_pool, "pool_steps": prior_pool,
+                "refresh_ess": (self.warm_start == "prior_pool" and self.reuse_chains,
+                                "with warm_start 'prior_pool' and reuse_chains"),
+                "importance_draws": (self.warm_start == "gaussian", "with warm_start 'gaussian'")}
+
 
 #: the rate at which MALA's log step size follows (acceptance - target_acceptance) per inner step
 STEP_SIZE_ADAPTATION_RATE = 1.0

@@ -245,3 +245,16 @@ def test_options_are_validated():
         RDMC(inner_sampler="hmc")
     with pytest.raises(ValidationError, match="refresh_ess"):
         RDMC(refresh_ess=0.5)
+
+
+def test_options_the_configuration_does_not_use_are_named():
+    """``invdiff solve`` notes them (``SamplerOptions.usage``): MALA's target with ULA chains, the pool's options
+    with the Gaussian warm start, and the other way round."""
+    from invdiff_plugins.rdmc import RDMC
+
+    unused = RDMC(inner_sampler="ula", target_acceptance=0.9, pool_size=16, importance_draws=7).options.unused_options()
+    assert unused == {"target_acceptance": "with inner_sampler 'mala'",
+                      "importance_draws": "with warm_start 'gaussian'"}
+    unused = RDMC(warm_start="gaussian", pool_size=16, pool_steps=5, refresh_ess=3.0).options.unused_options()
+    assert set(unused) == {"pool_size", "pool_steps", "refresh_ess"}
+    assert RDMC(num_steps=10, pool_size=128, pool_steps=50).options.unused_options() == {}
