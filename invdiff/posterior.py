@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Union, get_args, get_origin
@@ -180,7 +181,7 @@ def _vector_matrix(matrix: Any, prior: Prior) -> Tensor:
 
 def _number_types(annotation: Any) -> set[type]:
     """The plain types a field's annotation admits (the members of a union, ``X | None`` included)."""
-    if get_origin(annotation) is Union or type(annotation).__name__ == "UnionType":
+    if get_origin(annotation) in (Union, types.UnionType):
         return set().union(*(_number_types(member) for member in get_args(annotation)))
     return {annotation} if isinstance(annotation, type) else set()
 

@@ -48,7 +48,7 @@ from invdiff.checkpoints import save_checkpoint
 from invdiff.data import DIGITS_SPLIT, NATURAL_RGB_SPLIT, NATURAL_SPLIT, digits, natural_images, random_patches
 from invdiff.networks import EpsilonNetwork, UNet
 from invdiff.problems import SEED_LIMIT, Seed, SDEConfig, StrictModel, VPConfig, format_validation_error
-from invdiff.rundir import make_folders, remove_empty
+from invdiff.rundir import RunFolderError, check_destination, make_folders, remove_empty
 from invdiff.yamlfile import YAMLFileError, read_mapping
 
 __all__ = ["TrainingError", "TrainingConfig", "load_training_config", "train"]
@@ -279,20 +279,16 @@ def _written_files(name: str) -> list[str]:
     return finals + [_partial(Path(final)).name for final in finals]
 
 
-def _check_output_path(out: str | Path) -> Path:
-    """``out`` as a path, refused (one line) when empty, the working directory or a symbolic link."""
+def _check_output_path(out: str | Path, name: str) -> Path:
+    """``out`` as a path, refused (one line) when empty and where ``invdiff.rundir.check_destination`` refuses a run's
+    folder: the working directory or one of its parents, a symbolic link, a file, a path the system cannot look up."""
     if not str(out).strip():
-        raise TrainingError("--out is empty; name a folder for the run, e.g. --out runs/train-NAME")
+        raise TrainingError(f"--out is empty; name a folder for the run, e.g. --out runs/train-{name}")
     out = Path(out)
     try:
-        if out.resolve() == Path.cwd().resolve():
-            raise TrainingError(f"--out '{out}' is the working directory (as an empty --out is); name a folder "
-                                "for the run, e.g. --out runs/train-NAME")
-        if out.is_symlink():
-            raise TrainingError(f"--out '{out}' is a symbolic link; name a folder")
-    except (OSError, RuntimeError) as error:  # RuntimeError: Path.resolve's loop of symbolic links
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        raise TrainingError(f"--out '{out}' cannot be inspected: {reason}") from None
+        check_destination(out, "a training run", f"runs/train-{name}")
+    except RunFolderError as error:
+        raise TrainingError(str(error)) from None
     return out
 
 
@@ -469,7 +465,7 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
     data is loaded or file written; a run that fails or is interrupted leaves no partial file and,
     when it created ``out`` and wrote nothing yet, no folder.
     """
-    out = _check_output_path(out)
+    out = _check_output_path(out, config.name)
     state_path = out / "state.pt"
     if max_minutes is not None and not max_minutes > 0:
         raise TrainingError(f"--max-minutes must be a positive number of minutes, got {max_minutes}")
