@@ -63,14 +63,26 @@ class ForwardOperator:
         return self.input_scale * x + self.input_offset
 
     def forward(self, x: Tensor) -> Tensor:
-        """The noise-free measurement ``G(x)``."""
-        return self.physics.A(self.to_image(x))
+        """The noise-free measurement ``G(x)``, in ``x``'s dtype."""
+        image = self.to_image(x)
+        if not self._computes_in_own_dtype(image):
+            return self.physics.A(image)
+        return self.physics.A(image.to(self.dtype)).to(image.dtype)
+
+    def _computes_in_own_dtype(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` must be cast to the operator's dtype: deepinv's downsampling convolution refuses a
+        float64 image with its float32 filter, where masks and FFT blurs promote to the wider dtype (a float32
+        operator under a float64 prior then computes in float64, as before)."""
+        return (self.dtype is not None and tensor.dtype != self.dtype
+                and isinstance(self.physics, deepinv.physics.Downsampling))
 
     def adjoint(self, v: Tensor) -> Tensor:
         """The adjoint of the linear part of ``G``: ``input_scale * A^T v``."""
         if not self.linear:
             raise TypeError(f"operator '{self.name}' is not linear: it has no adjoint")
-        return self.input_scale * self.physics.A_adjoint(v)
+        if not self._computes_in_own_dtype(v):
+            return self.input_scale * self.physics.A_adjoint(v)
+        return self.input_scale * self.physics.A_adjoint(v.to(self.dtype)).to(v.dtype)
 
     def measure(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draw a measurement ``y = G(x) + eta``."""
@@ -119,7 +131,8 @@ def gaussian_blur(image_shape, noise: NoiseModel, *, sigma: float, dtype=torch.f
     """Circular Gaussian blur with standard deviation ``sigma`` pixels (deepinv ``BlurFFT``).
 
     deepinv sizes the kernel ``2 * int(sigma / 0.3 + 1) + 1`` and cuts what exceeds the image, so
-    the blur is refused unless its central +-3 sigma fits: ``6 * sigma + 1 <= min(height, width)``.
+    the blur is refused unless its central +-3 sigma fits: ``6 * sigma + 1 <= min(height, width)`` (at that
+    limit the cut tails hold about 1% of the kernel's mass: the blur is the cut kernel's).
     """
     _, rows, columns = _image_size(image_shape)
     if 6 * sigma + 1 > min(rows, columns):
@@ -197,6 +210,10 @@ def super_resolution(image_shape, noise: NoiseModel, *, factor: int, filter: str
     if filter not in filters:
         raise ValueError(f"filter must be one of {', '.join(filters)}, got '{filter}'")
     kernel = filters[filter](factor).to(dtype)   # built in dtype: casting the module would drop its complex buffers
+    _, rows, columns = _image_size(image_shape)
+    if min(rows, columns) < kernel.shape[-1] // 2:   # circular padding by half the kernel wraps at most once
+        raise ValueError(f"the {filter} filter of factor {factor} is {kernel.shape[-1]} pixels wide, too wide for "
+                         f"the {rows}x{columns} image; allowed: height and width of at least {kernel.shape[-1] // 2}")
     physics = deepinv.physics.Downsampling(img_size=_image_size(image_shape), factor=factor, filter=kernel,
                                            padding="circular")
     return ForwardOperator(physics, noise, name="super_resolution", settings={"factor": factor, "filter": filter},

@@ -37,16 +37,18 @@ integral, exact for Gaussian ``p_t`` and otherwise approximate.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Literal, NamedTuple
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from invdiff.noise import GaussianNoise
 from invdiff.posterior import MAX_STEPS, SampleResult, SamplerOptions, SamplingError, StepMonitor, UnsupportedProblem
 from invdiff.prior import GaussianMixturePrior
 from invdiff.sde import SDE
-from invdiff.spectral import LinearGaussianSVD
+from invdiff.spectral import DenseSVD, LinearGaussianSVD
 
 __all__ = ["effective_sample_size", "RESAMPLING_SCHEMES", "ParticleWeights", "distinct_ancestors", "SMCOptions",
            "SplitRunOptions", "check_run_times", "restart_index", "restart_steps",
@@ -451,14 +453,21 @@ class MeasurementTwist:
     singular basis (``invdiff.spectral.LinearGaussianSVD``: masks, circular blurs and circular
     downsampling at any size, other linear operators up to ``DenseSVD.MAX_DIMENSION`` values). A linear
     operator with no known structure above that size gets the scalar form ``sigma_y^2 + s^2 r_t^2``
-    (``s`` the operator's input scale), exact only where ``A A^T = s^2 I`` on the measurement; non-Gaussian
-    noise gets the plain likelihood at ``x0_hat``.
+    (``s`` the operator's input scale), exact only where ``A A^T = s^2 I`` on the measurement, with a warning
+    (no shipped problem gets there); non-Gaussian noise gets the plain likelihood at ``x0_hat``.
     """
 
     def __init__(self, posterior, options: SMCOptions):
         self.posterior = posterior
         self.options = options
         self.svd = LinearGaussianSVD.from_posterior(posterior)
+        operator = posterior.operator
+        if self.svd is None and operator.linear and isinstance(operator.noise, GaussianNoise):
+            values = math.prod(posterior.prior.event_shape)
+            warnings.warn(f"operator '{operator.name}' has no singular basis here (no known structure, {values} "
+                          f"values, above {DenseSVD.MAX_DIMENSION}): the twist uses the scalar variance "
+                          f"sigma_y^2 + s^2 r_t^2, exact only where A A^T = s^2 I",
+                          stacklevel=2)
 
     def log_likelihood(self, denoised: Tensor, t: float | Tensor) -> Tensor:
         spread = twisting_variance(self.posterior.prior.sde, t, self.options)

@@ -129,7 +129,10 @@ class LinearGaussianSVD:
             linear_part = operator.forward(x.to(operator.dtype or torch.float64)) - self.offset
         rotated = self.rotate_measurement(linear_part)
         predicted = self.singular_values * self.rotate_image(x)[:, :len(self.singular_values)]
-        return float(torch.linalg.norm(rotated - predicted) / torch.linalg.norm(linear_part.to(torch.float64)))
+        error, size = torch.linalg.norm(rotated - predicted), torch.linalg.norm(linear_part.to(torch.float64))
+        if size == 0:   # an operator whose linear part is zero (a mask that observes nothing) is reproduced or not
+            return 0.0 if error == 0 else math.inf
+        return float(error / size)
 
 
 def _offset(operator, event_shape: tuple[int, ...], device) -> Tensor:

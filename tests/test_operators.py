@@ -131,3 +131,29 @@ def test_noise_levels_must_be_positive(bad):
 def test_box_mask_must_fit():
     with pytest.raises(ValueError, match="does not fit"):
         operators.box_mask(SHAPE, 10, 10, 8, 2)
+
+
+def test_a_float32_downsampling_serves_a_float64_prior():
+    """A float32 downsampling (the default dtype) under a float64 prior: deepinv's convolution refuses mixed
+    precision, so ``forward`` and ``adjoint`` compute in the operator's dtype and return the input's."""
+    float32 = operators.super_resolution(SHAPE, GaussianNoise(0.1), factor=2).with_input_map(0.5, 0.5)
+    float64 = all_operators(GaussianNoise(0.1))["super_resolution_x2"]
+    x = random_input("super_resolution_x2")
+    measured = float32.forward(x)
+    assert measured.dtype == torch.float64
+    assert torch.allclose(measured, float64.forward(x), atol=1e-6)
+    adjoint = float32.adjoint(measured)
+    assert adjoint.dtype == torch.float64 and torch.allclose(adjoint, float64.adjoint(measured), atol=1e-6)
+
+
+@pytest.mark.parametrize("filter, factor, smallest", [("gaussian", 4, 14), ("gaussian", 2, 7), ("bicubic", 4, 8)])
+def test_a_super_resolution_filter_must_fit_the_image(filter, factor, smallest):
+    """Circular padding by half the kernel wraps around at most once (deepinv's error otherwise, from the first
+    measurement): refused when built, naming the smallest image allowed."""
+    too_small = smallest - 1 - (smallest - 1) % factor
+    with pytest.raises(ValueError, match=f"too wide for the {too_small}x{too_small} image; allowed: height and "
+                                         f"width of at least {smallest}"):
+        operators.super_resolution((1, too_small, too_small), GaussianNoise(0.1), factor=factor, filter=filter)
+    fits = smallest + (-smallest) % factor
+    operator = operators.super_resolution((1, fits, fits), GaussianNoise(0.1), factor=factor, filter=filter)
+    assert operator.forward(torch.zeros(1, 1, fits, fits)).shape == (1, 1, fits // factor, fits // factor)

@@ -148,3 +148,23 @@ def test_samplers_run_above_the_dense_limit(case):
         result = sample_posterior(sampler, posterior, 4, generator=torch.Generator().manual_seed(0))
         assert result.samples.shape == (4, *LARGE) and bool(torch.isfinite(result.samples).all())
         assert math.isfinite(result.log_evidence)
+
+
+def test_the_twist_warns_where_it_falls_back_to_the_scalar_variance():
+    """A linear operator with Gaussian noise, no known structure and more values than a dense SVD takes gets the
+    scalar variance ``sigma_y^2 + s^2 r_t^2``, exact only where ``A A^T = s^2 I``: not silently (here, 4x
+    downsampling of a 66x66 image, which the factor does not divide: its ``A A^T`` is far from ``s^2 I``)."""
+    shape = (1, 66, 66)
+    operator = super_resolution(shape, NOISE, factor=4, dtype=torch.float64).with_input_map(0.5, 0.5)
+    posterior = Posterior(GaussianPrior(torch.zeros(math.prod(shape)), torch.full((math.prod(shape),), 0.3), VPSDE(),
+                                        event_shape=shape), operator, torch.zeros(1, 1, 17, 17))
+    with pytest.warns(UserWarning, match="no singular basis here .* the twist uses the scalar variance"):
+        assert MeasurementTwist(posterior, SMCOptions()).svd is None
+
+
+def test_a_mask_that_observes_nothing_is_reproduced_by_its_structured_form():
+    """``reproduction_error`` of an operator whose linear part is zero: 0, not 0 / 0 (which warned 'off by nan')."""
+    shape = (1, 3, 3)
+    operator = inpainting(shape, NOISE, mask=torch.zeros(shape), dtype=torch.float64)
+    svd = MaskSVD.from_operator(operator, shape, "cpu")
+    assert svd.reproduction_error(operator) == 0.0
