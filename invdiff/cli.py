@@ -199,7 +199,7 @@ def _samplers(arguments) -> int:
     else:
         print("no samplers registered")
     for failure in registry.failures:
-        print(f"plugin '{failure.plugin}' (package {failure.package or '?'}): {failure.error}")
+        print(f"plugin '{failure.plugin}' (package {failure.package or '-'}): {failure.error}")
     return 0
 
 
@@ -285,11 +285,11 @@ def _solve(arguments) -> int:
         raise UsageError(f"--option: {error}") from None
     num_samples = arguments.num_samples or problem.config.num_samples
     out = Path(arguments.out or Path("runs") / f"{problem.config.name}-{info.name}-seed{arguments.seed}")
-    folder = RunFolder(out, arguments.overwrite)   # checked and staged before any work
     unused = sampler.options.unused_options()   # options a problem file or -o gives that this configuration ignores
     if unused:
         problem.notes.append(f"{info.name} does not use " + ", ".join(f"{name} ({when})"
                                                                      for name, when in unused.items()))
+    folder = RunFolder(out, arguments.overwrite)   # checked and staged before any work; discarded on any error
     for note in problem.notes:
         print(f"invdiff: note: {note}", file=sys.stderr)
     try:
@@ -354,5 +354,5 @@ def _bench(arguments) -> int:
                         ray_address=arguments.ray, workers=arguments.workers)
     not_run = sum(row["status"] != "ok" for row in rows)
     print(f"{len(rows)} cells ({not_run} not run: see tables.md) in {time.perf_counter() - start:.1f} s\n"
-          f"wrote {arguments.out}/tables.md, results.csv, results.json, tuning.md, figures/")
+          f"wrote {arguments.out}/tables.md, results.csv, results.json, tuning.md, tuning.json, figures/")
     return 0

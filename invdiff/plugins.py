@@ -29,6 +29,7 @@ What the registry promises, so that one bad third-party plugin never takes down 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from typing import Callable
 
 import pluggy
 
-from invdiff.posterior import Sampler
+from invdiff.posterior import Sampler, SamplerOptions
 
 __all__ = ["hookimpl", "hookspec", "SamplerRegistry", "SamplerInfo", "PluginFailure", "PluginError",
            "load_registry", "ENTRY_POINT_GROUP", "BUILT_IN_PACKAGE", "DISABLE_AUTOLOAD_VARIABLE",
@@ -49,6 +50,9 @@ ENTRY_POINT_GROUP = "invdiff"
 BUILT_IN_PACKAGE = "invdiff"
 DISABLE_AUTOLOAD_VARIABLE = "INVDIFF_DISABLE_PLUGIN_AUTOLOAD"
 PLUGINS_VARIABLE = "INVDIFF_PLUGINS"
+
+#: what a sampler's name may be: it is typed on command lines and names output folders (no '/', no '..')
+SAMPLER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 hookspec = pluggy.HookspecMarker("invdiff")
 hookimpl = pluggy.HookimplMarker("invdiff")
@@ -93,7 +97,7 @@ class SamplerInfo:
 
     @property
     def origin(self) -> str:
-        return f"plugin '{self.plugin}' (package {self.package or '?'})"
+        return f"plugin '{self.plugin}' (package {self.package or '-'})"
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,17 @@ class SamplerRegistry:
                 raise PluginError(f"plugin '{plugin}' registered {sampler_class!r}, which is not an invdiff Sampler")
             if not sampler_class.name:
                 raise PluginError(f"plugin '{plugin}' registered {sampler_class.__name__} without a name")
+            if not (isinstance(sampler_class.name, str) and SAMPLER_NAME.fullmatch(sampler_class.name)):
+                raise PluginError(f"plugin '{plugin}' registered {sampler_class.__name__} as {sampler_class.name!r}; "
+                                  f"a sampler name is a letter, then letters, digits, '_' or '-' (it names the "
+                                  f"output folders of runs)")
+            if inspect.isabstract(sampler_class):
+                missing = ", ".join(sorted(sampler_class.__abstractmethods__))
+                raise PluginError(f"plugin '{plugin}' registered {sampler_class.__name__}, which does not implement "
+                                  f"{missing}")
+            if not (isinstance(sampler_class.Options, type) and issubclass(sampler_class.Options, SamplerOptions)):
+                raise PluginError(f"plugin '{plugin}' registered {sampler_class.__name__}, whose Options is not a "
+                                  f"subclass of invdiff.posterior.SamplerOptions")
             if any(info.name == sampler_class.name for info in registered):
                 raise PluginError(f"plugin '{plugin}' registered the sampler name '{sampler_class.name}' twice")
             registered.append(SamplerInfo(sampler_class.name, sampler_class, plugin, package, version, module_name))
@@ -247,9 +262,12 @@ class SamplerRegistry:
         failure = next((failure for failure in self.failures if failure.plugin == name), None)
         if failure is not None:
             raise PluginError(f"sampler '{name}' is not available: plugin '{failure.plugin}' "
-                              f"(package {failure.package or '?'}) failed to load: {failure.error}")
+                              f"(package {failure.package or '-'}) failed to load: {failure.error}")
         available = ", ".join(sorted(self.samplers)) or "none"
-        raise PluginError(f"unknown sampler '{name}'; available: {available}")
+        failed = ", ".join(dict.fromkeys(f"'{failure.plugin}'" for failure in self.failures))
+        raise PluginError(f"unknown sampler '{name}'; available: {available}"
+                          + (f" (plugins that failed to load, whose samplers are missing: {failed}; `invdiff "
+                             f"samplers` says why)" if failed else ""))
 
 
 def missing_hook_message(module, module_name: str) -> str:

@@ -376,8 +376,37 @@ def sample_posterior(sampler: Sampler, posterior: Posterior, num_samples: int, *
     finally:
         monitor.close()
     wall_time = time.perf_counter() - start
-    if not torch.isfinite(result.samples).all() or (result.particles is not None
-                                                    and not torch.isfinite(result.particles).all()):
-        raise SamplingError(f"{monitor.sampler_name}: the final samples contain NaN or infinite values")
+    result = _checked_result(result, posterior, num_samples, monitor.sampler_name)
     return replace(result, network_evaluations=posterior.prior.evaluations - evaluations_before,
                    wall_time=wall_time, diagnostics=monitor.diagnostics)
+
+
+def _checked_result(result: Any, posterior: Posterior, num_samples: int, name: str) -> SampleResult:
+    """``result`` if it is what a sampler must return: a ``SampleResult`` with ``num_samples`` real floating-point
+    samples of the posterior's event shape on its device, finite, weighted particles with one log-weight each, an
+    evidence that is a number or None; else ``SamplingError`` saying what is wrong (a third-party sampler's mistake
+    would otherwise be scored as a run: one sample for 64, samples cut to integers, a NaN evidence in the summary)."""
+    if not isinstance(result, SampleResult):
+        raise SamplingError(f"{name}: sample returned {type(result).__name__}, not an invdiff SampleResult")
+    expected = (num_samples, *posterior.prior.event_shape)
+    for what, values, first in (("samples", result.samples, num_samples), ("particles", result.particles, None)):
+        if values is None and what == "particles":
+            continue
+        if not (isinstance(values, Tensor) and values.is_floating_point()):
+            kind = values.dtype if isinstance(values, Tensor) else type(values).__name__
+            raise SamplingError(f"{name}: the {what} are {kind}, not a real floating-point tensor")
+        if values.shape[1:] != expected[1:] or (first is not None and len(values) != first):
+            raise SamplingError(f"{name}: the {what} have shape {tuple(values.shape)}, expected "
+                                f"{(first if first is not None else 'K', *expected[1:])}")
+        if values.device.type != posterior.measurement.device.type:
+            raise SamplingError(f"{name}: the {what} are on {values.device}, the posterior on "
+                                f"{posterior.measurement.device}")
+        if not torch.isfinite(values).all():
+            raise SamplingError(f"{name}: the final {what} contain NaN or infinite values")
+    if (result.particles is None) != (result.log_weights is None) or (
+            result.log_weights is not None and tuple(result.log_weights.shape) != (len(result.particles),)):
+        raise SamplingError(f"{name}: particles and log_weights go together, one log-weight per particle")
+    if result.log_evidence is not None and not (isinstance(result.log_evidence, numbers.Real)
+                                                and math.isfinite(result.log_evidence)):
+        raise SamplingError(f"{name}: log_evidence is {result.log_evidence!r}, not a finite number (or None)")
+    return result

@@ -61,6 +61,10 @@ def test_samplers_lists_name_package_version(capsys):
     (VALID.replace("prior: digits_gmm", "prior: faces"), "prior.name: unknown value 'faces'; allowed: 'digits_gmm'"),
     (VALID.replace("index: 3", "index: 300"), "truth.index: the test split has 300 images, so index must be < 300"),
     (VALID.replace("truth: {source: digits, index: 3}", ""), "give a truth"),
+    (VALID.replace("{type: inpainting, mask: random, fraction_observed: 0.5}",
+                   "{type: super_resolution, factor: 4, filter: gaussian}"),
+     "operator: the gaussian filter of factor 4 is 29 pixels wide, too wide for the 8x8 image; allowed: height and "
+     "width of at least 14"),
     (VALID + "sampler_options: {dps: {scale: 0}}", "sampler_options.dps.scale: Input should be greater than 0"),
     (VALID + "sampler_options: {dps: {scale: .inf}}", "sampler_options.dps.scale: Input should be a finite number"),
     (VALID + "sampler_options: {dps: {steps: 10}}", "sampler_options.dps.steps: unknown key; allowed: batch_size, "
@@ -200,6 +204,21 @@ def test_sampling_failure_exits_one_and_names_the_step(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.startswith("invdiff: sampling failed: dps: ") and re.search(r"at step \d+/20 \(t=", error)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failure_in_a_sampler_s_options_leaves_no_folder(tmp_path, monkeypatch):
+    """An error raised by a sampler's own ``usage`` (a plugin's mistake) before the run: no staging folder and no
+    parent folders are left behind (they were: the folder was staged before the call)."""
+    from invdiff_plugins.dps import DPS
+
+    def broken(self):
+        raise RuntimeError("a plugin's broken usage")
+
+    monkeypatch.setattr(DPS.Options, "usage", broken)
+    with pytest.raises(RuntimeError, match="broken usage"):
+        main(["solve", str(write_problem(tmp_path, VALID)), "--sampler", "dps", "--out", str(tmp_path / "a" / "run"),
+              "--quiet"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["problem.yaml"]
 
 
 FAST_OPTIONS = {"dps": ["-o", "num_steps=10"], "exact": [],

@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 
 import invdiff
 from invdiff.plugins import (BUILT_IN_PACKAGE, DISABLE_AUTOLOAD_VARIABLE, ENTRY_POINT_GROUP, PLUGINS_VARIABLE,
@@ -123,6 +124,43 @@ def test_a_plugin_that_registers_something_wrong_registers_nothing(monkeypatch):
     assert failure.plugin == "odd_module" and "not an invdiff Sampler" in failure.error
 
 
+@pytest.mark.parametrize("name", ["x/../../../escaped", "..", "two words", "-dash-first", "run.v2", 3])
+def test_a_sampler_name_that_cannot_name_a_folder_is_refused(monkeypatch, name):
+    """The name becomes part of a run's default folder (runs/PROBLEM-NAME-seedS): a '/' or '..' in it wrote runs
+    outside runs/ and outside the working directory."""
+    registry = SamplerRegistry()
+    registry.load_modules([installed(monkeypatch, plugin_module("naming_module", sampler_class(name)))])
+    [failure] = registry.failures
+    assert "a sampler name is a letter, then letters, digits, '_' or '-'" in failure.error and not registry.samplers
+
+
+def test_a_sampler_without_sample_or_with_foreign_options_is_refused(monkeypatch):
+    """Caught when registered, not as a traceback from the run (an abstract class, or plain pydantic options with
+    none of SamplerOptions' checks)."""
+    from pydantic import BaseModel
+
+    abstract = type("Abstract", (Sampler,), {"name": "abstract"})
+    foreign = type("Foreign", (Sampler,), {"name": "foreign", "sample": lambda self, *a, **k: None,
+                                           "Options": type("Plain", (BaseModel,), {})})
+    registry = SamplerRegistry()
+    registry.load_modules([installed(monkeypatch, plugin_module("abstract_module", abstract)),
+                           installed(monkeypatch, plugin_module("foreign_module", foreign))])
+    assert [failure.error for failure in registry.failures] == [
+        "plugin 'abstract_module' registered Abstract, which does not implement sample",
+        "plugin 'foreign_module' registered Foreign, whose Options is not a subclass of "
+        "invdiff.posterior.SamplerOptions"]
+
+
+def test_an_unknown_name_mentions_the_plugins_that_failed(monkeypatch):
+    """A plugin whose entry point is named otherwise than its sampler: asking for the sampler says a plugin failed."""
+    registry = built_ins()
+    registry.load_modules([installed(monkeypatch, plugin_module("entry_name", sampler_class("x/y")))])
+    with pytest.raises(PluginError, match=r"unknown sampler 'my_sampler'; available: .*dps.* \(plugins that failed "
+                                          r"to load, whose samplers are missing: 'entry_name'; `invdiff samplers` "
+                                          r"says why\)"):
+        registry.get("my_sampler")
+
+
 def test_a_hook_with_a_wrong_signature_is_one_failure_line(monkeypatch):
     module = types.ModuleType("wrong_signature")
     module.register_samplers = invdiff.hookimpl(lambda add: None)
@@ -140,7 +178,7 @@ def test_asking_for_a_plugin_that_failed_to_load_says_why(monkeypatch, tmp_path)
     registry = SamplerRegistry()
     registry.load_modules(["broken_plugin_module"])
     with pytest.raises(PluginError, match=r"sampler 'broken_plugin_module' is not available: plugin "
-                                          r"'broken_plugin_module' \(package \?\) failed to load: .*ImportError: "
+                                          r"'broken_plugin_module' \(package -\) failed to load: .*ImportError: "
                                           r"needs the frobnicator package"):
         registry.get("broken_plugin_module")
 
@@ -197,7 +235,7 @@ def test_autoload_off_keeps_the_built_ins_and_loads_the_named_modules():
     assert set(listed_names(listing.stdout)) == {info.name for info in built_ins().samplers.values()}, \
         f"switching autoload off keeps exactly the built-ins: {listing.stdout}"
     failures = [line for line in listing.stdout.splitlines() if line.startswith("plugin ")]
-    assert failures == ["plugin 'no_such_plugin_module' (package ?): INVDIFF_PLUGINS names module "
+    assert failures == ["plugin 'no_such_plugin_module' (package -): INVDIFF_PLUGINS names module "
                         "'no_such_plugin_module', which could not be imported: ModuleNotFoundError: No module "
                         "named 'no_such_plugin_module'"], f"one line for the missing module only: {listing.stdout}"
 
@@ -243,3 +281,32 @@ def test_a_third_party_package_installed_with_pip_is_discovered(tmp_path, monkey
                         **{DISABLE_AUTOLOAD_VARIABLE: "1", PLUGINS_VARIABLE: "invdiff_fake_plugin_twin_a"})
     assert solve.returncode == 0, f"following the clash message's advice should work: {solve.stderr}"
     assert (out / "summary.json").exists()
+
+
+def test_the_readme_plugin_runs_as_printed(tmp_path, monkeypatch):
+    """README's 'Writing a sampler plugin' files, verbatim: the pyproject is a valid project with the entry point, and
+    the module registers a sampler that draws what DPS draws (it is DPS's step) on a small exact problem."""
+    from invdiff.posterior import sample_posterior
+    from invdiff.problems import load_problem
+    from invdiff_plugins.dps import DPS
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Writing a sampler plugin"):]
+    module_text = section[section.index("    # my_sampler.py\n"):section.index("    # pyproject.toml, beside it\n")]
+    project_text = section[section.index("    # pyproject.toml, beside it\n"):section.index("\nAfter `pip install .`")]
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11 on
+
+    def unindent(block):   # README's indented block without its first line, the file's name
+        return "\n".join(line[4:] for line in block.splitlines()[1:]) + "\n"
+
+    project = tomllib.loads(unindent(project_text))
+    assert project["project"]["name"] and project["project"]["entry-points"]["invdiff"] == {"my_sampler": "my_sampler"}
+    (tmp_path / "my_sampler.py").write_text(unindent(module_text))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = built_ins()
+    registry.load_modules(["my_sampler"])
+    assert not registry.failures
+    problem = load_problem(ROOT / "problems" / "inpaint.yaml", "digits-gmm-box")
+    draws = [sample_posterior(sampler, problem.posterior, 4, generator=torch.Generator().manual_seed(0)).samples
+             for sampler in (registry.get("my_sampler").sampler_class(num_steps=20), DPS(num_steps=20))]
+    assert torch.equal(draws[0], draws[1])

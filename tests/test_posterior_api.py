@@ -241,3 +241,54 @@ def test_sample_posterior_takes_a_positive_integer_number_of_samples(num_samples
     _, _, posterior = vector_problem()
     with pytest.raises(ValueError, match=f"num_samples must be an integer >= 1, got {num_samples!r}"):
         sample_posterior(DPS(num_steps=2), posterior, num_samples)
+
+
+def _returning(result_of):
+    """A sampler whose ``sample`` returns ``result_of(posterior, num_samples)``."""
+    from invdiff.posterior import Sampler
+
+    class Returning(Sampler):
+        name = "returning"
+
+        def sample(self, posterior, num_samples, *, generator, monitor):
+            return result_of(posterior, num_samples)
+
+    return Returning()
+
+
+def _draws(posterior, count, **kwargs):
+    return torch.zeros(count, *posterior.prior.event_shape, **{"dtype": posterior.dtype, **kwargs})
+
+
+@pytest.mark.parametrize("result_of, message", [
+    (lambda posterior, n: _draws(posterior, n), "sample returned Tensor, not an invdiff SampleResult"),
+    (lambda posterior, n: _result(samples=_draws(posterior, 1)), r"the samples have shape \(1, 4\), expected \(3, 4\)"),
+    (lambda posterior, n: _result(samples=_draws(posterior, n + 2)), r"the samples have shape \(5, 4\), expected"),
+    (lambda posterior, n: _result(samples=_draws(posterior, n).flatten()), r"the samples have shape \(12,\)"),
+    (lambda posterior, n: _result(samples=_draws(posterior, n, dtype=torch.int64)),
+     "the samples are torch.int64, not a real floating-point tensor"),
+    (lambda posterior, n: _result(samples=_draws(posterior, n, dtype=torch.complex64)),
+     "the samples are torch.complex64, not a real"),
+    (lambda posterior, n: _result(samples=_draws(posterior, n) + math.nan), "the final samples contain NaN"),
+    (lambda posterior, n: _result(samples=_draws(posterior, n), particles=_draws(posterior, 8)),
+     "particles and log_weights go together"),
+    (lambda posterior, n: _result(samples=_draws(posterior, n), particles=_draws(posterior, 8),
+                                  log_weights=torch.zeros(3)),
+     "particles and log_weights go together, one log-weight per particle"),
+    (lambda posterior, n: _result(samples=_draws(posterior, n), log_evidence=math.nan),
+     "log_evidence is nan, not a finite number"),
+])
+def test_sample_posterior_refuses_a_result_that_is_not_the_samples_asked_for(result_of, message):
+    """A sampler's mistake is a ``SamplingError`` naming it, not a run scored on one sample for three, on samples cut
+    to integers, or a NaN evidence written into summary.json."""
+    from invdiff.posterior import SamplingError
+
+    _, _, posterior = vector_problem()
+    with pytest.raises(SamplingError, match=f"returning: {message}"):
+        sample_posterior(_returning(result_of), posterior, 3)
+
+
+def _result(**fields):
+    from invdiff.posterior import SampleResult
+
+    return SampleResult(**fields)
