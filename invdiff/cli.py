@@ -285,7 +285,7 @@ def _solve(arguments) -> int:
         raise UsageError(f"--option: {error}") from None
     num_samples = arguments.num_samples or problem.config.num_samples
     out = Path(arguments.out or Path("runs") / f"{problem.config.name}-{info.name}-seed{arguments.seed}")
-    unused = sampler.options.unused_options()   # options a problem file or -o gives that this configuration ignores
+    unused = sampler.unused_options(problem.posterior)   # options a problem file or -o gives that the run ignores
     if unused:
         problem.notes.append(f"{info.name} does not use " + ", ".join(f"{name} ({when})"
                                                                      for name, when in unused.items()))

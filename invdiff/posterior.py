@@ -347,6 +347,12 @@ class Sampler(ABC):
     def num_steps(self) -> int:
         return int(getattr(self.options, "num_steps", 0))
 
+    def unused_options(self, posterior: Posterior) -> dict[str, str]:
+        """Options given explicitly that this configuration does not use on ``posterior``, each with when it applies
+        (``invdiff solve`` prints them as a note): ``SamplerOptions.unused_options``, and what the problem decides
+        for samplers that override this."""
+        return self.options.unused_options()
+
     def check(self, posterior: Posterior) -> None:
         """Raise ``UnsupportedProblem`` (one line: what this posterior lacks, what is allowed) if this sampler
         cannot run on ``posterior``; the default accepts every posterior. Called by ``sample_posterior`` and by

@@ -445,6 +445,15 @@ def twisting_variance(sde: SDE, t: float | Tensor, options: SMCOptions) -> float
     return spread
 
 
+def unused_under_noise(options: SMCOptions, posterior) -> dict[str, str]:
+    """``twisting`` and ``twisting_cap`` given explicitly under non-Gaussian noise, where ``MeasurementTwist`` is the
+    plain likelihood at ``x0_hat`` whatever they say (``Sampler.unused_options``' entry for them)."""
+    if isinstance(posterior.operator.noise, GaussianNoise) or options.twisting not in ("tweedie", "capped", "none"):
+        return {}   # the other twists refuse such noise in the sampler's check
+    return {name: "with Gaussian noise; under other noise the twist is the likelihood at x0_hat"
+            for name in ("twisting", "twisting_cap") if name in options.model_fields_set}
+
+
 class MeasurementTwist:
     """The twisting functions ``log p~_t(y | x)`` evaluated at a denoised estimate (ALGORITHMS.md section 5).
 

@@ -87,7 +87,7 @@ from invdiff.plugins import PluginError, load_registry
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem, sample_posterior
 from invdiff.sde import gaussian_log_density
 from invdiff.smc import (MeasurementTwist, ResampleMove, SplitRunOptions, TargetPoint, check_run_times, chunked,
-                         end_of_step, particle_weights, weighted_result)
+                         end_of_step, particle_weights, unused_under_noise, weighted_result)
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist, SecondOrderTwist, fit_error_usage
 
 
@@ -249,6 +249,9 @@ class TwistedSMC(Sampler):
         sde = posterior.prior.sde
         score = (sde.lambda_t(t).to(x.dtype) * denoised - x) / sde.sigma_t(t).to(x.dtype) ** 2
         return TargetPoint(score, log_twist, gradient)
+
+    def unused_options(self, posterior: Posterior) -> dict[str, str]:
+        return {**super().unused_options(posterior), **unused_under_noise(self.options, posterior)}
 
     def check(self, posterior: Posterior) -> None:
         check_run_times(self.options, posterior.prior.sde.time_grid(self.options.num_steps))

@@ -61,7 +61,7 @@ import invdiff
 from invdiff.posterior import Posterior, Sampler, SampleResult, StepMonitor, UnsupportedProblem
 from invdiff.sde import gaussian_log_density
 from invdiff.smc import (MeasurementTwist, ResampleMove, SplitRunOptions, TargetPoint, check_run_times, chunked,
-                         end_of_step, particle_weights, twisting_variance, weighted_result)
+                         end_of_step, particle_weights, twisting_variance, unused_under_noise, weighted_result)
 from invdiff.spectral import DenseSVD, LinearGaussianSVD
 from invdiff.twists import FIT_ERROR_OPTION, GaussianFitTwist, fit_error_usage
 
@@ -92,6 +92,9 @@ class VESMC(Sampler):
     Options = VESMCOptions
     asymptotically_exact = True
     needs_network_gradient = False
+
+    def unused_options(self, posterior: Posterior) -> dict[str, str]:
+        return {**super().unused_options(posterior), **unused_under_noise(self.options, posterior)}
 
     def check(self, posterior: Posterior) -> None:
         check_run_times(self.options, posterior.prior.sde.time_grid(self.options.num_steps))
