@@ -145,8 +145,8 @@ def _calibrated_coverage_note(rows: list[dict]) -> str:
     if not counts:
         return ""
     expected = ", ".join(f"{calibrated_coverage(count):.3f} at {count} samples" for count in counts)
-    return (f" (a calibrated sampler, truth drawn from its prior, is expected to score {expected}: "
-            "invdiff.metrics.calibrated_coverage)")
+    return (f" (a calibrated sampler, truth drawn from its prior, is expected to score {expected} where the "
+            "posterior's marginals are Gaussian: invdiff.metrics.calibrated_coverage)")
 
 
 def _tuning_markdown(tuning: list[dict]) -> str:

@@ -329,7 +329,8 @@ def _exact_line(summary: dict) -> str:
     ratio = exact["sliced_wasserstein_to_exact"] / exact["sliced_wasserstein_noise_floor"]
     parts = [f"sliced Wasserstein {ratio:.2f}x the exact-vs-exact floor"]
     if "psnr_exact_mean" in exact:
-        parts += [f"mean PSNR {metrics['psnr_posterior_mean']:.2f} (exact {exact['psnr_exact_mean']:.2f})",
+        parts += [f"mean PSNR {metrics['psnr_posterior_mean']:.2f} (exact {exact['psnr_exact_mean']:.2f}; the mean "
+                  f"of as many exact draws {exact['psnr_exact_draws_mean']:.2f})",
                   f"coverage_90 {metrics['coverage_90']:.3f} (exact {exact['coverage_90_exact']:.3f})"]
     if "component_weights_exact" in exact:
         shares = ", ".join(f"{k}: {share:.2f} ({exact['component_weights_exact'][k]:.2f})"

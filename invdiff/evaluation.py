@@ -141,14 +141,20 @@ def _exact_block(problem: Problem, result: SampleResult, exact: ExactPosterior, 
     }
     if problem.truth is not None:
         truth, exact_mean = problem.truth[0].cpu(), run_images(problem, exact.mean)
+        reference_images = run_images(problem, reference)
+        draws_mean = reference_images.mean(0)
         block.update({"psnr_exact_mean": psnr(exact_mean, truth), "ssim_exact_mean": ssim(exact_mean, truth),
-                      "coverage_90_exact": coverage(run_images(problem, reference), truth, 0.9)})
+                      "psnr_exact_draws_mean": psnr(draws_mean, truth),
+                      "ssim_exact_draws_mean": ssim(draws_mean, truth),
+                      "coverage_90_exact": coverage(reference_images, truth, 0.9)})
     prior = problem.posterior.prior
     if isinstance(prior, GaussianMixturePrior) and len(prior.log_weights) > 1:
         block.update(component_masses(prior, exact, result.samples, reference))
     block["note"] = ("distances in the prior's native space, at this number of samples; the floor is exact vs "
-                     "exact; psnr/ssim_exact_mean and coverage_90_exact (from as many exact draws as samples) are "
-                     "what the exact posterior scores: the ceiling for the sampler's metrics; under a mixture prior "
+                     "exact; psnr/ssim_exact_mean are the exact posterior mean's (infinitely many draws), "
+                     "psnr/ssim_exact_draws_mean and coverage_90_exact those of as many exact draws as samples (the "
+                     "reference of the floor): what an exact sampler scores at this number of samples; under a "
+                     "mixture prior "
                      "component_weights_samples/_exact are each component's share of the samples (mean "
                      "responsibility) and its exact posterior weight, component_tv their total variation, with the "
                      "same for as many exact draws as its floor")

@@ -11,6 +11,8 @@ torchmetrics average over channels); coverage counts each pixel's channels separ
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import ot
 import torch
@@ -81,19 +83,30 @@ def coverage(samples: Tensor, truth: Tensor, level: float = 0.9) -> float:
     return float(((truth >= lower) & (truth <= upper)).to(torch.float64).mean())
 
 
+@functools.lru_cache(maxsize=None)
 def calibrated_coverage(num_samples: int, level: float = 0.9) -> float:
-    """What ``coverage(samples, truth, level)`` is expected to be when the truth is one more draw of the
-    samples' own law (a calibrated sampler with a correct prior): ``level (n - 1) / (n + 1)`` for n samples.
+    """What ``coverage(samples, truth, level)`` is expected to be when the truth is one more draw of the samples'
+    own law and that law is Gaussian (a calibrated sampler with a correct prior, each value's posterior Gaussian).
 
-    The interval's ends are ``torch.quantile``'s linear interpolations, at order-statistic positions
-    ``1 + (n - 1) p``; the k-th of n draws has ``E[F(X_(k))] = k / (n + 1)``, so for a uniform law (where the
-    interpolation commutes with ``F``) the expectation is exact, and for others it is within about 0.015
-    (``tests/test_metrics.py`` simulates it). With 16 samples it is 0.79, with 64 0.87: a 90% interval from
-    few samples is narrower than the law's, and a coverage below 0.9 is not by itself under-dispersion.
+    The interval's ends are ``torch.quantile``'s linear interpolations between order statistics, so the expectation
+    depends on the law: ``level (n - 1) / (n + 1)`` holds for a uniform law only (where the interpolation commutes
+    with the distribution function) and understates it for a Gaussian one by 0.013 at 16 samples (0.807, not 0.794)
+    and 0.022 at 8; heavier tails score a little more again (Student t with 3 degrees: 0.816 at 16). Computed as
+    ``E[Phi(upper) - Phi(lower)]`` over standard Gaussian sample sets (4 million draws, seed 0: standard error below
+    5e-4, 2e-4 from 16 samples on) for up to 256 samples, where it differs from the uniform law's formula; beyond,
+    that formula (within 2e-4 of it from 128 on). 0.807 at 16 samples, 0.873 at 64: a 90% interval from few samples
+    is narrower than the law's, and a coverage below 0.9 is not by itself under-dispersion.
     """
     if num_samples < 2:
         raise ValueError(f"the coverage of an interval needs at least 2 samples, got {num_samples}")
-    return level * (num_samples - 1) / (num_samples + 1)
+    if num_samples > 256:
+        return level * (num_samples - 1) / (num_samples + 1)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randn(4_000_000 // num_samples, num_samples, generator=generator, dtype=torch.float64)
+    law = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    lower = torch.quantile(draws, (1 - level) / 2, dim=1)
+    upper = torch.quantile(draws, (1 + level) / 2, dim=1)
+    return float((law.cdf(upper) - law.cdf(lower)).mean())
 
 
 def distinct_samples(samples: Tensor) -> int:
