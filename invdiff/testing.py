@@ -27,7 +27,9 @@ prior, or a VE one if the sampler raises ``UnsupportedProblem`` for VP, and judg
 * every sampler: the same seed gives the same draws, another seed different ones.
 
 Weighted particles are judged on the particles with their weights, with the effective sample size
-(copies of one particle counted once) as the sample size.
+(copies of one particle counted once) as the sample size; that size must be above ``MIN_EFFECTIVE_DRAWS``
+(200: so few cannot fail a collapsed sampler), and the returned samples, resampled from the particles, are judged
+as well (their distance to the exact draws below the exact-vs-exact threshold at their size), as exact samplers.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ from invdiff.prior import GaussianMixturePrior, GaussianPrior
 from invdiff.problems import build_sampler
 from invdiff.sde import SDE, VESDE, VPSDE
 
-__all__ = ["Z_SCORE", "EVIDENCE_TOLERANCE", "NON_EXACT_FRACTION", "linear_gaussian", "gaussian_mixture",
-           "discretised_model_posterior", "reverse_process_start", "mean_z_scores", "covariance_z_scores",
-           "effective_count", "replicate_z_scores", "weighted_runs_z_scores", "sliced_wasserstein_threshold", "Check", "SamplerCheck",
-           "check_sampler"]
+__all__ = ["Z_SCORE", "EVIDENCE_TOLERANCE", "NON_EXACT_FRACTION", "MIN_EFFECTIVE_DRAWS", "linear_gaussian",
+           "gaussian_mixture", "discretised_model_posterior", "reverse_process_start", "mean_z_scores",
+           "covariance_z_scores", "effective_count", "replicate_z_scores", "weighted_runs_z_scores",
+           "sliced_wasserstein_threshold", "Check", "SamplerCheck", "check_sampler"]
 
 #: z-score for every per-coordinate check: with <= 50 coordinates the family-wise false alarm
 #: probability of a correct sampler is below 50 * 5.7e-7 (two-sided normal tail at 5).
@@ -68,6 +70,10 @@ NON_EXACT_FRACTION = 0.5
 FALLBACK_SDE = VESDE(0.02, 60.0)
 #: how many exact posterior draws sample sets are compared with, and the seeds of every fixed draw
 REFERENCE_SIZE = 1000
+#: weighted particles must keep more effective draws than this: with n of them a sample with no spread at all scores
+#: a covariance z-score of only sqrt(n / 2), so up to 2 (2 Z_SCORE)^2 = 200 the z-scores cannot tell a collapsed
+#: sampler from a correct one by twice their limit (twisted_smc's and ve_smc's particles keep 1300-1900 of 2000 on the beds)
+MIN_EFFECTIVE_DRAWS = int(2 * (2 * Z_SCORE) ** 2)
 REFERENCE_SEED, PRIOR_DRAWS_SEED = 99, 5
 REPRODUCIBILITY_SAMPLES = 8
 
@@ -413,6 +419,23 @@ def _z_score_checks(run: _Run, judged: bool) -> list[Check]:
                   float(covariance_z_scores(*arguments).max()), "<", Z_SCORE, judged, note)]
 
 
+def _particle_checks(run: _Run, judged: bool) -> list[Check]:
+    """For weighted particles: enough effective draws for the z-scores and the floor to mean anything, and the
+    returned samples (what a user gets: resampled from the particles) judged too, by their distance to the exact
+    draws against the exact-vs-exact threshold at the fewer of their distinct values and the particles' ESS."""
+    if run.result.particles is None:
+        return []
+    count = effective_count(run.result)
+    distinct = int(torch.unique(run.result.samples.reshape(len(run.result.samples), -1), dim=0).shape[0])
+    reference = _reference(run.exact)
+    _, threshold = sliced_wasserstein_threshold(run.exact, min(count, distinct), reference_size=REFERENCE_SIZE)
+    return [Check(run.label, "effective draws of the weighted particles", count, ">", MIN_EFFECTIVE_DRAWS,
+                  judged, f"of {len(run.result.particles)}; fewer cannot be judged"),
+            Check(run.label, f"sliced Wasserstein distance of the returned samples to {REFERENCE_SIZE} exact draws",
+                  sliced_wasserstein(run.result.samples, reference), "<", threshold, judged,
+                  f"{distinct} distinct; limit: exact-vs-exact mean + 5 sd at {min(count, distinct)} draws")]
+
+
 def _evidence_checks(run: _Run, judged: bool) -> list[Check]:
     if run.result.log_evidence is None:
         return []
@@ -488,6 +511,7 @@ def check_sampler(sampler_class: type[Sampler], options: dict[str, Any] | None =
             reproducibility_sde = run.sde
         else:
             outcome.checks.append(_floor_check(run, reference, exact_standard))
+        outcome.checks += _particle_checks(run, exact_standard)
         outcome.checks += _evidence_checks(run, exact_standard)
     if reproducibility_sde is not None:
         outcome.checks += _reproducibility_checks(make_sampler, seed, reproducibility_sde)

@@ -125,3 +125,45 @@ def test_check_lines_say_the_number_the_limit_and_the_outcome():
     assert not judged.passed and shown.passed and not shown.within_limit
     assert judged.line() == "bed: largest mean z-score 7.25 (limit < 5; 10 effective draws) FAIL"
     assert shown.line() == "bed: largest mean z-score 1234 (an exact sampler's limit < 5) not judged"
+
+
+class CollapsedWeights(Sampler):
+    """Exact posterior draws as particles with meaningless weights (log-weights of spread 3): an ESS of a few, at
+    which no z-score can fail, so the particles' variance may be anything; here it is halved."""
+
+    name = "collapsed_weights"
+    asymptotically_exact = True
+
+    def sample(self, posterior, num_samples, *, generator, monitor):
+        exact = ExactPosterior.from_posterior(posterior)
+        own = cpu_generator(generator)
+        mean = exact.mean.flatten()
+        draws = mean + 0.5**0.5 * (exact.sample(num_samples, generator=own).reshape(num_samples, -1) - mean)
+        draws = draws.reshape(num_samples, *posterior.prior.event_shape)
+        log_weights = 3.0 * torch.randn(num_samples, generator=own, dtype=draws.dtype)
+        return SampleResult(samples=draws, particles=draws, log_weights=log_weights - log_weights.logsumexp(0))
+
+
+class WrongSamplesRightParticles(Sampler):
+    """Exact particles, equal weights, and returned samples that are prior draws (a broken final resampling)."""
+
+    name = "wrong_samples"
+    asymptotically_exact = True
+
+    def sample(self, posterior, num_samples, *, generator, monitor):
+        own = cpu_generator(generator)
+        particles = ExactPosterior.from_posterior(posterior).sample(num_samples, generator=own)
+        particles = particles.reshape(num_samples, *posterior.prior.event_shape)
+        return SampleResult(samples=posterior.prior.sample_clean(num_samples, generator=own), particles=particles,
+                            log_weights=torch.full((num_samples,), -torch.log(torch.tensor(float(num_samples)))))
+
+
+def test_weighted_particles_must_keep_enough_effective_draws():
+    check = check_sampler(CollapsedWeights)
+    assert not check.passed and "effective draws of the weighted particles" in failed_quantities(check), str(check)
+
+
+def test_the_returned_samples_are_judged_beside_the_particles():
+    check = check_sampler(WrongSamplesRightParticles)
+    assert failed_quantities(check) == {"sliced Wasserstein distance of the returned samples to 1000 exact draws"}, \
+        str(check)
