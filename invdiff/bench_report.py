@@ -106,7 +106,9 @@ def _ranking(test_rows: list[dict]) -> str:
     for problem, rows in problems.items():
         scores = {method: aggregate(method_rows, "psnr_posterior_mean")[0]
                   for method, method_rows in _method_rows(rows).items()}
-        for rank, method in enumerate(sorted(scores, key=scores.get, reverse=True), start=1):
+        # a method without a number (NaN) ranks last, whatever the order of the rows
+        best_first = sorted(scores, key=lambda method: (math.isnan(scores[method]), -scores[method]))
+        for rank, method in enumerate(best_first, start=1):
             ranks[method][problem] = rank
     order = sorted(ranks, key=lambda method: np.mean(list(ranks[method].values())))
     lines = [f"| method | {' | '.join(problems)} | mean rank |", "|---" * (len(problems) + 2) + "|"]

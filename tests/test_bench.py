@@ -333,3 +333,16 @@ def test_shipped_benchmark_configurations_load(path):
     and options (a renamed case or option would otherwise surface only when someone runs it)."""
     bench = load_bench(path)
     assert bench.cases and bench.methods
+
+
+def test_a_method_without_a_number_ranks_last_whatever_the_row_order():
+    """A NaN PSNR (one seed's failed metric) ranked first or second depending on the order of the rows."""
+    from invdiff.bench_report import _ranking
+
+    def rows(method, value):
+        return [{"problem": "case", "method": method, "status": "ok", "image_index": 0, "psnr_posterior_mean": value}]
+
+    for order in ([("broken", float("nan")), ("good", 20.0), ("fair", 10.0)],
+                  [("good", 20.0), ("fair", 10.0), ("broken", float("nan"))]):
+        table = _ranking([row for method, value in order for row in rows(method, value)])
+        assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["good", "fair", "broken"], table
