@@ -21,11 +21,12 @@ from pydantic import Field
 
 import invdiff
 from invdiff.deepinv_bridge import DeepinvSampler
-from invdiff.posterior import SamplerOptions
+from invdiff.posterior import MAX_STEPS, SamplerOptions
 
 
 class DDRMOptions(SamplerOptions):
-    num_steps: int = Field(20, ge=2, description="noise levels, equally spaced from 1 to 0 in [0, 1] image units "
+    num_steps: int = Field(20, ge=2, le=MAX_STEPS,
+                           description="noise levels, equally spaced from 1 to 0 in [0, 1] image units "
                            "(deepinv's schedule; the last, 0, needs no network call); 20 as in the paper")
     eta: float = Field(0.85, ge=0, le=1, description="eta of the paper: the share of fresh noise on coordinates "
                        "not observed (0.85, the paper's)")

@@ -21,11 +21,12 @@ from pydantic import Field
 
 import invdiff
 from invdiff.deepinv_bridge import DeepinvSampler
-from invdiff.posterior import SamplerOptions
+from invdiff.posterior import MAX_STEPS, SamplerOptions
 
 
 class DeepinvDPSOptions(SamplerOptions):
-    num_steps: int = Field(1000, ge=2, description="times of deepinv's DDPM solver, from 1 to 0 (1000, the paper's)")
+    num_steps: int = Field(1000, ge=2, le=MAX_STEPS,
+                           description="times of deepinv's DDPM solver, from 1 to 0 (1000, the paper's)")
     weight: float = Field(1.0, gt=0, description="deepinv's guidance weight (scaled by its solver's step; "
                           "10-300 worked on invdiff priors, DEEPINV_NOTES.md)")
 

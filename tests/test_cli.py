@@ -415,6 +415,10 @@ def test_help_does_not_load_torch_and_listing_samplers_does_not_load_deepinv():
 @pytest.mark.parametrize("sampler, options, expected", [
     ("dps", ["-o", "num_steps=1000000000"], "sampler_options.dps.num_steps: Input should be less than or equal to "
                                              "100000"),
+    ("ddrm", ["-o", "num_steps=1000000000"], "sampler_options.ddrm.num_steps: Input should be less than or equal "
+                                              "to 100000"),
+    ("deepinv_dps", ["-o", "num_steps=1000000000"], "sampler_options.deepinv_dps.num_steps: Input should be less "
+                                                     "than or equal to 100000"),
     ("rdmc", ["-o", "terminal_time=1e9"], "sampler_options.rdmc.terminal_time: Input should be less than or equal "
                                           "to 100"),
     ("twisted_smc", ["-o", "twisting=gaussian_fit", "--case", "poisson"],
