@@ -17,14 +17,17 @@
   counted bytes are multiplied by ``ALLOCATOR_MARGIN``.
 
 The probe's batch is timed, and on the CPU its seconds per image pixel, times the pixels and the
-network evaluations of the run, give the run's time (within a factor 1.5 of the runs measured, at
-the machine's load of the moment); on a GPU small calls are bound by kernel launches, so there is
-no time estimate there.
+network evaluations of the run, give the run's time (within a factor 1.5 of the runs measured where the network's
+calls dominate, at the machine's load of the moment); it counts no other work, so it is low where that matters:
+4x on natural-gmm-box's second-order pilot (the twist's m x m factors), 1.6-1.8x for 64 particles on 64x64 RGB
+images (a batch of 64 costs more per image than the probe's 2); on a GPU small calls are bound by kernel launches,
+so there is no time estimate there. A pilot (``guidance: pilot``) runs first on its own states and batches: the
+run's memory is the larger of its estimate and the run's.
 
 What a sampler asks of the network is read from its options by their conventional names:
 ``num_particles`` (default: the number of samples, rounded up to a multiple of ``num_runs``), ``num_chains`` per sample, ``inner_steps``
-(network calls per chain and step, plus one to start the chains), ``pool_size`` and
-``pool_steps`` (prior draws for a warm start), ``batch_size`` or ``chunk_size`` (images per call),
+(network calls per chain and step, plus one to start the chains), a sampler's ``prior_pool(prior)`` (rdmc: the
+draws of its warm start's pool and their network cost), ``batch_size`` or ``chunk_size`` (images per call),
 ``num_steps``, ``move_steps``, ``twisting: second_order`` and ``guidance: pilot`` with ``pilot_rounds``
 (``_network_images``). A sampler class declares ``needs_network_gradient = False`` when it only calls the
 network forward; without it, backpropagation is assumed.
@@ -36,7 +39,7 @@ import math
 import os
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -114,7 +117,7 @@ def estimate_run(posterior: Posterior, sampler: Sampler, num_samples: int,
                  device: torch.device | str = "cpu") -> RunEstimate:
     """The peak memory and the time of ``sampler`` drawing ``num_samples`` from ``posterior`` (see the module)."""
     prior, measurement = posterior.prior, posterior.measurement
-    states = _held_states(sampler, num_samples)
+    states = _held_states(sampler, prior, num_samples)
     needs_gradient = sampler.needs_network_gradient
     images_per_call = _images_per_call(sampler, prior, states, needs_gradient)
     fixed_bytes, bytes_per_pixel, seconds_per_pixel = _probe_network(prior, needs_gradient, images_per_call,
@@ -123,12 +126,18 @@ def estimate_run(posterior: Posterior, sampler: Sampler, num_samples: int,
     image_bytes = math.prod(prior.event_shape) * measurement.element_size()
     network_images = _network_images(sampler, posterior, num_samples)
     on_cpu = torch.device(device).type == "cpu"
-    return RunEstimate(
+    estimate = RunEstimate(
         image_shape=prior.event_shape, states=states, state_bytes=STATE_COPIES * states * image_bytes,
         images_per_call=images_per_call, bytes_per_call=round(ALLOCATOR_MARGIN * fixed_bytes),
         bytes_per_image=round(ALLOCATOR_MARGIN * bytes_per_pixel * pixels),
         needs_gradient=needs_gradient, network_images=network_images,
         seconds=seconds_per_pixel * pixels * network_images if on_cpu else None)
+    pilot = sampler.build_pilot() if hasattr(sampler, "build_pilot") else None
+    if pilot is not None:   # the pilot runs first, on its own states and batches: the run's peak is the larger one
+        pilot_estimate = estimate_run(posterior, pilot, _option(sampler, "pilot_samples"), device)
+        if pilot_estimate.total_bytes > estimate.total_bytes:
+            estimate = replace(pilot_estimate, network_images=network_images, seconds=estimate.seconds)
+    return estimate
 
 
 def available_memory(device: torch.device | str = "cpu") -> int | None:
@@ -171,9 +180,16 @@ def _chains(sampler: Sampler, num_samples: int) -> int:
     return particles * (_option(sampler, "num_chains") or 1)
 
 
-def _held_states(sampler: Sampler, num_samples: int) -> int:
+def _pool(sampler: Sampler, prior: Prior) -> tuple[int, int]:
+    """(images a sampler's pool of prior draws holds, network evaluations drawing them): its ``prior_pool(prior)``
+    where it has one (rdmc's warm start), else none."""
+    pool = getattr(sampler, "prior_pool", None)
+    return pool(prior) if pool is not None else (0, 0)
+
+
+def _held_states(sampler: Sampler, prior: Prior, num_samples: int) -> int:
     """Images held at once: the chains, or a pool of prior draws if larger."""
-    return max(_chains(sampler, num_samples), _option(sampler, "pool_size") or 0)
+    return max(_chains(sampler, num_samples), _pool(sampler, prior)[0])
 
 
 def _network_images(sampler: Sampler, posterior: Posterior, num_samples: int) -> int:
@@ -199,7 +215,7 @@ def _network_images(sampler: Sampler, posterior: Posterior, num_samples: int) ->
     if (_option(sampler, "twisting") == "second_order"
             and type(posterior.prior).measured_covariance is Prior.measured_covariance):
         calls_per_state *= 1 + posterior.measurement[0].numel()
-    pool = (_option(sampler, "pool_size") or 0) * (_option(sampler, "pool_steps") or 0)
+    pool = _pool(sampler, posterior.prior)[1]
     images = calls_per_state * _chains(sampler, num_samples) + pool
     pilot = sampler.build_pilot() if hasattr(sampler, "build_pilot") else None
     if pilot is not None:
@@ -389,7 +405,8 @@ def _cgroup_available() -> int | None:
 def _remedy(estimate: RunEstimate, sampler: Sampler, prior: Prior, available: int) -> str:
     """What to lower: the images the sampler holds, the images per network call, or the image itself."""
     if estimate.state_bytes >= available:
-        return "lower --num-samples (or --num-particles, num_chains)"
+        pool = " or the pool's pool_size" if _pool(sampler, prior)[0] >= estimate.states else ""
+        return f"lower --num-samples (or --num-particles, num_chains{pool})"
     fitting = (available - estimate.state_bytes - estimate.bytes_per_call) // max(estimate.bytes_per_image, 1)
     if fitting < 1:
         return "one image's network call alone does not fit: use a smaller image"

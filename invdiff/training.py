@@ -223,8 +223,9 @@ def load_training_config(path: str | Path) -> TrainingConfig:
         raise TrainingError(format_validation_error(error, f"{path}: ", TrainingConfig)) from None
 
 
-def _continue_from(path: str | Path, sde_settings: dict, unet: UNet, ema: UNet) -> tuple[int, float]:
-    """Load a checkpoint's weights into ``unet`` and ``ema``; its step count and wall time."""
+def _continue_from(path: str | Path, sde_settings: dict, unet: UNet, ema: UNet) -> tuple[int, float, list]:
+    """Load a checkpoint's weights into ``unet`` and ``ema``; its step count, wall time and the checkpoints it was
+    itself continued from (a chain A -> B -> C records A and B)."""
     from invdiff.checkpoints import CheckpointError, load_checkpoint
 
     try:
@@ -240,7 +241,8 @@ def _continue_from(path: str | Path, sde_settings: dict, unet: UNet, ema: UNet) 
                             f"{sde_settings}")
     unet.load_state_dict(loaded.state_dict())
     ema.load_state_dict(loaded.state_dict())
-    return steps, wall_time
+    earlier = document.get("training", {}).get("continued_from", [])
+    return steps, wall_time, earlier if isinstance(earlier, list) else []
 
 
 def _checkpoint_progress(path: str | Path, document: dict) -> tuple[int, float]:
@@ -414,12 +416,31 @@ def _restore_state(state: dict, path: Path, unet: UNet, ema: UNet, optimiser: to
         ema.load_state_dict(state["ema"])
         optimiser.load_state_dict(state["optimiser"])
         generator.set_state(state["generator"])
+        _set_global_random_state(state.get("global_random"), device)
         running_loss = state.get("running_loss")
         running_loss = None if running_loss is None else running_loss.to(device)
         return int(state["step"]), float(state["wall_time"]), list(state.get("continued_from", [])), running_loss
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as error:
         raise TrainingError(f"--resume: '{path}' does not fit the configuration's network: "
                             f"{_one_line(error)}") from None
+
+
+def _global_random_state(device: str) -> dict:
+    """torch's global random state, which dropout draws from (the data and noise draw from the run's generator)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def _set_global_random_state(state: dict | None, device: str) -> None:
+    """Restore ``_global_random_state``'s record (a state.pt written before it was kept has none: its dropout
+    masks then differ from an uninterrupted run's)."""
+    if state is None:
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
 
 
 def _unfinished_checkpoint(state: dict, log_path: Path) -> dict | None:
@@ -500,12 +521,12 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
             loss_note = (f"running loss restarted at step {step}: the state.pt resumed there was written by an "
                          "older invdiff that did not store it")
     if continue_from is not None:
-        step, wall_time = _continue_from(continue_from, sde.settings(), unet, ema)
+        step, wall_time, earlier = _continue_from(continue_from, sde.settings(), unet, ema)
         if step >= config.steps:
             raise TrainingError(f"--continue-from: '{continue_from}' is already at step {step} (steps is "
                                 f"{config.steps}); pass --steps above {step} to train on")
         generator.manual_seed(config.seed + step)
-        history = [{"checkpoint": str(continue_from), "step": step}]
+        history = [*earlier, {"checkpoint": str(continue_from), "step": step}]
 
     created = _prepare_output_folder(out)
     with _cleaned_up_on_failure(out, config.name, created):
@@ -537,7 +558,8 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
                                      "threads": torch.get_num_threads()},
                         "versions": {"torch": str(torch.__version__), "python": platform.python_version()}}
             state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(),
-                     "generator": generator.get_state(), "step": step, "wall_time": wall_time,
+                     "generator": generator.get_state(), "global_random": _global_random_state(device),
+                     "step": step, "wall_time": wall_time,
                      "continued_from": history, "config": fixed_settings,
                      "running_loss": None if running_loss is None else running_loss.cpu(),
                      "record": record, "metadata": metadata}

@@ -193,6 +193,16 @@ class Chains:
             self.log_density[particles] = log_density
 
 
+def has_exact_draws(prior) -> bool:
+    """Whether the prior draws exactly (``sample_clean``), at no network cost."""
+    return callable(getattr(prior, "sample_clean", None))
+
+
+def pool_size(options: RDMCOptions, prior) -> int:
+    """The pool's draws: ``pool_size``, else 4096 exact draws or 512 of the network's reverse sampler."""
+    return options.pool_size or (EXACT_POOL_SIZE if has_exact_draws(prior) else NETWORK_POOL_SIZE)
+
+
 class PriorPool:
     """Prior draws shared by every particle, resampled with weights ``p(y | x0) N(x; e^{-s} x0, 1 - e^{-2s})``.
 
@@ -202,8 +212,8 @@ class PriorPool:
 
     def __init__(self, posterior: Posterior, options: RDMCOptions, generator: torch.Generator):
         prior, measurement = posterior.prior, posterior.measurement
-        exact_draws = callable(getattr(prior, "sample_clean", None))
-        self.size = options.pool_size or (EXACT_POOL_SIZE if exact_draws else NETWORK_POOL_SIZE)
+        exact_draws = has_exact_draws(prior)
+        self.size = pool_size(options, prior)
         if exact_draws:
             # sample_clean draws on the CPU: seed a CPU generator from the sampler's (possibly CUDA) one
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
@@ -358,6 +368,14 @@ class RDMC(Sampler):
     name = "rdmc"
     Options = RDMCOptions
     needs_network_gradient = False
+
+    def prior_pool(self, prior) -> tuple[int, int]:
+        """(draws the pool holds, network evaluations drawing them) on ``prior``, for the run's estimate
+        (``invdiff.resources``): none without the pool warm start, none spent on exact draws."""
+        if self.options.warm_start != "prior_pool":
+            return 0, 0
+        size = pool_size(self.options, prior)
+        return size, 0 if has_exact_draws(prior) else size * self.options.pool_steps
 
     def check(self, posterior: Posterior) -> None:
         """A network prior needs a positive time from ``prior_steps`` and gives no log-density to weigh draws."""

@@ -189,3 +189,29 @@ def test_restart_steps_are_counted_as_the_run_makes_them(name):
         result = sample_posterior(each, problem.posterior, 8, generator=torch.Generator().manual_seed(0))
         assert estimate.network_images == result.network_evaluations
     assert estimate.network_images == 8 * (10 + 5), "the restarted run's estimate (the loop's last)"
+
+
+def test_rdmc_s_default_pool_is_counted():
+    """rdmc's pool_size defaults to None, meaning 512 draws of a network prior's reverse sampler: they were left out
+    of the estimate (160 evaluations estimated, 5248 made). Counted exactly with reuse_chains false (the default
+    reuses chains, one start fewer than the upper bound)."""
+    problem = load_problem(PROBLEMS / "inpaint.yaml", "digits-box")
+    rdmc = sampler("rdmc", num_steps=3, num_chains=2, inner_steps=2, pool_steps=5, reuse_chains=False)
+    estimate = estimate_run(problem.posterior, rdmc, 2)
+    assert estimate.states == 512, "the pool's draws are held"
+    result = sample_posterior(rdmc, problem.posterior, 2, generator=torch.Generator().manual_seed(0))
+    assert estimate.network_images == result.network_evaluations == 512 * 5 + 3 * 3 * 2 * 2
+    exact_prior = load_problem(PROBLEMS / "inpaint.yaml", "digits-gmm-box")
+    assert estimate_run(exact_prior.posterior, rdmc, 2).network_images == 3 * 3 * 2 * 2, "exact draws cost nothing"
+
+
+def test_a_pilot_larger_than_the_run_sets_its_memory(tmp_path):
+    """A pilot runs first on its own samples: a DPS pilot of 256 samples needs more than 8 particles do, and the
+    estimate is the pilot's (it was the 8 particles', so a run whose pilot could not fit was let through)."""
+    posterior = natural_problem(tmp_path, 64).posterior
+    piloted = sampler("twisted_smc", num_steps=2, num_particles=8, guidance="pilot", pilot_samples=256,
+                      pilot_options={"num_steps": 2})
+    alone = sampler("twisted_smc", num_steps=2, num_particles=8)
+    estimate, without = estimate_run(posterior, piloted, 8), estimate_run(posterior, alone, 8)
+    assert estimate.states == 256 and estimate.total_bytes > 4 * without.total_bytes
+    assert estimate.network_images == without.network_images + 256 * 2, "the pilot's evaluations are added"
