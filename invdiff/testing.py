@@ -24,7 +24,10 @@ prior, or a VE one if the sampler raises ``UnsupportedProblem`` for VP, and judg
   ``NON_EXACT_FRACTION`` (half) that of the better of two trivial answers: prior draws (which ignore
   the measurement) and a point mass at the exact posterior mean (which has no spread). Their z-scores,
   distance to the exact floor and evidence error are measured and shown, not judged;
-* every sampler: the same seed gives the same draws, another seed different ones.
+* every sampler: the same seed gives the same draws, another seed different ones; and ``MODE_RUNS`` (10)
+  independent runs of ``MODE_SAMPLES`` (200) on the same mixture seen through one measurement, whose posterior has
+  three modes of real weight (the d_y = 2 bed's has one): the runs' average share of each mode against its exact
+  weight, in units of their spread / sqrt(10), below ``MODE_Z`` (6; judged for exact samplers, shown for others).
 
 Weighted particles are judged on the particles with their weights, with the effective sample size
 (copies of one particle counted once) as the sample size; that size must be above ``MIN_EFFECTIVE_DRAWS``
@@ -54,8 +57,8 @@ from invdiff.sde import SDE, VESDE, VPSDE
 
 __all__ = ["Z_SCORE", "EVIDENCE_TOLERANCE", "NON_EXACT_FRACTION", "MIN_EFFECTIVE_DRAWS", "linear_gaussian",
            "gaussian_mixture", "discretised_model_posterior", "reverse_process_start", "mean_z_scores",
-           "covariance_z_scores", "effective_count", "replicate_z_scores", "weighted_runs_z_scores",
-           "sliced_wasserstein_threshold", "Check", "SamplerCheck", "check_sampler"]
+           "covariance_z_scores", "component_shares", "effective_count", "replicate_z_scores",
+           "weighted_runs_z_scores", "sliced_wasserstein_threshold", "Check", "SamplerCheck", "check_sampler"]
 
 #: z-score for every per-coordinate check: with <= 50 coordinates the family-wise false alarm
 #: probability of a correct sampler is below 50 * 5.7e-7 (two-sided normal tail at 5).
@@ -75,6 +78,9 @@ REFERENCE_SIZE = 1000
 #: sampler from a correct one by twice their limit (twisted_smc's and ve_smc's particles keep 1300-1900 of 2000 on the beds)
 MIN_EFFECTIVE_DRAWS = int(2 * (2 * Z_SCORE) ** 2)
 REFERENCE_SEED, PRIOR_DRAWS_SEED = 99, 5
+#: the modes check: independent runs of the three-mode bed, judged by the spread of their shares (Student's t with
+#: MODE_RUNS - 1 = 9 degrees of freedom: P(|t| > MODE_Z) = 2e-4 per share, 1e-3 for the 5 judged)
+MODE_RUNS, MODE_SAMPLES, MODE_Z = 10, 200, 6.0
 REPRODUCIBILITY_SAMPLES = 8
 
 
@@ -198,6 +204,19 @@ def covariance_z_scores(samples: Tensor, exact: ExactPosterior, log_weights: Ten
     variances = covariance.diagonal()
     standard_error = torch.sqrt((variances[:, None] * variances[None, :] + covariance**2) / count)
     return (estimate - covariance).abs() / standard_error
+
+
+def component_shares(samples: Tensor, prior: GaussianMixturePrior, exact: ExactPosterior,
+                     log_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The (weighted) mean responsibilities ``P(k | x)`` of the mixture components that hold at least 1% of the exact
+    posterior, and of the others pooled last, next to the exact weights ``P(k | y)`` of the same: over exact draws
+    the first is an unbiased estimate of the second."""
+    flat, weights, _ = _weighted(samples, log_weights)
+    shares = weights @ prior.responsibilities(flat.to(prior.means))
+    exact_weights = exact.log_weights.exp()
+    held = exact_weights >= 0.01
+    return (torch.cat([shares[held], shares[~held].sum(0, keepdim=True)]),
+            torch.cat([exact_weights[held], exact_weights[~held].sum(0, keepdim=True)]))
 
 
 def effective_count(result: SampleResult) -> int:
@@ -357,6 +376,10 @@ class _TestBed:
 
 _LINEAR_GAUSSIAN_BED = _TestBed("linear-Gaussian d=4, d_y=2", lambda sde: linear_gaussian(4, 2, sde=sde), 2000)
 _MIXTURE_BED = _TestBed("Gaussian mixture d=8, d_y=2", lambda sde: gaussian_mixture(8, 2, sde=sde), 1000)
+#: the same mixture seen through one measurement: a posterior of three modes of real weight (0.48, 0.31, 0.17), where
+#: the d_y = 2 bed's has one (0.99999)
+_MODES_BED = _TestBed("Gaussian mixture d=8, d_y=1, three modes", lambda sde: gaussian_mixture(8, 1, sde=sde),
+                      MODE_SAMPLES)
 
 
 @dataclass(frozen=True)
@@ -436,6 +459,22 @@ def _particle_checks(run: _Run, judged: bool) -> list[Check]:
                   f"{distinct} distinct; limit: exact-vs-exact mean + 5 sd at {min(count, distinct)} draws")]
 
 
+def _modes_check(make_sampler: Callable[[], Sampler], seed: int, judged: bool) -> Check:
+    """How a sampler weighs the modes: MODE_RUNS independent runs of the three-mode bed, each run's share of every
+    mode (the weighted particles' where there are any), their average against the exact weights in units of their
+    spread / sqrt(MODE_RUNS). A particle's mode is fixed by its early ancestors, so one run's ESS overstates what its
+    shares resolve: independent runs are the honest error bar (``replicate_z_scores``)."""
+    runs = [_run(make_sampler, _MODES_BED, MODE_SAMPLES, seed * MODE_RUNS + index, False) for index in range(MODE_RUNS)]
+    shares, exact_weights = zip(*(component_shares(run.draws, run.posterior.prior, run.exact, run.result.log_weights)
+                                  for run in runs))
+    z_scores = replicate_z_scores(torch.stack(shares), exact_weights[0])
+    label = f"{_MODES_BED.name} ({_sde_name(runs[0].sde)}, {MODE_RUNS} runs of {MODE_SAMPLES} samples)"
+    return Check(label, f"largest z-score of the {len(z_scores) - 1} modes' shares and the rest's over the runs",
+                 float(z_scores.max()), "<", MODE_Z, judged,
+                 "shares " + " ".join(f"{float(share):.3f}" for share in torch.stack(shares).mean(0))
+                 + ", exact " + " ".join(f"{float(weight):.3f}" for weight in exact_weights[0]))
+
+
 def _evidence_checks(run: _Run, judged: bool) -> list[Check]:
     if run.result.log_evidence is None:
         return []
@@ -513,6 +552,10 @@ def check_sampler(sampler_class: type[Sampler], options: dict[str, Any] | None =
             outcome.checks.append(_floor_check(run, reference, exact_standard))
         outcome.checks += _particle_checks(run, exact_standard)
         outcome.checks += _evidence_checks(run, exact_standard)
+    try:
+        outcome.checks.append(_modes_check(make_sampler, seed, exact_standard))
+    except _NotRun as reason:
+        outcome.not_run.append(str(reason))
     if reproducibility_sde is not None:
         outcome.checks += _reproducibility_checks(make_sampler, seed, reproducibility_sde)
     return outcome

@@ -93,7 +93,7 @@ def test_the_exact_sampler_passes_and_the_report_says_what_was_checked():
     assert check.passed, report
     assert all(item.judged for item in check.checks), report
     assert report.splitlines()[0] == "invdiff check: sampler exact (default options), seed 3"
-    assert report.splitlines()[-1] == "verdict: PASS: exact meets the exact standard (7 checks judged)"
+    assert report.splitlines()[-1] == "verdict: PASS: exact meets the exact standard (8 checks judged)"
     linear = "linear-Gaussian d=4, d_y=2 (VP, 2000 samples): "
     assert any(line.startswith(linear + "largest mean z-score of 4 coordinates ")
                and line.endswith("(limit < 5; 2000 effective draws) ok") for line in report.splitlines()), report
@@ -110,8 +110,9 @@ def test_a_sampler_that_refuses_every_test_bed_fails_with_the_reasons():
     assert not check.passed and not check.checks
     assert check.not_run == [f"{bed}: not run, the sampler refused it: VP: refuses: this sampler handles no SDE "
                              "at all; VE: refuses: this sampler handles no SDE at all"
-                             for bed in ("linear-Gaussian d=4, d_y=2", "Gaussian mixture d=8, d_y=2")], str(check)
-    assert str(check).endswith("verdict: FAIL: refuses: 2 test bed(s) not run")
+                             for bed in ("linear-Gaussian d=4, d_y=2", "Gaussian mixture d=8, d_y=2",
+                                         "Gaussian mixture d=8, d_y=1, three modes")], str(check)
+    assert str(check).endswith("verdict: FAIL: refuses: 3 test bed(s) not run")
 
 
 def test_bad_options_name_the_option():
@@ -167,3 +168,28 @@ def test_the_returned_samples_are_judged_beside_the_particles():
     check = check_sampler(WrongSamplesRightParticles)
     assert failed_quantities(check) == {"sliced Wasserstein distance of the returned samples to 1000 exact draws"}, \
         str(check)
+
+
+class MisweighedModes(Sampler):
+    """Exact posterior draws with half of the largest mode's thrown away: the right modes, the wrong weights."""
+
+    name = "misweighed_modes"
+    asymptotically_exact = True
+
+    def sample(self, posterior, num_samples, *, generator, monitor):
+        exact = ExactPosterior.from_posterior(posterior)
+        draws = exact.sample(3 * num_samples, generator=cpu_generator(generator)).reshape(3 * num_samples, -1)
+        prior = posterior.prior
+        if hasattr(prior, "responsibilities"):
+            mode = prior.responsibilities(draws.to(prior.means)).argmax(1)
+            top = exact.log_weights.argmax()
+            keep = (mode != top) | (torch.arange(len(draws)) % 2 == 0)
+            draws = draws[keep]
+        return SampleResult(samples=draws[:num_samples].reshape(num_samples, *posterior.prior.event_shape))
+
+
+def test_a_sampler_that_misweighs_the_modes_fails_the_modes_check():
+    """The d_y = 2 mixture bed's posterior has one mode, so no check saw how a sampler weighs modes."""
+    check = check_sampler(MisweighedModes)
+    quantities = failed_quantities(check)
+    assert any("modes' shares" in quantity for quantity in quantities), str(check)
