@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from invdiff.exact import ExactPosterior
-from invdiff.metrics import sliced_wasserstein
+from invdiff.metrics import distinct_samples, sliced_wasserstein
 from invdiff.noise import GaussianNoise
 from invdiff.operators import matrix_operator
 from invdiff.posterior import Posterior, Sampler, SampleResult, UnsupportedProblem, sample_posterior
@@ -442,15 +442,14 @@ def _z_score_checks(run: _Run, judged: bool) -> list[Check]:
                   float(covariance_z_scores(*arguments).max()), "<", Z_SCORE, judged, note)]
 
 
-def _particle_checks(run: _Run, judged: bool) -> list[Check]:
+def _particle_checks(run: _Run, reference: Tensor, judged: bool) -> list[Check]:
     """For weighted particles: enough effective draws for the z-scores and the floor to mean anything, and the
     returned samples (what a user gets: resampled from the particles) judged too, by their distance to the exact
     draws against the exact-vs-exact threshold at the fewer of their distinct values and the particles' ESS."""
     if run.result.particles is None:
         return []
     count = effective_count(run.result)
-    distinct = int(torch.unique(run.result.samples.reshape(len(run.result.samples), -1), dim=0).shape[0])
-    reference = _reference(run.exact)
+    distinct = distinct_samples(run.result.samples)
     _, threshold = sliced_wasserstein_threshold(run.exact, min(count, distinct), reference_size=REFERENCE_SIZE)
     return [Check(run.label, "effective draws of the weighted particles", count, ">", MIN_EFFECTIVE_DRAWS,
                   judged, f"of {len(run.result.particles)}; fewer cannot be judged"),
@@ -550,7 +549,7 @@ def check_sampler(sampler_class: type[Sampler], options: dict[str, Any] | None =
             reproducibility_sde = run.sde
         else:
             outcome.checks.append(_floor_check(run, reference, exact_standard))
-        outcome.checks += _particle_checks(run, exact_standard)
+        outcome.checks += _particle_checks(run, reference, exact_standard)
         outcome.checks += _evidence_checks(run, exact_standard)
     try:
         outcome.checks.append(_modes_check(make_sampler, seed, exact_standard))
