@@ -232,7 +232,7 @@ def _continue_from(path: str | Path, sde_settings: dict, unet: UNet, ema: UNet) 
         loaded, document = load_checkpoint(path)
     except CheckpointError as error:
         raise TrainingError(f"--continue-from: {error}") from None
-    steps, wall_time = _checkpoint_progress(path, document)
+    steps, wall_time, earlier = _checkpoint_progress(path, document)
     if loaded.arguments != unet.arguments:
         raise TrainingError(f"--continue-from: '{path}' has network {loaded.arguments}; the config asks for "
                             f"{unet.arguments}")
@@ -241,12 +241,12 @@ def _continue_from(path: str | Path, sde_settings: dict, unet: UNet, ema: UNet) 
                             f"{sde_settings}")
     unet.load_state_dict(loaded.state_dict())
     ema.load_state_dict(loaded.state_dict())
-    earlier = document.get("training", {}).get("continued_from", [])
-    return steps, wall_time, earlier if isinstance(earlier, list) else []
+    return steps, wall_time, earlier
 
 
-def _checkpoint_progress(path: str | Path, document: dict) -> tuple[int, float]:
-    """The step count and wall time in a checkpoint's metadata ``training`` (0 for those it lacks), checked."""
+def _checkpoint_progress(path: str | Path, document: dict) -> tuple[int, float, list]:
+    """The step count and wall time in a checkpoint's metadata ``training`` (0 for those it lacks), checked, and the
+    checkpoints it was continued from (none where it records no list)."""
     training = document.get("training", {})
     if not isinstance(training, dict):
         raise TrainingError(f"--continue-from: '{path}' has metadata 'training' {training!r}; a mapping is needed")
@@ -257,7 +257,8 @@ def _checkpoint_progress(path: str | Path, document: dict) -> tuple[int, float]:
     if isinstance(wall_time, bool) or not isinstance(wall_time, (int, float)) or not 0 <= wall_time < math.inf:
         raise TrainingError(f"--continue-from: '{path}' has metadata 'training.wall_time_s' {wall_time!r}; "
                             "allowed: a number of seconds, 0 or more")
-    return steps, float(wall_time)
+    earlier = training.get("continued_from", [])
+    return steps, float(wall_time), earlier if isinstance(earlier, list) else []
 
 
 def _learning_rate(config: TrainingConfig, step: int) -> float:
