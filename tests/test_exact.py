@@ -51,6 +51,18 @@ def test_the_gaussian_fit_s_posterior_is_the_information_form_with_the_mixture_s
     assert torch.allclose(fit.covariances[0], expected_covariance, atol=1e-8)
 
 
+def test_the_gaussian_fit_s_posterior_of_data_with_constant_values():
+    """The digits' blank border pixels never vary: their data covariance is singular, and so was the fit's posterior
+    (its Cholesky factor failed, and ``twisted_smc -o guidance=gaussian_fit`` with it on the digits UNet); the fit's
+    ridge keeps it, with those pixels' posterior variance near zero and the others' unchanged."""
+    posterior = load_problem("problems/inpaint.yaml", "digits-box").posterior
+    constant = torch.diagonal(posterior.prior.data_covariance()) == 0
+    assert constant.any(), "the digits' data covariance no longer has constant values: the test tests nothing"
+    variances = torch.diagonal(ExactPosterior.from_gaussian_fit(posterior).covariances[0])
+    assert float(variances[constant].max()) < 1e-6
+    assert float(variances[~constant].min()) > 1e-6
+
+
 def test_evidence_of_a_one_dimensional_mixture_by_quadrature():
     prior = GaussianMixturePrior(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0], [1.5]]),
                                  torch.tensor([[0.5], [0.2]]), VPSDE())
