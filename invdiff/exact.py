@@ -108,11 +108,15 @@ class ExactPosterior:
                                                                       mixture=False)
         covariance = prior.data_covariance().cpu()
         # Values the data never vary (the digits' blank border pixels) make the fit's covariance singular, and the
-        # posterior's with it: a ridge of 1e-8 times the mean variance keeps its Cholesky factor.
-        ridge = 1e-8 * float(torch.diagonal(covariance).mean())
-        covariance = covariance + ridge * torch.eye(covariance.shape[0], dtype=covariance.dtype)
-        return cls.from_linear_gaussian(torch.zeros(1, dtype=torch.float64), prior.data_mean().cpu()[None],
-                                        covariance[None], matrix, offset, measurement, sigma_y, prior.event_shape)
+        # posterior's with it: there, a ridge of 1e-8 times the mean variance keeps its Cholesky factor.
+        ridge = 1e-8 * float(torch.diagonal(covariance).mean()) * torch.eye(covariance.shape[0], dtype=covariance.dtype)
+        for attempt in (covariance, covariance + ridge):
+            try:
+                return cls.from_linear_gaussian(torch.zeros(1, dtype=torch.float64), prior.data_mean().cpu()[None],
+                                                attempt[None], matrix, offset, measurement, sigma_y, prior.event_shape)
+            except NotTractable:
+                if attempt is not covariance:
+                    raise
 
     @classmethod
     def from_linear_gaussian(cls, log_weights: Tensor, means: Tensor, covariances: Tensor, matrix: Tensor,

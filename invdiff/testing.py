@@ -135,7 +135,8 @@ def reverse_process_start(prior: GaussianPrior) -> tuple[Tensor, Tensor]:
     return terminal_lambda * prior.means[0], terminal_lambda**2 * prior.covariances[0] + terminal_sigma**2 * identity
 
 
-def discretised_model_posterior(posterior: Posterior, num_steps: int) -> ExactPosterior:
+def discretised_model_posterior(posterior: Posterior, num_steps: int,
+                                kernel_variance: str = "ddpm") -> ExactPosterior:
     """The exact posterior of the *discretised* reverse-diffusion model of a Gaussian prior.
 
     With an exact Gaussian score every reverse step on ``sde.time_grid(num_steps)`` is an affine map
@@ -143,7 +144,15 @@ def discretised_model_posterior(posterior: Posterior, num_steps: int) -> ExactPo
     propagate step by step from ``reverse_process_start``; its posterior and evidence are then closed
     form. A particle sampler is exact for this model as K grows; its distance to the true posterior
     is the discretisation bias.
+
+    ``kernel_variance`` is the reverse step's: ``ddpm``, the samplers' (``SDE.reverse_kernel``: the
+    forward process's ``q(x_s | x_t, x_0)`` at ``x_0 = x0_hat``, which leaves out the spread of ``x_0``
+    given ``x_t``); ``analytic``, that plus ``c^2 tr(Cov[x_0 | x_t]) / d`` with ``c`` the kernel's
+    coefficient on ``x0_hat`` (Analytic-DPM's optimal isotropic variance, Bao et al., ICLR 2022); ``exact``,
+    plus ``c^2 Cov[x_0 | x_t]`` itself, the exact reverse transition of a Gaussian prior (no bias).
     """
+    if kernel_variance not in ("ddpm", "analytic", "exact"):
+        raise ValueError(f"kernel_variance is 'ddpm', 'analytic' or 'exact', not {kernel_variance!r}")
     prior = posterior.prior
     dimension = prior.dimension
     identity = torch.eye(dimension, dtype=torch.float64)
@@ -162,11 +171,18 @@ def discretised_model_posterior(posterior: Posterior, num_steps: int) -> ExactPo
         step = float(x_coefficient) * identity + float(denoised_coefficient) * denoise_matrix
         mean = step @ mean + float(denoised_coefficient) * denoise_offset
         covariance = step @ covariance @ step.T + float(variance) * identity
-    matrix, offset = posterior.operator.matrix((dimension,))
+        if kernel_variance != "ddpm":
+            denoising_covariance = (prior_covariance
+                                    - lambda_t**2 * prior_covariance @ diffused_inverse @ prior_covariance)
+            if kernel_variance == "analytic":
+                denoising_covariance = torch.trace(denoising_covariance) / dimension * identity
+            covariance = covariance + float(denoised_coefficient) ** 2 * denoising_covariance
+    matrix, offset = posterior.operator.matrix(prior.event_shape)
     covariance = 0.5 * (covariance + covariance.T) + 1e-12 * identity
     return ExactPosterior.from_linear_gaussian(torch.zeros(1, dtype=torch.float64), mean[None], covariance[None],
-                                               matrix, offset, posterior.measurement[0].to(torch.float64),
-                                               posterior.operator.noise.sigma_y)
+                                               matrix.to(torch.float64), offset.to(torch.float64),
+                                               posterior.measurement[0].flatten().to(torch.float64),
+                                               posterior.operator.noise.sigma_y, prior.event_shape)
 
 
 # --------------------------------------------------------------------------------------------- statistics
