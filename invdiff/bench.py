@@ -47,6 +47,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ import torch
 from pydantic import Field, ValidationError
 
 from invdiff.bench_report import ORACLE
+from invdiff.checkpoints import NATURAL_GMM_PATH, SHIPPED_PRIORS_DIRECTORY, file_sha256, shipped_priors
 from invdiff.problems import (SEED_LIMIT, FileTruthConfig, ProblemConfig, ProblemError, StrictModel, TruthConfig,
                               build_problem, build_sampler, check_truth_source, format_validation_error,
                               load_problem_config, problem_cases)
@@ -355,9 +357,31 @@ def cell_key(spec: dict) -> str:
     if spec.get("fresh_process"):  # its memory is measured otherwise (keyed only when set: older keys stay)
         keyed["fresh_process"] = True
     files = _file_identities(problem, Path(spec["problem_file"]).parent)
-    if files:  # keyed only when the problem names files: the keys of the shipped problems stay
+    if files:  # keyed only when the problem names files
         keyed["files"] = files
+    shipped = _shipped_prior_file(problem)
+    if shipped is not None:  # a shipped prior replaced in place (README: Training a prior) is another cell
+        keyed["shipped_prior_sha256"] = _content_hash(shipped, *_modified(shipped))
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _shipped_prior_file(problem: dict) -> Path | None:
+    """The checkpoint of the shipped prior a problem names by name (``prior: {name: natural}``), else None."""
+    name = (problem.get("prior") or {}).get("name")
+    if name == "natural_gmm":
+        return NATURAL_GMM_PATH
+    return SHIPPED_PRIORS_DIRECTORY / f"{name}.safetensors" if name in shipped_priors() else None
+
+
+def _modified(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns
+
+
+@lru_cache(maxsize=None)
+def _content_hash(path: Path, size: int, modified: int) -> str:
+    """``file_sha256`` of ``path``, computed once per size and modification time (a benchmark keys many cells)."""
+    return file_sha256(path)
 
 
 def _file_identities(problem: dict, folder: Path) -> dict[str, list]:
@@ -482,7 +506,8 @@ def _run_baseline(problem, spec: dict) -> dict:
             estimate = pseudo_inverse(operator, measurement)[0]
     truth = problem.truth[0]
     return {"psnr_posterior_mean": psnr(estimate, truth), "ssim_posterior_mean": ssim(estimate, truth),
-            "network_evaluations_per_sample": 0, **cost.fields(), "images": _problem_images(problem, estimate, None)}
+            "network_evaluations_per_sample": 0, **cost.fields(), "threads": torch.get_num_threads(),
+            "images": _problem_images(problem, estimate, None)}
 
 
 def _run_sampler(problem, spec: dict) -> dict:
@@ -504,7 +529,7 @@ def _run_sampler(problem, spec: dict) -> dict:
             "network_evaluations_per_sample": result.network_evaluations_per_sample, **cost.fields(),
             "log_evidence": result.log_evidence, "log_evidence_exact": exact.get("log_evidence"),
             **{key: value for key, value in exact.items() if key not in ("note", "log_evidence")},
-            "warnings": " ".join(summary["warnings"]), "versions": summary["versions"],
+            "warnings": " ".join(summary["warnings"]), "versions": summary["versions"], "threads": summary["threads"],
             "images": _problem_images(problem, mean, std)}
 
 

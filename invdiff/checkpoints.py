@@ -18,6 +18,7 @@ covariances); the shipped one is the patch-GMM ``natural_gmm``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -119,6 +120,16 @@ def load_checkpoint(path: str | Path) -> tuple[UNet, dict]:
     return unet.eval(), document
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex: what a summary records of the checkpoint it ran on (the same path can
+    hold other weights, e.g. a shipped prior retrained in place)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_prior(name_or_path: str | Path, batch_size: int | None = 256, clip_denoised: bool = True) -> NetworkPrior:
     """A ``NetworkPrior`` from a shipped prior's name (``digits``, ``natural``) or a checkpoint path.
 
@@ -148,7 +159,8 @@ def load_prior(name_or_path: str | Path, batch_size: int | None = 256, clip_deno
     described = {key: document[key] for key in ("fully_convolutional", "data", "training") if key in document}
     return NetworkPrior(network, sde, tuple(event_shape), document.get("parametrisation", "epsilon"),
                         tuple(data_range), name=document.get("name", path.stem),
-                        metadata={"checkpoint": str(path), **described}, batch_size=batch_size,
+                        metadata={"checkpoint": str(path), "checkpoint_sha256": file_sha256(path), **described},
+                        batch_size=batch_size,
                         clip_denoised=clip_denoised)
 
 
@@ -215,7 +227,7 @@ def load_gaussian_mixture(path: str | Path, sde: SDE) -> GaussianMixturePrior:
     described = {key: document[key] for key in ("data", "fit") if key in document}
     return GaussianMixturePrior(tensors["weights"], tensors["means"], covariances, sde, event_shape,
                                 tuple(document.get("data_range", (-1.0, 1.0))), document.get("name", Path(path).stem),
-                                {"checkpoint": str(path), **described})
+                                {"checkpoint": str(path), "checkpoint_sha256": file_sha256(path), **described})
 
 
 def natural_gaussian_mixture(sde: SDE) -> GaussianMixturePrior:

@@ -13,7 +13,10 @@ whose samples collapsed onto a few paths gets a warning (``degeneracy_warning``)
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
@@ -63,8 +66,26 @@ def _versions(info: SamplerInfo) -> dict[str, str]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
+    versions["invdiff source"] = _source_revision()
     versions[f"sampler package {info.package or '?'}"] = info.version or "?"
     return versions
+
+
+@lru_cache(maxsize=1)
+def _source_revision() -> str:
+    """The git commit of invdiff's source where it runs from a git checkout (an editable install), with a note of
+    uncommitted changes to tracked files: the version string stays the same over many commits."""
+    source = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        changes = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    if commit.returncode != 0 or changes.returncode != 0:
+        return "not a git checkout"
+    return commit.stdout.strip() + (" with uncommitted changes" if changes.stdout.strip() else "")
 
 
 def posterior_moments(problem: Problem, result: SampleResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,6 +212,8 @@ def run_summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResu
     summary = {
         "problem": problem.config.model_dump(mode="json"),
         "problem_file": str(problem.path),
+        "problem_file_resolved": str(Path(problem.path).resolve()),
+        "working_directory": os.getcwd(),
         "prior": problem.posterior.prior.settings(),
         "operator": operator.settings(),
         "sampler": {"name": info.name, "package": info.package, "version": info.version,
@@ -198,6 +221,7 @@ def run_summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResu
         "num_samples": num_samples,
         "seed": seed,
         "device": device,
+        "threads": torch.get_num_threads(),
         "network_evaluations": result.network_evaluations,
         "network_evaluations_per_sample": result.network_evaluations_per_sample,
         "network_evaluations_per_particle": result.network_evaluations_per_particle,

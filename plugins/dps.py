@@ -35,7 +35,8 @@ class DPSOptions(SamplerOptions):
         "residual_norm", description="residual_norm: the paper's scale * grad ||y - G(x0_hat)||; "
         "kernel_variance: scale * reverse-step variance * grad log p(y | x0_hat)")
     batch_size: int | None = Field(None, ge=1, description="most chains per gradient (memory budget; each "
-                                   "chain's gradient is its own, so the result does not depend on it)")
+                                   "chain's gradient is its own, so the result depends on it only in float "
+                                   "rounding)")
 
 
 class DPS(Sampler):

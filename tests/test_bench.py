@@ -299,10 +299,15 @@ def _rounded(value):
     return float(f"{value:.12g}") if isinstance(value, float) else value
 
 
-def test_cells_are_keyed_by_the_files_a_problem_names_not_by_their_spelling(tmp_path):
-    """The same relative checkpoint path in two folders, or a checkpoint rewritten in place, is another cell;
-    problems that name no file (the shipped ones) keep their keys."""
+def test_cells_are_keyed_by_the_files_a_problem_names_not_by_their_spelling(tmp_path, monkeypatch):
+    """The same relative checkpoint path in two folders, or a checkpoint rewritten in place, is another cell; a
+    shipped prior is keyed by its checkpoint's content, so a problem file moved keeps its key and a shipped prior
+    replaced in place (an audit: the cache served the old prior's numbers) does not."""
+    import shutil
+
+    import invdiff.bench
     from invdiff.bench import cell_key
+    from invdiff.checkpoints import SHIPPED_PRIORS_DIRECTORY
 
     def spec(folder):
         problem = {"name": "p", "prior": {"name": "checkpoint", "path": "prior.safetensors"},
@@ -321,6 +326,13 @@ def test_cells_are_keyed_by_the_files_a_problem_names_not_by_their_spelling(tmp_
     shipped["problem"]["prior"] = {"name": "digits"}
     moved = {**shipped, "problem_file": str(tmp_path / "two" / "problem.yaml")}
     assert cell_key(shipped) == cell_key(moved)
+    priors = tmp_path / "priors"
+    shutil.copytree(SHIPPED_PRIORS_DIRECTORY, priors)
+    monkeypatch.setattr(invdiff.bench, "SHIPPED_PRIORS_DIRECTORY", priors)
+    before = cell_key(shipped)
+    checkpoint = priors / "digits.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes() + b" ")   # other bytes, the same name
+    assert cell_key(shipped) != before
 
 
 SHIPPED_BENCHMARKS = sorted(path for path in (ROOT / "benchmarks").glob("*.yaml")

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -30,7 +31,13 @@ def test_solve_writes_samples_summary_and_figure(tmp_path):
     assert summary["sampler"]["name"] == "dps" and summary["sampler"]["options"]["num_steps"] == 20
     assert summary["seed"] == 3 and summary["num_samples"] == 4
     assert summary["network_evaluations_per_sample"] == 20
-    assert {"torch", "deepinv", "numpy", "invdiff"} <= set(summary["versions"])
+    assert {"torch", "deepinv", "numpy", "invdiff", "invdiff source"} <= set(summary["versions"])
+    # what a rerun needs beyond the version string (an audit): the source's commit, the thread count (another sums in
+    # another order), where the problem file was and where the run started
+    source = summary["versions"]["invdiff source"]
+    assert source in ("not a git checkout", "unknown (no git)") or len(source.split()[0]) == 40, source
+    assert summary["threads"] == int(os.environ.get("OMP_NUM_THREADS", summary["threads"])) >= 1   # inherited
+    assert summary["problem_file_resolved"] == str(INPAINT) and summary["working_directory"] == str(ROOT)
     assert 5 < summary["metrics"]["psnr_posterior_mean"] < 60
     assert summary["exact_posterior"]["log_evidence"] == pytest.approx(53.31, abs=0.05)
     assert len(summary["diagnostics"]) == 20

@@ -222,3 +222,27 @@ def test_a_shipped_network_prior_knows_its_training_data_covariance():
     assert prior.resized((1, 64, 64)).data_covariance() is None
     prior.metadata = {}
     assert prior.resized((1, 32, 32)).data_covariance() is None and prior.resized((1, 32, 32)).data_mean() is None
+
+
+def test_a_checkpoint_prior_records_the_hash_of_its_file(tmp_path):
+    """The same path can hold other weights (a shipped prior retrained in place): the settings a summary records
+    name the file's SHA-256, for the network priors and the patch GMM alike."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from invdiff.checkpoints import NATURAL_GMM_PATH, SHIPPED_PRIORS_DIRECTORY, load_prior, natural_gaussian_mixture
+
+    shipped = SHIPPED_PRIORS_DIRECTORY / "digits.safetensors"
+    assert load_prior("digits").settings()["checkpoint_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert natural_gaussian_mixture(VPSDE()).settings()["checkpoint_sha256"] == \
+        hashlib.sha256(NATURAL_GMM_PATH.read_bytes()).hexdigest()
+    with safe_open(str(shipped), "pt") as stream:
+        document = stream.metadata()
+    tensors = load_file(str(shipped))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1e-3   # other weights under the same metadata
+    save_file(tensors, str(tmp_path / "digits.safetensors"), metadata=document)
+    retrained = load_prior(tmp_path / "digits.safetensors").settings()["checkpoint_sha256"]
+    assert retrained != load_prior("digits").settings()["checkpoint_sha256"]
