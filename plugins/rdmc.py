@@ -72,8 +72,8 @@ from pydantic import Field
 from torch import Tensor
 
 import invdiff
-from invdiff.posterior import (MAX_STEPS, Posterior, Sampler, SampleResult, SamplerOptions, StepMonitor,
-                               UnsupportedProblem)
+from invdiff.posterior import (MAX_STEPS, Posterior, Sampler, SampleResult, SamplerOptions, SamplingError,
+                               StepMonitor, UnsupportedProblem)
 from invdiff.prior import Prior
 
 
@@ -258,6 +258,10 @@ def _gaussian_factor_starts(target: Target, centre: Tensor, variance: float, num
     if num_draws == 1:
         return draws[:, :, 0], None
     log_weights = target.log_density(draws.flatten(0, 2)).reshape(batch * num_chains, num_draws)
+    if log_weights.isnan().any() or not (log_weights > -math.inf).any(1).all():
+        raise SamplingError("rdmc: the chain starts' importance weights are not finite (the outer chain is far outside "
+                            f"the prior: |x| up to {float(centre.abs().max()):.3g}); more num_steps, a smaller "
+                            "inner_step_size, or importance_draws=1")
     weights = torch.softmax(log_weights, dim=1)
     chosen = torch.multinomial(weights, 1, generator=generator).squeeze(1)
     states = draws.flatten(0, 1)[torch.arange(batch * num_chains, device=centre.device), chosen]

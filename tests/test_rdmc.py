@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from invdiff.metrics import sliced_wasserstein
-from invdiff.posterior import UnsupportedProblem, sample_posterior
+from invdiff.posterior import SamplingError, UnsupportedProblem, sample_posterior
 from invdiff.prior import NetworkPrior, Prior
 from invdiff.problems import load_problem
 from invdiff.sde import DDPMSchedule
@@ -258,3 +258,13 @@ def test_options_the_configuration_does_not_use_are_named():
     unused = RDMC(warm_start="gaussian", pool_size=16, pool_steps=5, refresh_ess=3.0).options.unused_options()
     assert set(unused) == {"pool_size", "pool_steps", "refresh_ess"}
     assert RDMC(num_steps=10, pool_size=128, pool_steps=50).options.unused_options() == {}
+
+
+def test_starts_drawn_far_outside_the_prior_stop_the_run_with_a_reason():
+    """ULA with 5 outer steps throws the outer chain far out (|x| ~ 1e25); without reused chains the next step's
+    Gaussian starts all have prior log-density -inf, and their weights were a torch traceback (an audit): now
+    the run stops as a diverged sampler does, saying what to change."""
+    posterior = load_problem("problems/inpaint.yaml", "digits-gmm-box").posterior
+    sampler = RDMC(num_steps=5, inner_sampler="ula", warm_start="gaussian", reuse_chains=False)
+    with pytest.raises(SamplingError, match="importance weights are not finite.*importance_draws=1"):
+        sample_posterior(sampler, posterior, 4, generator=torch.Generator().manual_seed(0))
