@@ -60,7 +60,7 @@ from invdiff.checkpoints import NATURAL_GMM_PATH, SHIPPED_PRIORS_DIRECTORY, file
 from invdiff.problems import (SEED_LIMIT, FileTruthConfig, ProblemConfig, ProblemError, StrictModel, TruthConfig,
                               build_problem, build_sampler, check_truth_source, format_validation_error,
                               load_problem_config, problem_cases)
-from invdiff.rundir import MARKER, RunFolderError, check_destination, make_folders, owned_files
+from invdiff.rundir import MARKER, RunFolderError, check_destination, destination, make_folders, owned_files
 from invdiff.yamlfile import YAMLFileError, read_mapping
 
 __all__ = ["BenchError", "BenchConfig", "Bench", "load_bench", "run_cell", "cell_key", "BenchFolder", "run_bench",
@@ -297,6 +297,11 @@ def _cases(config_path: Path, entry: ProblemEntry, config: BenchConfig) -> list[
                 where = f"{config_of_case.name}: truth" if images is None else f"images.{prior}.{split}.{index}"
                 _check_truth(config_of_case, truth, config_path, where)
             specs[split] = [truth.model_dump(mode="json") for truth in truths]
+        for index, truth in enumerate(specs["validation"]):
+            if truth in specs["test"]:   # a grid chosen on a test image scores itself (an audit: it ran silently)
+                raise BenchError(f"{config_path.name}: images.{prior}.validation.{index} is also a test image "
+                                 f"(test.{specs['test'].index(truth)}); validation images tune, so they must differ "
+                                 f"from the test images")
         cases.append(Case(file, name or "", config_of_case, specs["test"], specs["validation"]))
     return cases
 
@@ -551,8 +556,8 @@ class BenchFolder:
     that a rerun continues it. Never the working directory or a parent of it, never a symbolic link;
     only the names in ``OUTPUTS`` are ever written in it, each file replaced by a rename."""
 
-    def __init__(self, out: Path):
-        self.out = Path(out)
+    def __init__(self, out: str | Path):
+        self.out = destination(out)
         if not str(out).strip():
             raise BenchError("--out is empty; name a folder, e.g. --out runs/bench")
         try:

@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 
     training = commands.add_parser("train", help="train a UNet prior by denoising score matching (resumable)")
     training.add_argument("config", type=Path, help="a training YAML file (see invdiff/priors/*.yaml)")
-    training.add_argument("--out", type=Path, required=True, help="run folder: state.pt, log.jsonl, NAME.safetensors")
+    training.add_argument("--out", required=True, help="run folder: state.pt, log.jsonl, NAME.safetensors")
     training.add_argument("--resume", action="store_true", help="continue the run in --out")
     training.add_argument("--continue-from", type=Path, metavar="CHECKPOINT",
                           help="start a new run from a prior's .safetensors (e.g. a shipped one) and its step count")
@@ -232,6 +232,13 @@ def _particle_options(arguments, info: SamplerInfo) -> dict[str, Any]:
     return given
 
 
+def _blamed(given: dict[str, Any], flags: dict[str, Any]) -> str:
+    """What a bad option came from, for the message: ``--option``, a particle flag, or either."""
+    if flags and not given:
+        return " / ".join(f"--{flag.replace('_', '-')}" for flag in flags)
+    return "--option" if not flags else "--option / " + " / ".join(f"--{flag.replace('_', '-')}" for flag in flags)
+
+
 def _check_seed(seed: int) -> None:
     from invdiff.problems import SEED_LIMIT
 
@@ -272,17 +279,19 @@ def _solve(arguments) -> int:
     _check_device(arguments.device)
     if arguments.out is not None and not arguments.out.strip():
         raise UsageError("--out is empty; name a new folder, e.g. --out runs/my-run")
-    problem = load_problem(arguments.problem, arguments.case)
-    _check_file_sampler_options(problem, registry)
     given, flags = _parse_options(arguments.option), _particle_options(arguments, info)
     twice = sorted(given.keys() & flags.keys())
     if twice:
         raise UsageError(f"{twice[0]} is given by --option and by --{twice[0].replace('_', '-')}; give it once")
+    if arguments.out is not None:   # before the problem is built (a network loaded, a truth drawn); staged after
+        RunFolder.check(Path(arguments.out), arguments.overwrite)
+    problem = load_problem(arguments.problem, arguments.case)
+    _check_file_sampler_options(problem, registry)
     options = {**problem.config.sampler_options.get(info.name, {}), **given, **flags}
     try:
         sampler = build_sampler(info.sampler_class, options)
-    except ProblemError as error:   # the file's options are valid: --option or a particle flag is not
-        raise UsageError(f"--option: {error}") from None
+    except ProblemError as error:   # the file's options are valid: -o or a particle flag is not
+        raise UsageError(f"{_blamed(given, flags)}: {error}") from None
     num_samples = arguments.num_samples or problem.config.num_samples
     out = Path(arguments.out or Path("runs") / f"{problem.config.name}-{info.name}-seed{arguments.seed}")
     unused = sampler.unused_options(problem.posterior)   # options a problem file or -o gives that the run ignores
@@ -349,7 +358,7 @@ def _bench(arguments) -> int:
         raise UsageError("--workers and --ray both say where the cells run: give one of them")
     bench = load_bench(arguments.config, arguments.samplers, arguments.device,  # every check before any work
                        cases_wanted=arguments.cases)
-    folder = BenchFolder(Path(arguments.out))
+    folder = BenchFolder(arguments.out)
     start = time.perf_counter()
     rows, _ = run_bench(bench, folder, force=arguments.force, progress=not arguments.quiet,
                         ray_address=arguments.ray, workers=arguments.workers)

@@ -72,6 +72,11 @@ class VPConfig(StrictModel):
     beta_max: float = Field(20.0, gt=0)
     T: float = Field(1.0, gt=0)
 
+    @model_validator(mode="after")
+    def _buildable(self) -> "VPConfig":
+        self.build()   # VPSDE's own check (beta_min <= beta_max), reported under the sde, not where it is built
+        return self
+
     def build(self) -> SDE:
         return VPSDE(self.beta_min, self.beta_max, self.T)
 
@@ -80,6 +85,11 @@ class VEConfig(StrictModel):
     type: Literal["ve"]
     sigma_min: float = Field(0.01, gt=0)
     sigma_max: float = Field(50.0, gt=0)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "VEConfig":
+        self.build()   # VESDE's own check (sigma_min < sigma_max), reported under the sde, not where it is built
+        return self
 
     def build(self) -> SDE:
         return VESDE(self.sigma_min, self.sigma_max)
@@ -710,9 +720,27 @@ def build_problem(config: ProblemConfig, path: Path) -> Problem:
     if config.measurement is not None:
         measurement = _read_measurement(config, path, operator, shape)
     else:
-        generator = torch.Generator().manual_seed(config.noise_seed)
-        measurement = operator.noise.sample(operator.physics.A(truth), generator)
+        measurement = _simulated_measurement(config, path, operator, truth)
     return Problem(config, path, Posterior(prior, operator, measurement), truth, notes)
+
+
+def _simulated_measurement(config: ProblemConfig, path: Path, operator: operator_library.ForwardOperator,
+                           truth: Tensor) -> Tensor:
+    """``y = G(truth) + noise`` drawn with the file's ``noise_seed``; a noise level whose draw float32 cannot hold
+    (``sigma_y: 1e300``, a Poisson rate beyond torch's range) is a ``ProblemError``, not a traceback."""
+    generator = torch.Generator().manual_seed(config.noise_seed)
+    noise = config.noise.model_dump()
+    level = ", ".join(f"{key} {value:g}" for key, value in noise.items() if key != "type")
+    try:
+        measurement = operator.noise.sample(operator.physics.A(truth), generator)
+    except RuntimeError as error:   # torch.poisson: a rate beyond its range
+        reason = str(error).splitlines()[0]
+    else:
+        if torch.isfinite(measurement).all():
+            return measurement
+        reason = "values beyond float32's range"
+    raise ProblemError(f"{path.name}: noise: {noise['type']} noise at {level} cannot be simulated ({reason}); "
+                       f"choose a level of the images' scale, [0, 1] (e.g. sigma_y 0.01-0.5, gain 1e-4-1)")
 
 
 def _read_measurement(config: ProblemConfig, path: Path, operator: operator_library.ForwardOperator,

@@ -16,7 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["RunFolderError", "RunFolder", "MARKER", "check_destination", "owned_files", "make_folders", "remove_empty"]
+__all__ = ["RunFolderError", "RunFolder", "MARKER", "check_destination", "destination", "owned_files", "make_folders",
+           "remove_empty"]
 
 #: the file that marks a folder as an invdiff run (JSON: what wrote it and which files)
 MARKER = ".invdiff-run.json"
@@ -57,6 +58,14 @@ def remove_empty(folders: list[Path]) -> None:
             return
 
 
+def destination(out: str | Path) -> Path:
+    """``out`` as the folder it names: a path through ``..`` (``runs/a/../b``) is resolved first, so that no folder
+    on the way is created and renaming the old run away does not unmake the path (an audit: ``--overwrite`` with
+    ``--out r/../r`` lost the run it replaced); other paths are kept as given."""
+    out = Path(out)
+    return out.resolve() if ".." in out.parts else out
+
+
 def check_destination(out: Path, purpose: str, example: str) -> None:
     """Refuse an output folder ``out`` that is the working directory or one of its parents, a symbolic link
     or a file (``RunFolderError``, one line; ``purpose`` and ``example`` complete it: "a run", "runs/my-run"), and
@@ -83,6 +92,18 @@ def owned_files(folder: Path, kind: str) -> set[str] | None:
         return None
 
 
+def _check_replaceable(out: Path, kind: str) -> None:
+    """Refuse to replace ``out`` unless it is a run of ``kind`` holding only the files its marker lists."""
+    owned = owned_files(out, kind)
+    if owned is None:
+        raise RunFolderError(f"--overwrite: {out} was not written by {kind} (no {MARKER} of that kind); --overwrite "
+                             f"replaces only such runs: choose another --out")
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in owned | {MARKER})
+    if foreign:
+        raise RunFolderError(f"--overwrite: {out} holds files invdiff did not write ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); move them or choose another --out")
+
+
 class RunFolder:
     """The destination ``out`` of one run and its staging folder.
 
@@ -93,10 +114,10 @@ class RunFolder:
     """
 
     def __init__(self, out: Path, overwrite: bool, kind: str = "invdiff solve"):
-        self.out = Path(out)
+        self.out = destination(out)
         self.overwrite = overwrite
         self.kind = kind
-        self._check_destination()
+        RunFolder.check(self.out, overwrite, kind)
         self._created_parents = self._make_parents()
         try:
             self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
@@ -106,23 +127,17 @@ class RunFolder:
             raise RunFolderError(f"--out: cannot create a folder in {self.out.parent}: "
                                  f"{error.strerror or error}") from None
 
-    def _check_destination(self) -> None:
-        check_destination(self.out, "a run", "runs/my-run")
-        if not self.out.exists():
+    @staticmethod
+    def check(out: Path, overwrite: bool, kind: str = "invdiff solve") -> None:
+        """What the constructor checks of the destination, creating nothing: a command can refuse an unusable
+        ``--out`` before its slow preparations (loading a network), and stage the folder after them."""
+        out = destination(out)
+        check_destination(out, "a run", "runs/my-run")
+        if not out.exists():
             return
-        if not self.overwrite:
-            raise RunFolderError(f"output folder {self.out} exists; choose another --out or pass --overwrite")
-        self._check_replaceable()
-
-    def _check_replaceable(self) -> None:
-        owned = owned_files(self.out, self.kind)
-        if owned is None:
-            raise RunFolderError(f"--overwrite: {self.out} was not written by {self.kind} (no {MARKER} of that "
-                                 f"kind); --overwrite replaces only such runs: choose another --out")
-        foreign = sorted(entry.name for entry in self.out.iterdir() if entry.name not in owned | {MARKER})
-        if foreign:
-            raise RunFolderError(f"--overwrite: {self.out} holds files invdiff did not write ({', '.join(foreign[:3])}"
-                                 f"{', ...' if len(foreign) > 3 else ''}); move them or choose another --out")
+        if not overwrite:
+            raise RunFolderError(f"output folder {out} exists; choose another --out or pass --overwrite")
+        _check_replaceable(out, kind)
 
     def _make_parents(self) -> list[Path]:
         """Create the missing parent folders of ``out``; returns those created, outermost first."""
@@ -144,7 +159,7 @@ class RunFolder:
         if self.out.exists():
             if not self.overwrite:
                 raise RunFolderError(f"output folder {self.out} appeared while sampling; not overwritten")
-            self._check_replaceable()
+            _check_replaceable(self.out, self.kind)
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
             self.out.rename(old / self.out.name)
         try:

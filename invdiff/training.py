@@ -48,7 +48,7 @@ from invdiff.checkpoints import save_checkpoint
 from invdiff.data import DIGITS_SPLIT, NATURAL_RGB_SPLIT, NATURAL_SPLIT, digits, natural_images, random_patches
 from invdiff.networks import EpsilonNetwork, UNet
 from invdiff.problems import SEED_LIMIT, Seed, SDEConfig, StrictModel, VPConfig, format_validation_error
-from invdiff.rundir import RunFolderError, check_destination, make_folders, remove_empty
+from invdiff.rundir import RunFolderError, check_destination, destination, make_folders, remove_empty
 from invdiff.yamlfile import YAMLFileError, read_mapping
 
 __all__ = ["TrainingError", "TrainingConfig", "load_training_config", "train"]
@@ -287,7 +287,7 @@ def _check_output_path(out: str | Path, name: str) -> Path:
     folder: the working directory or one of its parents, a symbolic link, a file, a path the system cannot look up."""
     if not str(out).strip():
         raise TrainingError(f"--out is empty; name a folder for the run, e.g. --out runs/train-{name}")
-    out = Path(out)
+    out = destination(out)
     try:
         check_destination(out, "a training run", f"runs/train-{name}")
     except RunFolderError as error:

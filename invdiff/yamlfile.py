@@ -43,6 +43,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+#: the largest YAML file read (problem files, benchmark and training configurations are a few KB)
+MAX_YAML_BYTES = 10 * 10**6
+
+
 def file_problem(path: Path) -> str | None:
     """Why ``path`` cannot be read as a file (missing, a directory, a symlink loop), or None."""
     try:
@@ -55,6 +59,8 @@ def file_problem(path: Path) -> str | None:
         return f"{path} cannot be read: {error.strerror}"
     if path.is_dir():
         return f"{path} is a directory, not a file"
+    if not path.is_file():   # reading a device or a pipe does not end (/dev/zero) or waits for a writer
+        return f"{path} is not a regular file (a device, a pipe or a socket)"
     return None
 
 
@@ -74,6 +80,9 @@ def read_mapping(path: str | Path, what: str) -> dict:
     problem = file_problem(path)
     if problem is not None:
         raise YAMLFileError(f"{what} {problem}")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise YAMLFileError(f"{path.name}: {path.stat().st_size / 1e6:.0f} MB; a {what} is a YAML text of at most "
+                            f"{MAX_YAML_BYTES // 10**6} MB (data go in the files it names)")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:

@@ -138,8 +138,16 @@ def test_tuning_chooses_on_the_validation_images_only(tmp_path):
     assert record_on_test["chosen"] == {"regularisation": 0.01}
 
 
+def test_validation_images_that_are_test_images_are_refused(tmp_path, capsys):
+    """Tuning on a test image is what the split prevents (an audit: it ran silently and picked that image's best)."""
+    config = write_config(tmp_path, _tuning_config(validation=[3, 0], test=[7, 0]))
+    error = error_of(["bench", str(config), "--out", str(tmp_path / "out")], capsys)
+    assert "images.digits_gmm.validation.1 is also a test image (test.1)" in error, error
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_oracle_row_is_tuned_on_each_test_image_and_labelled(tmp_path):
-    config = _tuning_config(validation=[0], test=[7, 0]).replace("regularisation: [0.001, 0.01, 0.1]}}",
+    config = _tuning_config(validation=[1], test=[7, 0]).replace("regularisation: [0.001, 0.01, 0.1]}}",
                                                                  "regularisation: [0.001, 0.01, 0.1]}, oracle: true}")
     out = tmp_path / "out"
     rows, (record,) = run_bench(load_bench(write_config(tmp_path, config)), BenchFolder(out), progress=False)

@@ -184,6 +184,10 @@ def test_bad_option_syntax_and_device(tmp_path, capsys):
          str(tmp_path / "a")], capsys)
     assert "sampler_options.dps: num_steps: a number is needed, not true" in error_of(
         ["solve", str(INPAINT), "--sampler", "dps", "-o", "num_steps=true", "--out", str(tmp_path / "a")], capsys)
+    # a bad particle flag is the flag's, not --option's (an audit: no -o was given)
+    assert error_of(["solve", str(INPAINT), "--sampler", "twisted_smc", "--num-particles", "0", "--out",
+                     str(tmp_path / "a")], capsys).startswith("invdiff: error: --num-particles: ")
+    assert "--out is empty" in error_of(["bench", str(ROOT / "benchmarks" / "quick.yaml"), "--out", ""], capsys)
     for seed in (str(2**63), "-1"):
         assert "--seed must be an integer from 0 to 2**63 - 1" in error_of(
             ["solve", str(INPAINT), "--sampler", "dps", "--seed", seed, "--out", str(tmp_path / "a")], capsys)

@@ -47,11 +47,21 @@ def duplicate_key(path):
     path.write_text(VALID + "noise: {type: gaussian, sigma_y: 0.5}\n")
 
 
+def pipe(path):   # reading it waited for a writer; /dev/zero was read until memory ran out (an audit)
+    os.mkfifo(path)
+
+
+def too_large(path):
+    path.write_text(VALID + "description: " + "a" * 10**7 + "\n")
+
+
 @pytest.mark.parametrize("make, expected", [
     (symlink_loop, "problem file {path} is a symbolic link loop"),
     (directory, "problem file {path} is a directory, not a file"),
     (not_utf8, "problem.yaml: not UTF-8 text (byte"),
     (duplicate_key, "problem.yaml: malformed YAML at line 7, column 1: key 'noise' is given twice"),
+    (pipe, "problem file {path} is not a regular file (a device, a pipe or a socket)"),
+    (too_large, "problem.yaml: 10 MB; a problem file is a YAML text of at most 10 MB"),
 ])
 def test_a_problem_file_that_cannot_be_read_is_one_line(tmp_path, capsys, make, expected):
     path = tmp_path / "problem.yaml"
@@ -178,6 +188,16 @@ def test_a_poisson_measurement_must_not_be_negative(tmp_path, capsys):
                                                                    "{type: poisson, gain: 0.05}")
     error = solve_error(write_problem(tmp_path, text), tmp_path, capsys)
     assert "measurement: Poisson noise gives measurements >= 0, got a minimum of -0.25" in error
+
+
+@pytest.mark.parametrize("noise, reason", [("{type: gaussian, sigma_y: 1.0e+300}", "values beyond float32's range"),
+                                           ("{type: poisson, gain: 1.0e+300}", "values beyond float32's range"),
+                                           ("{type: poisson, gain: 1.0e-300}", "invalid Poisson rate")])
+def test_a_noise_level_float32_cannot_hold_is_an_input_error(tmp_path, capsys, noise, reason):
+    """An audit: these were tracebacks (a ValueError of the posterior, torch.poisson's RuntimeError)."""
+    text = VALID.replace("{type: gaussian, sigma_y: 0.05}", noise)
+    error = solve_error(write_problem(tmp_path, text), tmp_path, capsys)
+    assert "noise:" in error and "cannot be simulated" in error and reason in error, error
 
 
 def test_an_rgb_truth_for_a_grayscale_prior_is_converted_with_a_note_when_to_gray_asks(tmp_path, capsys):
