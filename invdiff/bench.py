@@ -683,16 +683,28 @@ def _compute_in_processes(specs: list[dict], workers: int, threads: int, fresh: 
         os.environ.update(saved)
 
 
-def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str, fresh: bool):
-    """Each cell as a Ray task with ``cpus`` CPUs (and a GPU on ``cuda``); ``address``: ``auto`` (the running
-    cluster, else a local one) or a cluster's address; ``fresh``: a new worker process per task. Yields
-    ``(spec, result)`` as each task finishes."""
+def connect_ray(address: str):
+    """The ``ray`` module, connected to ``address`` (``auto``: the running cluster, else a local one); a missing
+    ray or an address it cannot use is a ``BenchError`` (``invdiff bench`` connects before it writes its folder)."""
     try:
         import ray
     except ImportError:
         raise BenchError('--ray: ray is not installed; pip install "invdiff[ray]"') from None
-    if not ray.is_initialized():  # auto: the running cluster, else a local one
-        ray.init(address=None if address == "auto" else address, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        try:
+            ray.init(address=None if address == "auto" else address, include_dashboard=False, log_to_driver=False)
+        except (ValueError, ConnectionError, RuntimeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise BenchError(f"--ray {address}: cannot connect ({reason}); give 'auto' or a running cluster's "
+                             f"HOST:PORT") from None
+    return ray
+
+
+def _compute_on_ray(specs: list[dict], address: str, cpus: int, device: str, fresh: bool):
+    """Each cell as a Ray task with ``cpus`` CPUs (and a GPU on ``cuda``); ``address``: ``auto`` (the running
+    cluster, else a local one) or a cluster's address; ``fresh``: a new worker process per task. Yields
+    ``(spec, result)`` as each task finishes."""
+    ray = connect_ray(address)
     threads = _thread_variables(cpus)  # the task's CPUs, not the node's
     remote = ray.remote(max_calls=1)(run_cell) if fresh else ray.remote(run_cell)  # max_calls: not an option
     task = remote.options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, runtime_env={"env_vars": threads})

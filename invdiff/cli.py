@@ -349,7 +349,7 @@ def _exact_line(summary: dict) -> str:
 
 
 def _bench(arguments) -> int:
-    from invdiff.bench import BenchFolder, load_bench, run_bench
+    from invdiff.bench import BenchFolder, connect_ray, load_bench, run_bench
 
     _check_device(arguments.device)
     if arguments.workers < 1:
@@ -358,6 +358,8 @@ def _bench(arguments) -> int:
         raise UsageError("--workers and --ray both say where the cells run: give one of them")
     bench = load_bench(arguments.config, arguments.samplers, arguments.device,  # every check before any work
                        cases_wanted=arguments.cases)
+    if arguments.ray is not None:
+        connect_ray(arguments.ray)   # an address ray cannot use is refused before the folder is written
     folder = BenchFolder(arguments.out)
     start = time.perf_counter()
     rows, _ = run_bench(bench, folder, force=arguments.force, progress=not arguments.quiet,

@@ -138,6 +138,14 @@ def test_tuning_chooses_on_the_validation_images_only(tmp_path):
     assert record_on_test["chosen"] == {"regularisation": 0.01}
 
 
+def test_a_ray_address_ray_cannot_use_is_refused_before_the_folder_is_written(tmp_path, capsys):
+    """An audit: a traceback (exit 1) after the folder and its cells/ were made."""
+    config = write_config(tmp_path, TINY)
+    error = error_of(["bench", str(config), "--out", str(tmp_path / "out"), "--ray", "notanaddress"], capsys)
+    assert error.startswith("invdiff: error: --ray"), error
+    assert not (tmp_path / "out").exists()
+
+
 def test_validation_images_that_are_test_images_are_refused(tmp_path, capsys):
     """Tuning on a test image is what the split prevents (an audit: it ran silently and picked that image's best)."""
     config = write_config(tmp_path, _tuning_config(validation=[3, 0], test=[7, 0]))
