@@ -53,6 +53,7 @@ from invdiff.operators import matrix_operator
 from invdiff.posterior import Posterior, Sampler, SampleResult, UnsupportedProblem, sample_posterior
 from invdiff.prior import GaussianMixturePrior, GaussianPrior
 from invdiff.problems import build_sampler
+from invdiff.resources import check_run
 from invdiff.sde import SDE, VESDE, VPSDE
 
 __all__ = ["Z_SCORE", "EVIDENCE_TOLERANCE", "NON_EXACT_FRACTION", "MIN_EFFECTIVE_DRAWS", "linear_gaussian",
@@ -420,6 +421,7 @@ def _run(make_sampler: Callable[[], Sampler], bed: _TestBed, num_samples: int, s
     for sde in sdes:
         posterior, exact = bed.build(sde)
         sampler = make_sampler()
+        check_run(posterior, sampler, num_samples)   # ResourceError: options that cannot fit (num_particles 1e9)
         try:
             result = sample_posterior(sampler, posterior, num_samples, progress=progress,
                                       generator=torch.Generator().manual_seed(seed))

@@ -223,3 +223,12 @@ def test_the_discretised_model_with_the_exact_reverse_step_is_the_exact_posterio
     image_exact = ExactPosterior.from_posterior(image_posterior)
     assert image_model.mean.shape == (1, 2, 2)
     assert torch.allclose(image_model.covariance, image_exact.covariance, atol=1e-9)
+
+
+def test_a_check_whose_options_cannot_fit_is_refused_before_it_runs(capsys):
+    """``invdiff check twisted_smc -o num_particles=1000000000`` grew to 8.6 GB before torch's allocation error (an
+    audit): the run estimate that ``solve`` applies refuses it, one line, exit 2."""
+    from cli_helpers import error_of
+
+    error = error_of(["check", "twisted_smc", "-o", "num_particles=1000000000"], capsys)
+    assert "this run needs about" in error and "are available" in error, error
