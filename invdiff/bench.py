@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from invdiff.bench_report import ORACLE
 from invdiff.checkpoints import NATURAL_GMM_PATH, SHIPPED_PRIORS_DIRECTORY, file_sha256, shipped_priors
@@ -94,6 +94,15 @@ class MethodEntry(StrictModel):
     options: dict[str, Any] = {}
     tune: dict[str, list[Any]] = Field({}, description="option -> values tried on the validation images (and on "
                                                        "the test images for the oracle row)")
+
+    @field_validator("tune")
+    @classmethod
+    def _each_value_once(cls, tune: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for option, values in tune.items():
+            repeated = [value for index, value in enumerate(values) if value in values[:index]]
+            if repeated:
+                raise ValueError(f"{option}: {repeated[0]!r} is given twice; give each value once")
+        return tune
     oracle: bool = Field(False, description="also a row tuned on each test image itself, labelled '(oracle-tuned)': "
                                             "the method's best case, not a fair score")
 
@@ -198,6 +207,7 @@ def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu
     entries = dict(config.samplers)
     if samplers is not None:
         names = sorted(registry.samplers) if samplers == "all" else [name.strip() for name in samplers.split(",")]
+        _refuse_repeats("--samplers", [name for name in names if name])
         entries = {name: entries.get(name) for name in names if name}
         if not entries:
             raise BenchError(f"--samplers {samplers!r}: names no sampler; give 'all' or some of "
@@ -260,6 +270,13 @@ def load_bench(path: str | Path, samplers: str | None = None, device: str = "cpu
     return Bench(config, cases, methods, device)
 
 
+def _refuse_repeats(flag: str, names: list[str]) -> None:
+    """A name given twice in a comma-separated flag is a mistake, as a key given twice in the configuration is."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise BenchError(f"{flag}: {', '.join(repeated)} given twice; give each once")
+
+
 def _chosen_cases(config_path: Path, cases: list[Case], wanted: str) -> list[Case]:
     """The configuration's cases named in ``wanted`` (comma-separated), in the configuration's order."""
     names = [name.strip() for name in wanted.split(",") if name.strip()]
@@ -267,6 +284,7 @@ def _chosen_cases(config_path: Path, cases: list[Case], wanted: str) -> list[Cas
     unknown = [name for name in names if name not in known]
     if not names:
         raise BenchError(f"--cases {wanted!r}: names no case; allowed: {', '.join(known)}")
+    _refuse_repeats("--cases", names)
     if unknown:
         raise BenchError(f"--cases {wanted}: {', '.join(unknown)} is not a case of {config_path.name}; "
                          f"allowed: {', '.join(known)}")

@@ -138,6 +138,15 @@ def test_tuning_chooses_on_the_validation_images_only(tmp_path):
     assert record_on_test["chosen"] == {"regularisation": 0.01}
 
 
+def test_a_name_given_twice_in_samplers_or_cases_is_refused(tmp_path, capsys):
+    config = write_config(tmp_path, TINY)
+    assert "--samplers: dps given twice" in error_of(["bench", str(config), "--out", str(tmp_path / "out"),
+                                                      "--samplers", "dps,dps"], capsys)
+    assert "--cases: digits-gmm-box given twice" in error_of(["bench", str(config), "--out", str(tmp_path / "out"),
+                                                              "--cases", "digits-gmm-box,digits-gmm-box"], capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_ray_address_ray_cannot_use_is_refused_before_the_folder_is_written(tmp_path, capsys):
     """An audit: a traceback (exit 1) after the folder and its cells/ were made."""
     config = write_config(tmp_path, TINY)
@@ -187,6 +196,8 @@ def test_an_oracle_row_is_tuned_on_each_test_image_and_labelled(tmp_path):
     (("  digits_gmm:\n", "  digitsgmm:\n"),
      "images.digitsgmm: no case of this configuration has the prior 'digitsgmm'; its cases' priors: digits_gmm"),
     (("seeds: [0, 1]", "seeds: [0, 1, 1]"), "seeds: 1 given twice"),
+    (("dps: {options: {num_steps: 5}}", "dps: {options: {num_steps: 5}, tune: {scale: [1, 1]}}"),
+     "samplers.dps.tune: scale: 1 is given twice; give each value once"),
 ])
 def test_a_bad_config_is_one_line_and_exit_2_before_any_work(tmp_path, capsys, change, expected):
     config = write_config(tmp_path, TINY.replace(*change))
