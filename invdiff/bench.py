@@ -94,17 +94,18 @@ class MethodEntry(StrictModel):
     options: dict[str, Any] = {}
     tune: dict[str, list[Any]] = Field({}, description="option -> values tried on the validation images (and on "
                                                        "the test images for the oracle row)")
+    oracle: bool = Field(False, description="also a row tuned on each test image itself, labelled '(oracle-tuned)': "
+                                            "the method's best case, not a fair score")
 
     @field_validator("tune")
     @classmethod
     def _each_value_once(cls, tune: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for option, values in tune.items():
-            repeated = [value for index, value in enumerate(values) if value in values[:index]]
+            seen = [(type(value), value) for value in values]   # true and 1, 1 and 1.0 are other values
+            repeated = [value for index, value in enumerate(values) if seen[index] in seen[:index]]
             if repeated:
                 raise ValueError(f"{option}: {repeated[0]!r} is given twice; give each value once")
         return tune
-    oracle: bool = Field(False, description="also a row tuned on each test image itself, labelled '(oracle-tuned)': "
-                                            "the method's best case, not a fair score")
 
 
 class TVOptions(StrictModel):
@@ -316,7 +317,7 @@ def _cases(config_path: Path, entry: ProblemEntry, config: BenchConfig) -> list[
                 _check_truth(config_of_case, truth, config_path, where)
             specs[split] = [truth.model_dump(mode="json") for truth in truths]
         for index, truth in enumerate(specs["validation"]):
-            if truth in specs["test"]:   # a grid chosen on a test image scores itself (an audit: it ran silently)
+            if truth in specs["test"]:   # a grid chosen on a test image would score itself
                 raise BenchError(f"{config_path.name}: images.{prior}.validation.{index} is also a test image "
                                  f"(test.{specs['test'].index(truth)}); validation images tune, so they must differ "
                                  f"from the test images")
@@ -575,16 +576,7 @@ class BenchFolder:
     only the names in ``OUTPUTS`` are ever written in it, each file replaced by a rename."""
 
     def __init__(self, out: str | Path):
-        self.out = destination(out)
-        if not str(out).strip():
-            raise BenchError("--out is empty; name a folder, e.g. --out runs/bench")
-        try:
-            check_destination(self.out, "a benchmark", "runs/bench")
-        except RunFolderError as error:
-            raise BenchError(str(error)) from None
-        if self.out.exists() and owned_files(self.out, BENCH_KIND) is None and any(self.out.iterdir()):
-            raise BenchError(f"--out {self.out}: exists and was not written by invdiff bench (no {MARKER} of that "
-                             f"kind); choose a new or empty folder")
+        self.out = BenchFolder.check(out)
         if not self.out.exists():
             try:
                 make_folders(self.out)
@@ -595,6 +587,22 @@ class BenchFolder:
             self.write(MARKER, json.dumps({"written_by": "invdiff", "kind": BENCH_KIND, "files": list(OUTPUTS)}))
         except OSError as error:
             raise BenchError(f"--out {out}: cannot write there: {error.strerror or error}") from None
+
+    @staticmethod
+    def check(out: str | Path) -> Path:
+        """The folder ``out`` names, refused (``BenchError``, one line) where the constructor would refuse it, creating
+        nothing: ``--ray`` connects in between."""
+        if not str(out).strip():
+            raise BenchError("--out is empty; name a folder, e.g. --out runs/bench")
+        try:
+            folder = destination(out)
+            check_destination(folder, "a benchmark", "runs/bench")
+        except RunFolderError as error:
+            raise BenchError(str(error)) from None
+        if folder.exists() and owned_files(folder, BENCH_KIND) is None and any(folder.iterdir()):
+            raise BenchError(f"--out {folder}: exists and was not written by invdiff bench (no {MARKER} of that "
+                             f"kind); choose a new or empty folder")
+        return folder
 
     def write(self, name: str, text: str) -> None:
         """Write ``text`` to ``name`` inside the folder, replacing the file at once (a rename)."""

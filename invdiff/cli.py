@@ -358,8 +358,9 @@ def _bench(arguments) -> int:
         raise UsageError("--workers and --ray both say where the cells run: give one of them")
     bench = load_bench(arguments.config, arguments.samplers, arguments.device,  # every check before any work
                        cases_wanted=arguments.cases)
-    if arguments.ray is not None:
-        connect_ray(arguments.ray)   # an address ray cannot use is refused before the folder is written
+    if arguments.ray is not None:   # an address ray cannot use is refused before the folder is written
+        BenchFolder.check(arguments.out)
+        connect_ray(arguments.ray)
     folder = BenchFolder(arguments.out)
     start = time.perf_counter()
     rows, _ = run_bench(bench, folder, force=arguments.force, progress=not arguments.quiet,

@@ -73,19 +73,29 @@ def _versions(info: SamplerInfo) -> dict[str, str]:
 
 @lru_cache(maxsize=1)
 def _source_revision() -> str:
-    """The git commit of invdiff's source where it runs from a git checkout (an editable install), with a note of
-    uncommitted changes to tracked files: the version string stays the same over many commits."""
+    """The git commit of invdiff's source where it runs from its own git checkout (an editable install), with a
+    note of uncommitted changes to its code (``invdiff``, ``plugins``): the version string stays the same over many
+    commits. An installed copy (site-packages, perhaps inside a user's own repository) is "not a git checkout"."""
     source = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-        changes = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                                 capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    if commit.returncode != 0 or changes.returncode != 0:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
+    environment["GIT_OPTIONAL_LOCKS"] = "0"   # git status must not take the index lock from a user's git
+
+    def git(*arguments: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(source), *arguments], capture_output=True, text=True,
+                                  timeout=10, env=environment)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != source:
         return "not a git checkout"
-    return commit.stdout.strip() + (" with uncommitted changes" if changes.stdout.strip() else "")
+    commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no", "--",
+                                                    "invdiff", "plugins")
+    if commit is None or changes is None:
+        return "not a git checkout"
+    return commit + (" with uncommitted changes" if changes else "")
 
 
 def posterior_moments(problem: Problem, result: SampleResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

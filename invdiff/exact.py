@@ -107,16 +107,19 @@ class ExactPosterior:
         matrix, offset, measurement, sigma_y = _linear_gaussian_parts(posterior, "the Gaussian fit's posterior",
                                                                       mixture=False)
         covariance = prior.data_covariance().cpu()
-        # Values the data never vary (the digits' blank border pixels) make the fit's covariance singular, and the
-        # posterior's with it: there, a ridge of 1e-8 times the mean variance keeps its Cholesky factor.
-        ridge = 1e-8 * float(torch.diagonal(covariance).mean()) * torch.eye(covariance.shape[0], dtype=covariance.dtype)
-        for attempt in (covariance, covariance + ridge):
-            try:
-                return cls.from_linear_gaussian(torch.zeros(1, dtype=torch.float64), prior.data_mean().cpu()[None],
-                                                attempt[None], matrix, offset, measurement, sigma_y, prior.event_shape)
-            except NotTractable:
-                if attempt is not covariance:
-                    raise
+
+        def fit(covariance: Tensor) -> "ExactPosterior":
+            return cls.from_linear_gaussian(torch.zeros(1, dtype=torch.float64), prior.data_mean().cpu()[None],
+                                            covariance[None], matrix, offset, measurement, sigma_y, prior.event_shape)
+
+        try:
+            return fit(covariance)
+        except NotTractable:
+            # Values the data never vary (the digits' blank border pixels) make the fit's covariance singular, and
+            # the posterior's with it: a ridge of 1e-8 times the mean variance keeps its Cholesky factor.
+            ridged = covariance.clone()
+            ridged.diagonal().add_(1e-8 * float(covariance.diagonal().mean()))
+            return fit(ridged)
 
     @classmethod
     def from_linear_gaussian(cls, log_weights: Tensor, means: Tensor, covariances: Tensor, matrix: Tensor,

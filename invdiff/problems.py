@@ -731,8 +731,11 @@ def _simulated_measurement(config: ProblemConfig, path: Path, operator: operator
     generator = torch.Generator().manual_seed(config.noise_seed)
     noise = config.noise.model_dump()
     level = ", ".join(f"{key} {value:g}" for key, value in noise.items() if key != "type")
+    clean = operator.physics.A(truth)
     try:
-        measurement = operator.noise.sample(operator.physics.A(truth), generator)
+        measurement = operator.noise.sample(clean, generator)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as error:   # torch.poisson: a rate beyond its range
         reason = str(error).splitlines()[0]
     else:

@@ -59,11 +59,18 @@ def remove_empty(folders: list[Path]) -> None:
 
 
 def destination(out: str | Path) -> Path:
-    """``out`` as the folder it names: a path through ``..`` (``runs/a/../b``) is resolved first, so that no folder
-    on the way is created and renaming the old run away does not unmake the path (an audit: ``--overwrite`` with
-    ``--out r/../r`` lost the run it replaced); other paths are kept as given."""
+    """``out`` as the folder it names: a path through ``..`` (``runs/a/../b``) has its parent resolved first, so
+    that no folder on the way is created and renaming an old run aside does not unmake the path (``--overwrite``
+    with ``--out r/../r`` would lose the run it replaces); its last part is kept, so that a symbolic link named as
+    ``--out`` is still refused, not followed. Other paths are kept as given."""
     out = Path(out)
-    return out.resolve() if ".." in out.parts else out
+    if ".." not in out.parts:
+        return out
+    try:
+        return out.resolve() if out.name in ("", "..") else out.parent.resolve() / out.name
+    except (OSError, RuntimeError) as error:   # RuntimeError: Path.resolve's loop of symbolic links
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise RunFolderError(f"--out {out}: cannot be used ({reason}); choose another --out") from None
 
 
 def check_destination(out: Path, purpose: str, example: str) -> None:

@@ -421,8 +421,9 @@ def _run(make_sampler: Callable[[], Sampler], bed: _TestBed, num_samples: int, s
     for sde in sdes:
         posterior, exact = bed.build(sde)
         sampler = make_sampler()
-        check_run(posterior, sampler, num_samples)   # ResourceError: options that cannot fit (num_particles 1e9)
         try:
+            sampler.check(posterior)   # a refused bed first, as invdiff solve does, then the memory estimate
+            check_run(posterior, sampler, num_samples)   # ResourceError: options that cannot fit (num_particles 1e9)
             result = sample_posterior(sampler, posterior, num_samples, progress=progress,
                                       generator=torch.Generator().manual_seed(seed))
         except UnsupportedProblem as error:
@@ -542,8 +543,10 @@ def check_sampler(sampler_class: type[Sampler], options: dict[str, Any] | None =
 
     ``options`` are the sampler's options (a wrong one raises ``invdiff.problems.ProblemError`` naming
     it); ``seed`` seeds the sampler's draws (the test beds and reference draws are fixed);
-    ``progress`` shows each run's progress bar. ``SamplingError`` (NaN) propagates. The result's
-    ``passed`` is the verdict and ``str()`` the report, one line per check.
+    ``progress`` shows each run's progress bar. ``SamplingError`` (NaN) propagates, and so does
+    ``invdiff.resources.ResourceError`` where a bed's run cannot fit in memory by ``invdiff solve``'s estimate
+    (options such as ``num_particles`` 1e9). The result's ``passed`` is the verdict and ``str()`` the report, one
+    line per check.
     """
     options = dict(options or {})
     exact_standard = sampler_class.asymptotically_exact

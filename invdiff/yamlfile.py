@@ -81,8 +81,8 @@ def read_mapping(path: str | Path, what: str) -> dict:
     if problem is not None:
         raise YAMLFileError(f"{what} {problem}")
     if path.stat().st_size > MAX_YAML_BYTES:
-        raise YAMLFileError(f"{path.name}: {path.stat().st_size / 1e6:.0f} MB; a {what} is a YAML text of at most "
-                            f"{MAX_YAML_BYTES // 10**6} MB (data go in the files it names)")
+        raise YAMLFileError(f"{path.name}: {path.stat().st_size:,} bytes; a {what} is a YAML text of at most "
+                            f"{MAX_YAML_BYTES:,} bytes (data go in the files it names)")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:

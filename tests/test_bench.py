@@ -156,7 +156,7 @@ def test_a_ray_address_ray_cannot_use_is_refused_before_the_folder_is_written(tm
 
 
 def test_validation_images_that_are_test_images_are_refused(tmp_path, capsys):
-    """Tuning on a test image is what the split prevents (an audit: it ran silently and picked that image's best)."""
+    """Tuning on a test image is what the split prevents (it ran, and picked that image's own best value)."""
     config = write_config(tmp_path, _tuning_config(validation=[3, 0], test=[7, 0]))
     error = error_of(["bench", str(config), "--out", str(tmp_path / "out")], capsys)
     assert "images.digits_gmm.validation.1 is also a test image (test.1)" in error, error
@@ -329,7 +329,7 @@ def _rounded(value):
 def test_cells_are_keyed_by_the_files_a_problem_names_not_by_their_spelling(tmp_path, monkeypatch):
     """The same relative checkpoint path in two folders, or a checkpoint rewritten in place, is another cell; a
     shipped prior is keyed by its checkpoint's content, so a problem file moved keeps its key and a shipped prior
-    replaced in place (an audit: the cache served the old prior's numbers) does not."""
+    replaced in place (the cache served the old prior's numbers) does not."""
     import shutil
 
     import invdiff.bench

@@ -65,7 +65,7 @@ def test_overwrite_replaces_an_invdiff_run_but_refuses_one_holding_a_users_files
 
 
 def test_an_out_through_dot_dot_names_the_folder_it_reaches(workdir, capsys):
-    """``--out run/../run --overwrite`` lost the run it replaced (an audit: once the old run was renamed aside,
+    """``--out run/../run --overwrite`` lost the run it replaced (once the old run was renamed aside,
     ``run/..`` no longer resolved, and the new run and the old one were left in hidden folders); ``new/../new2``
     left the folder ``new`` behind, and ``x/../x`` refused after sampling that ``x`` had "appeared"."""
     work = workdir / "work"
@@ -78,7 +78,7 @@ def test_an_out_through_dot_dot_names_the_folder_it_reaches(workdir, capsys):
 
 
 def test_the_output_folder_and_options_are_checked_before_the_problem_is_built(workdir, capsys, monkeypatch):
-    """A bad --out or -o is refused before a network is loaded and a truth drawn (an audit: 35-55 s of a
+    """A bad --out or -o is refused before a network is loaded and a truth drawn (it took 35-55 s of a
     prior-draw truth before "is a file")."""
     monkeypatch.setattr("invdiff.problems.load_problem", lambda *args, **kwargs: pytest.fail("problem built"))
     assert "is a file, not a folder" in error_of(["solve", INPAINT, *FAST, "--out", "notes.txt"], capsys)

@@ -47,7 +47,7 @@ def duplicate_key(path):
     path.write_text(VALID + "noise: {type: gaussian, sigma_y: 0.5}\n")
 
 
-def pipe(path):   # reading it waited for a writer; /dev/zero was read until memory ran out (an audit)
+def pipe(path):   # reading it waits for a writer; a device such as /dev/zero is read until memory runs out
     os.mkfifo(path)
 
 
@@ -61,7 +61,7 @@ def too_large(path):
     (not_utf8, "problem.yaml: not UTF-8 text (byte"),
     (duplicate_key, "problem.yaml: malformed YAML at line 7, column 1: key 'noise' is given twice"),
     (pipe, "problem file {path} is not a regular file (a device, a pipe or a socket)"),
-    (too_large, "problem.yaml: 10 MB; a problem file is a YAML text of at most 10 MB"),
+    (too_large, "bytes; a problem file is a YAML text of at most 10,000,000 bytes"),
 ])
 def test_a_problem_file_that_cannot_be_read_is_one_line(tmp_path, capsys, make, expected):
     path = tmp_path / "problem.yaml"

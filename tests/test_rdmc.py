@@ -262,7 +262,7 @@ def test_options_the_configuration_does_not_use_are_named():
 
 def test_starts_drawn_far_outside_the_prior_stop_the_run_with_a_reason():
     """ULA with 5 outer steps throws the outer chain far out (|x| ~ 1e25); without reused chains the next step's
-    Gaussian starts all have prior log-density -inf, and their weights were a torch traceback (an audit): now
+    Gaussian starts all have prior log-density -inf, and their weights were a torch traceback: now
     the run stops as a diverged sampler does, saying what to change."""
     posterior = load_problem("problems/inpaint.yaml", "digits-gmm-box").posterior
     sampler = RDMC(num_steps=5, inner_sampler="ula", warm_start="gaussian", reuse_chains=False)

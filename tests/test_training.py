@@ -475,7 +475,7 @@ NETWORK_LINE = "network: {channels: 8, channel_multipliers: [1, 2], blocks_per_l
                                                  "(got 100000)"),
     ("sde: {type: vp}", "sde: {type: vp, T: 0.001}", "t_min: must be below the SDE's end time T = 0.001 (got 0.001)"),
     ("sde: {type: vp}", "sde: {type: vp, T: 0.5}\nt_min: 0.7", "t_min: must be below the SDE's end time T = 0.5"),
-    # under the sde, not under t_min where the SDE is built (an audit)
+    # under the sde, not under t_min where the SDE is built
     ("sde: {type: vp}", "sde: {type: ve, sigma_min: 10, sigma_max: 1}", ".sde: VE SDE needs 0 < sigma_min < sigma_max"),
     ("sde: {type: vp}", "sde: {type: vp, beta_min: 5, beta_max: 1}", ".sde: VP SDE needs 0 < beta_min <= beta_max"),
 ])
