@@ -75,6 +75,11 @@ def test_an_out_through_dot_dot_names_the_folder_it_reaches(workdir, capsys):
     assert main(["solve", INPAINT, *FAST, "--out", "made/../other"]) == 0
     assert main(["solve", INPAINT, *FAST, "--out", "fresh/../fresh"]) == 0
     assert sorted(path.name for path in work.iterdir()) == ["data", "fresh", "notes.txt", "other", "run"]
+    (work / "link").symlink_to(work / "run")   # the last part is kept: a link named through '..' is still refused
+    assert "is a symbolic link" in error_of(["solve", INPAINT, *FAST, "--out", "data/../link", "--overwrite"], capsys)
+    (work / "loop").symlink_to(work / "loop")
+    assert "cannot be used" in error_of(["solve", INPAINT, *FAST, "--out", "loop/x/../y"], capsys)
+    assert json.loads((work / "run" / "summary.json").read_text())["seed"] == 2
 
 
 def test_the_output_folder_and_options_are_checked_before_the_problem_is_built(workdir, capsys, monkeypatch):
