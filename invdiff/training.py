@@ -478,6 +478,40 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+#: what a parameter costs in training, in float32 values: the weights, their gradient, Adam's two moments, the EMA copy
+TRAINING_COPIES = 5
+
+
+def _check_memory(config: TrainingConfig, device: str) -> None:
+    """Refuse a network or batch that cannot fit (``TrainingError``, one line) before anything is allocated: the
+    UNet is built on torch's ``meta`` device (shapes, no memory) and run on one batch there, and its parameters
+    (``TRAINING_COPIES`` times) and the outputs of its layers, which backpropagation keeps, are counted in float32
+    against ``invdiff.resources.available_memory``. A lower bound (temporaries are not counted): it stops a
+    ``batch_size`` of 1e8 or ``channels`` of 80000 at once instead of at the allocator's error or the system's
+    out-of-memory killer."""
+    from invdiff.resources import available_memory
+
+    available = available_memory(device)
+    if available is None:
+        return
+    event_shape = config.data.event_shape()
+    kept: list[int] = []
+    with torch.device("meta"):
+        unet = UNet(image_channels=event_shape[0], **config.network.model_dump())
+        leaves = [module for module in unet.modules() if not list(module.children())]
+        hooks = [module.register_forward_hook(lambda module, inputs, output: kept.append(output.numel()))
+                 for module in leaves]
+        unet(torch.zeros((config.batch_size, *event_shape)), torch.zeros(config.batch_size))
+        for hook in hooks:
+            hook.remove()
+    parameters = sum(parameter.numel() for parameter in unet.parameters())
+    needed = 4 * (TRAINING_COPIES * parameters + sum(kept))
+    if needed > available:
+        raise TrainingError(f"this training needs at least {needed / 1e9:.1f} GB ({parameters:,} parameters, "
+                            f"batch_size {config.batch_size}) but {available / 1e9:.1f} GB are available; lower "
+                            f"batch_size or network.channels")
+
+
 def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_minutes: float | None = None,
           device: str = "cpu", progress: bool = True, continue_from: str | Path | None = None) -> dict:
     """Train (or continue training) the prior described by ``config`` in the folder ``out``.
@@ -494,6 +528,7 @@ def train(config: TrainingConfig, out: str | Path, *, resume: bool = False, max_
     if resume and continue_from is not None:
         raise TrainingError("--resume and --continue-from exclude each other: a run resumes from its own state")
     _check_output_folder(out, config.name, resume)
+    _check_memory(config, device)
 
     sde = config.sde.build()
     generator = torch.Generator().manual_seed(config.seed)

@@ -606,3 +606,20 @@ def test_a_diverging_loss_names_resume_only_when_there_is_a_checkpoint(tmp_path,
     else:
         _assert_one_line(error, "loss became nan by step 3", "train again (no checkpoint was written)")
         assert "--resume" not in str(error.value) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("old, new", [("batch_size: 8", "batch_size: 100000000"),
+                                      ("channels: 8", "channels: 80000")])
+def test_a_network_or_batch_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path, capsys, old, new):
+    """They ran into the allocator's error (a traceback, under a memory limit) or the system's out-of-memory killer:
+    the UNet counted on torch's meta device refuses them in one line, with no folder made."""
+    from invdiff.cli import main
+    from invdiff.resources import available_memory
+
+    if available_memory("cpu") is None:
+        pytest.skip("this machine does not say how much memory it has: the estimate cannot refuse")
+    path = write_config(tmp_path, TINY_CONFIG.replace(old, new))
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("invdiff: error: this training needs at least") and "\n" not in error, error
+    assert not (tmp_path / "run").exists()
