@@ -9,6 +9,7 @@ given twice in one mapping, or a top level that is not a mapping. Only plain YAM
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 import yaml
@@ -41,6 +42,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                                         key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 and 1e9 as strings (its floats need a dot: 1.0e-3); YAML 1.2 and every user read
+# them as numbers, so this loader does too (``-o scale=1e-3`` was "unable to parse string").
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 #: the largest YAML file read (problem files, benchmark and training configurations are a few KB)

@@ -301,3 +301,13 @@ def test_a_blur_kernel_larger_than_the_image_is_refused(tmp_path, capsys, operat
 def test_blur_kernels_that_fit_are_accepted(tmp_path, operator):
     text = VALID.replace("{type: inpainting, mask: random, fraction_observed: 0.5}", operator)
     assert load_problem(write_problem(tmp_path, text)).posterior.measurement.shape == (1, 1, 8, 8)
+
+
+def test_exponents_without_a_dot_are_numbers_as_in_yaml_1_2():
+    """PyYAML (YAML 1.1) read ``1e-3`` as a string, so ``-o num_steps=1e3`` was "unable to parse string" and a file's
+    ``sigma_y: 1e-2`` a string; invdiff's loader reads them as the numbers a user means."""
+    from invdiff.yamlfile import parse_value
+
+    assert parse_value("1e-3", "--option scale") == 0.001 and parse_value("-2.5E+4", "x") == -25000.0
+    assert parse_value("1.0e-3", "x") == 0.001 and parse_value("3", "x") == 3 and parse_value("e9", "x") == "e9"
+    assert parse_value("{num_steps: 1e3}", "x") == {"num_steps": 1000.0}
