@@ -58,11 +58,11 @@ def test_posterior_modes_reports_the_smallest_mass_on_the_annealing_path():
 
 def test_the_discretisation_benchmark_s_power_one_grid_is_the_samplers_grid():
     """``benchmarks/discretisation_bias.py`` compares grids: its power 1 must be ``SDE.time_grid``, the samplers', and
-    a ``t_min`` grid must start at T, stop at t_min before its last step to 0."""
+    a ``t_min`` grid must start at T and stay above t_min until its last step to 0."""
     from invdiff.sde import VPSDE
 
     module = import_benchmark("discretisation_bias")
     assert torch.equal(module.PowerGridVPSDE(VPSDE(), 1).time_grid(50), VPSDE().time_grid(50))
     clamped = module.PowerGridVPSDE(VPSDE(), 2, t_min=0.001).time_grid(200)
-    assert float(clamped[0]) == 1.0 and float(clamped[-2]) == pytest.approx(0.001) and float(clamped[-1]) == 0.0
+    assert float(clamped[0]) == 1.0 and 0.001 < float(clamped[-2]) < 0.0011 and float(clamped[-1]) == 0.0
     assert bool((clamped[1:] < clamped[:-1]).all())
