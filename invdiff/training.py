@@ -220,7 +220,7 @@ def load_training_config(path: str | Path) -> TrainingConfig:
     try:
         return TrainingConfig.model_validate(content)
     except ValidationError as error:
-        raise TrainingError(format_validation_error(error, f"{path}: ", TrainingConfig)) from None
+        raise TrainingError(f"{Path(path).name}: {format_validation_error(error, model=TrainingConfig)}") from None
 
 
 def _continue_from(path: str | Path, sde_settings: dict, unet: UNet, ema: UNet) -> tuple[int, float, list]:

@@ -476,8 +476,8 @@ NETWORK_LINE = "network: {channels: 8, channel_multipliers: [1, 2], blocks_per_l
     ("sde: {type: vp}", "sde: {type: vp, T: 0.001}", "t_min: must be below the SDE's end time T = 0.001 (got 0.001)"),
     ("sde: {type: vp}", "sde: {type: vp, T: 0.5}\nt_min: 0.7", "t_min: must be below the SDE's end time T = 0.5"),
     # under the sde, not under t_min where the SDE is built
-    ("sde: {type: vp}", "sde: {type: ve, sigma_min: 10, sigma_max: 1}", ".sde: VE SDE needs 0 < sigma_min < sigma_max"),
-    ("sde: {type: vp}", "sde: {type: vp, beta_min: 5, beta_max: 1}", ".sde: VP SDE needs 0 < beta_min <= beta_max"),
+    ("sde: {type: vp}", "sde: {type: ve, sigma_min: 10, sigma_max: 1}", ": sde: VE SDE needs 0 < sigma_min < sigma_max"),
+    ("sde: {type: vp}", "sde: {type: vp, beta_min: 5, beta_max: 1}", ": sde: VP SDE needs 0 < beta_min <= beta_max"),
 ])
 def test_settings_that_cannot_train_are_refused_when_the_config_is_read(tmp_path, old, new, fragment):
     assert old in TINY_CONFIG
@@ -501,6 +501,8 @@ def test_a_refused_setting_is_one_line_from_the_command_and_creates_no_folder(tm
     assert main(["train", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("invdiff: error: ") and "\n" not in error and "allowed at most 4 levels" in error, error
+    # the file's name and the field, as solve names them (it printed the whole path and ".network")
+    assert error.startswith(f"invdiff: error: {path.name}: network: 6 levels"), error
     assert not (tmp_path / "run").exists()
 
 
