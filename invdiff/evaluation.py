@@ -71,6 +71,20 @@ def _versions(info: SamplerInfo) -> dict[str, str]:
     return versions
 
 
+@lru_cache(maxsize=None)
+def _device_name(device: str) -> str:
+    """The GPU's or the CPU's model (timings and float sums depend on it), "unknown" where the system does not say."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 @lru_cache(maxsize=1)
 def _source_revision() -> str:
     """The git commit of invdiff's source where it runs from its own git checkout (an editable install), with a
@@ -231,6 +245,7 @@ def run_summary(problem: Problem, info: SamplerInfo, sampler, result: SampleResu
         "num_samples": num_samples,
         "seed": seed,
         "device": device,
+        "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
         "network_evaluations": result.network_evaluations,
         "network_evaluations_per_sample": result.network_evaluations_per_sample,

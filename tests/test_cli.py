@@ -37,6 +37,7 @@ def test_solve_writes_samples_summary_and_figure(tmp_path):
     source = summary["versions"]["invdiff source"]
     assert source == "not a git checkout" or len(source.split()[0]) == 40, source
     assert summary["threads"] == int(os.environ.get("OMP_NUM_THREADS", summary["threads"])) >= 1   # inherited
+    assert isinstance(summary["device_name"], str) and summary["device_name"]
     assert summary["problem_file_resolved"] == str(INPAINT) and summary["working_directory"] == str(ROOT)
     assert 5 < summary["metrics"]["psnr_posterior_mean"] < 60
     assert summary["exact_posterior"]["log_evidence"] == pytest.approx(53.31, abs=0.05)
