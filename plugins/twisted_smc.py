@@ -74,6 +74,7 @@ spans the modes, the others.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import Any, Callable, Literal
 
@@ -319,7 +320,11 @@ class TwistedSMC(Sampler):
     def sample(self, posterior: Posterior, num_samples: int, *, generator: torch.Generator,
                monitor: StepMonitor) -> SampleResult:
         guidance = self._pilot(posterior, generator, monitor.progress)
-        return self._run(posterior, num_samples, generator, monitor, guidance)
+        result = self._run(posterior, num_samples, generator, monitor, guidance)
+        pilot = self.build_pilot()
+        if pilot is not None:   # the options it ran with (its defaults, num_steps, pilot_options), for the summary
+            result.extras["pilot_sampler_options"] = json.dumps(pilot.options.model_dump(mode="json"), sort_keys=True)
+        return result
 
     def _run(self, posterior: Posterior, num_samples: int, generator: torch.Generator, monitor: StepMonitor,
              guidance: TwistFunction | None) -> SampleResult:

@@ -7,6 +7,7 @@ sliced Wasserstein distance falls from 0.13-0.14 at K = 256 to 0.08-0.09 at K = 
 exact-vs-exact 0.073 (benchmarks/mixture_table.py has the full table).
 """
 
+import json
 import math
 
 import pytest
@@ -340,6 +341,10 @@ def test_second_order_twist_and_pilot_guidance_are_checked_and_counted():
     short_pilot = sample_posterior(TwistedSMC(num_steps=10, num_particles=16, guidance="pilot", pilot_samples=8,
                                               pilot_options={"num_steps": 5}), posterior, 4)
     assert short_pilot.network_evaluations == 8 * 5 + alone.network_evaluations
+    # what the pilot ran with is recorded (the summary's extras): pilot_options said only num_steps
+    assert json.loads(short_pilot.extras["pilot_sampler_options"]) == {"batch_size": None, "num_steps": 5,
+                                                                       "scale": 1.0, "step_rule": "residual_norm"}
+    assert "pilot_sampler_options" not in alone.extras
     two_pilots = sample_posterior(TwistedSMC(num_steps=10, num_particles=16, guidance="pilot", pilot_samples=8,
                                              pilot_count=2), posterior, 4)
     assert two_pilots.network_evaluations == 2 * 8 * 10 + alone.network_evaluations
