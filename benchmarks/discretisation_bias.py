@@ -21,11 +21,12 @@ uniform grid ``t_i = T (1 - i / N)`` (``SDE.time_grid``) and ``T (1 - i / N)^p``
 quadratic grid, and prints the runs' weighted ``c^2`` pooled over the exact posterior's 256 principal directions and
 its 16 narrowest, mean +- standard error: what the samplers themselves do with the model's deficit.
 ``--unet-proxy`` measures four UNet cases with their prior replaced by the Gaussian of its training data
-(``unet_fit_coverage``). Run from the repository root (about a minute on one thread; ``--samplers`` adds about six,
-``--unet-proxy`` about two):
+(``unet_fit_coverage``); ``--natural-gmm`` runs ve_smc's problem-file configuration on the four natural-gmm cases on
+the uniform and the quadratic grid (``shipped_case_row``). Run from the repository root (about a minute on one
+thread; ``--samplers`` adds about six, ``--unet-proxy`` about two, ``--natural-gmm`` about eight):
 
     python benchmarks/discretisation_bias.py [--steps 100 200 400] [--out benchmarks/results/discretisation_bias.md]
-        [--samplers] [--unet-proxy]
+        [--samplers] [--unet-proxy] [--natural-gmm]
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ import torch
 from torch import Tensor
 
 from invdiff.checkpoints import natural_gaussian_mixture
+from invdiff.evaluation import posterior_moments, run_summary
 from invdiff.exact import ExactPosterior
 from invdiff.noise import GaussianNoise
 from invdiff.operators import inpainting
 from invdiff.plugins import load_registry
 from invdiff.posterior import Posterior, sample_posterior
 from invdiff.prior import GaussianPrior
-from invdiff.problems import load_problem
+from invdiff.problems import build_sampler, load_problem
 from invdiff.sde import VPSDE
 from invdiff.testing import discretised_model_posterior, linear_gaussian
 
@@ -137,12 +139,32 @@ def sampler_ratios(name: str, power: float, num_runs: int = 10, num_particles: i
             f"{float(means[1]):.2f} +- {float(errors[1]):.2f} |")
 
 
+def shipped_case_row(case: str, problem_file: str, power: float, sampler_name: str = "ve_smc") -> str:
+    """``--natural-gmm``: the problem file's configuration of ``sampler_name`` on a natural-gmm case (64 samples,
+    seed 0) with the prior's SDE stepped on the power grid, against the exact posterior as ``invdiff solve`` reports
+    it (power 1 is ``invdiff solve problems/... --case CASE --sampler ve_smc --num-samples 64``)."""
+    problem = load_problem(problem_file, case)
+    problem.posterior.prior.sde = PowerGridVPSDE(problem.posterior.prior.sde, power)
+    info = load_registry().get(sampler_name)
+    sampler = build_sampler(info.sampler_class, problem.config.sampler_options.get(sampler_name, {}))
+    result = sample_posterior(sampler, problem.posterior, 64, generator=torch.Generator().manual_seed(0))
+    images, mean, _ = posterior_moments(problem, result)
+    summary = run_summary(problem, info, sampler, result, seed=0, device="cpu", num_samples=64, images=images,
+                          mean=mean)
+    exact, metrics = summary["exact_posterior"], summary["metrics"]
+    ratio = exact["sliced_wasserstein_to_exact"] / exact["sliced_wasserstein_noise_floor"]
+    return (f"| {case} | {sampler_name} | {power:g} | {ratio:.2f} | {metrics['psnr_posterior_mean']:.2f} "
+            f"({exact['psnr_exact_mean']:.2f}) | {metrics['coverage_90']:.3f} ({exact['coverage_90_exact']:.3f}) |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 200, 400])
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
     parser.add_argument("--samplers", action="store_true", help="also run twisted_smc and ve_smc (docstring)")
     parser.add_argument("--unet-proxy", action="store_true", help="also the UNet cases' Gaussian-fit proxy (docstring)")
+    parser.add_argument("--natural-gmm", action="store_true",
+                        help="also ve_smc's file configuration on the four natural-gmm cases on both grids (docstring)")
     arguments = parser.parse_args()
     lines = ["# Discretisation bias of the reverse process (`python benchmarks/discretisation_bias.py`)", ""]
     for name, posterior in beds().items():
@@ -178,6 +200,18 @@ def main() -> None:
             for row in unet_fit_coverage(case, problem_file):
                 lines.append(row)
                 print(row, flush=True)
+        lines.append("")
+    if arguments.natural_gmm:
+        lines += ["## ve_smc, the problem files' configuration, on the natural-gmm cases (64 samples, seed 0)", "",
+                  "| case | sampler | grid power | SW / floor | PSNR mean (exact) | coverage_90 (exact) |",
+                  "|---|---|---|---|---|---|"]
+        for case, problem_file in (("natural-gmm-gaussian", "problems/deblur.yaml"),
+                                   ("natural-gmm-x2", "problems/superres.yaml"),
+                                   ("natural-gmm-random", "problems/inpaint.yaml"),
+                                   ("natural-gmm-box", "problems/inpaint.yaml")):
+            for power in (1, 2):
+                lines.append(shipped_case_row(case, problem_file, power))
+                print(lines[-1], flush=True)
         lines.append("")
     if arguments.samplers:
         lines += ["## twisted_smc and ve_smc at d = 256 (tests/test_image_dimension.py's problem, 10 runs of 32, 300 "
