@@ -234,9 +234,8 @@ def _particle_options(arguments, info: SamplerInfo) -> dict[str, Any]:
 
 def _blamed(given: dict[str, Any], flags: dict[str, Any]) -> str:
     """What a bad option came from, for the message: ``--option``, a particle flag, or either."""
-    if flags and not given:
-        return " / ".join(f"--{flag.replace('_', '-')}" for flag in flags)
-    return "--option" if not flags else "--option / " + " / ".join(f"--{flag.replace('_', '-')}" for flag in flags)
+    sources = (["--option"] if given else []) + [f"--{flag.replace('_', '-')}" for flag in flags]
+    return " / ".join(sources) or "--option"
 
 
 def _check_seed(seed: int) -> None:

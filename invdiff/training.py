@@ -287,8 +287,8 @@ def _check_output_path(out: str | Path, name: str) -> Path:
     folder: the working directory or one of its parents, a symbolic link, a file, a path the system cannot look up."""
     if not str(out).strip():
         raise TrainingError(f"--out is empty; name a folder for the run, e.g. --out runs/train-{name}")
-    out = destination(out)
     try:
+        out = destination(out)
         check_destination(out, "a training run", f"runs/train-{name}")
     except RunFolderError as error:
         raise TrainingError(str(error)) from None
